@@ -1,0 +1,49 @@
+"""Reading any image a user or a dataset throws at us as 8-bit RGB."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from xm.errors import XMError
+
+# LAION and user folders hold the odd huge image; decoding one must not be refused.
+Image.MAX_IMAGE_PIXELS = 1 << 30
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from grayscale, palette, RGBA/LA (on white), CMYK and 16/32-bit images."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        hi = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        image = Image.fromarray(arr, mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -> Image.Image:
+    """Decode an image file or bytes; raise XMError naming the file when it cannot."""
+    label = name or (str(source) if isinstance(source, (str, Path)) else "<bytes>")
+    try:
+        if isinstance(source, bytes):
+            source = io.BytesIO(source)
+        with Image.open(source) as im:
+            im.load()
+            return to_rgb(im)
+    except FileNotFoundError as exc:
+        raise XMError(f"{label}: no such image file") from exc
+    except IsADirectoryError as exc:
+        raise XMError(f"{label}: is a directory, not an image") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise XMError(f"{label}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc

@@ -1,0 +1,130 @@
+"""The one place that knows the on-disk format of an xm index.
+
+    <root>/
+      manifest.json                          what is here; written last
+      embeddings/<encoder-slug>/             clip-retrieval's embedding folder layout
+          img_emb/img_emb_<part>.npy         float16, row-aligned across the three
+          text_emb/text_emb_<part>.npy
+          metadata/metadata_<part>.parquet   (coarse encoder only: image_path, caption, url, ...)
+      index/<modality>/shard-<i>.index       FAISS shards of the coarse encoder's embeddings
+      index/<modality>/build.json            autofaiss' choice and the shard id ranges
+      store/part-<part>.parquet              caption store, small row groups
+      store/caption_hash.npy                 int64 hash of each caption, by global id
+      _work/                                 resumable stage state (select, download, markers)
+
+A global id is the running row offset over parts in sorted part order, as in
+clip-retrieval. Every file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+FORMAT = "xm-index/1"
+MANIFEST = "manifest.json"
+PART_DIGITS = 5
+STORE_ROW_GROUP = 1024
+
+
+def part_name(i: int) -> str:
+    return f"{i:0{PART_DIGITS}d}"
+
+
+class Layout:
+    """Paths inside one index folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def work(self) -> Path:
+        return self.root / "_work"
+
+    @property
+    def download(self) -> Path:
+        return self.work / "download"
+
+    @property
+    def selection(self) -> Path:
+        return self.work / "select" / "urls.parquet"
+
+    def done_marker(self, stage: str, part: str) -> Path:
+        return self.work / "done" / stage / f"{part}.json"
+
+    def embeddings(self, slug: str) -> Path:
+        return self.root / "embeddings" / slug
+
+    def emb_file(self, slug: str, modality: str, part: str) -> Path:
+        kind = "img_emb" if modality == "image" else "text_emb"
+        return self.embeddings(slug) / kind / f"{kind}_{part}.npy"
+
+    def emb_dir(self, slug: str, modality: str) -> Path:
+        return self.embeddings(slug) / ("img_emb" if modality == "image" else "text_emb")
+
+    def metadata_file(self, slug: str, part: str) -> Path:
+        return self.embeddings(slug) / "metadata" / f"metadata_{part}.parquet"
+
+    def index_dir(self, modality: str) -> Path:
+        return self.root / "index" / modality
+
+    def shard_file(self, modality: str, i: int) -> Path:
+        return self.index_dir(modality) / f"shard-{i:03d}.index"
+
+    def index_build_info(self, modality: str) -> Path:
+        return self.index_dir(modality) / "build.json"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    def store_part(self, part: str) -> Path:
+        return self.store / f"part-{part}.parquet"
+
+    @property
+    def caption_hash(self) -> Path:
+        return self.store / "caption_hash.npy"
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `target` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(target: Path, data: Any) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def caption_hash(text: str) -> int:
+    """A stable signed 64-bit hash of a caption: exact-string de-duplication without the text."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)

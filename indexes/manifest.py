@@ -1,0 +1,72 @@
+"""The manifest: what an index holds, how it was built, and checksums of every file."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from xm.errors import XMError
+from xm.indexes.layout import FORMAT, Layout, sha256_file, write_json
+
+_VERSIONED = ("xm-retrieval", "torch", "open_clip_torch", "faiss-cpu", "autofaiss", "img2dataset", "pyarrow", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def file_entries(layout: Layout, paths: list[Path]) -> dict[str, dict[str, Any]]:
+    return {layout.rel(p): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(paths)}
+
+
+def write_manifest(layout: Layout, body: dict[str, Any], files: list[Path]) -> dict[str, Any]:
+    entries = file_entries(layout, files)
+    manifest = {
+        "format": FORMAT,
+        "id": hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16],
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **body,
+        "versions": package_versions(),
+        "files": entries,
+    }
+    write_json(layout.manifest, manifest)
+    return manifest
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    layout = Layout(root)
+    if not layout.root.is_dir():
+        raise XMError(f"{layout.root}: no such index folder")
+    if not layout.manifest.is_file():
+        raise XMError(f"{layout.manifest}: missing; {layout.root} is not a finished xm index (re-run xm build-index to complete it)")
+    try:
+        manifest = json.loads(layout.manifest.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise XMError(f"{layout.manifest}: unreadable manifest ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise XMError(f"{layout.manifest}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def verify_files(root: str | Path, manifest: dict[str, Any], checksums: bool) -> None:
+    """Raise XMError on the first file that is missing, resized, or (with checksums) altered."""
+    layout = Layout(root)
+    for rel, entry in manifest["files"].items():
+        path = layout.root / rel
+        if not path.is_file():
+            raise XMError(f"{path}: missing (the manifest lists it); the index is incomplete")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise XMError(f"{path}: {size} bytes, the manifest says {entry['bytes']}; the file is damaged")
+        if checksums and sha256_file(path) != entry["sha256"]:
+            raise XMError(f"{path}: checksum differs from the manifest; the file is damaged")

@@ -1,0 +1,129 @@
+"""FAISS index shards with global ids, and a search that merges them as one index would.
+
+An index trained once is split into contiguous id ranges. IVF shards keep the
+trained quantizer and codebooks and their stored ids are already global, so the
+union of the shards' candidates (same probed lists, same codes, same distances) is
+exactly what the unsplit index scores; the merge keeps the top k by similarity.
+Flat/HNSW shards store local ids and carry an `id_offset`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from xm.errors import XMError
+from xm.indexes.layout import atomic_path
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    ntotal: int
+    id_offset: int
+    id_range: tuple[int, int]
+
+
+def _is_ivf(index) -> bool:
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except RuntimeError:
+        return False
+
+
+def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
+    n_shards = max(1, min(n_shards, n)) if n else 1
+    edges = np.linspace(0, n, n_shards + 1).round().astype(np.int64)
+    return [(int(edges[i]), int(edges[i + 1])) for i in range(n_shards)]
+
+
+def write_shards(index, n_shards: int, path_for: "callable") -> list[ShardInfo]:
+    """Split a populated index into `n_shards` id ranges, each written atomically."""
+    import faiss
+
+    n = index.ntotal
+    infos = []
+    ivf = _is_ivf(index)
+    for i, (lo, hi) in enumerate(shard_bounds(n, n_shards)):
+        if ivf:
+            shard = faiss.clone_index(index)
+            shard.remove_ids(faiss.IDSelectorNot(faiss.IDSelectorRange(lo, hi)))
+            offset = 0
+        else:
+            shard = faiss.clone_index(index)
+            shard.reset()
+            if hi > lo:
+                shard.add(index.reconstruct_n(lo, hi - lo))
+            offset = lo
+        if shard.ntotal != hi - lo:
+            raise RuntimeError(f"shard {i}: expected {hi - lo} vectors, got {shard.ntotal}")
+        target = Path(path_for(i))
+        with atomic_path(target) as tmp:
+            faiss.write_index(shard, str(tmp))
+        infos.append(ShardInfo(file=target.name, ntotal=int(shard.ntotal), id_offset=offset, id_range=(lo, hi)))
+        del shard
+    return infos
+
+
+def read_shard(path: Path):
+    import faiss
+
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        try:
+            return faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise XMError(f"{path}: damaged index shard ({str(exc).splitlines()[0][:120]})") from exc
+
+
+def set_params(index, params: str) -> None:
+    import faiss
+
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+
+
+class ShardedIndex:
+    """Search over all shards of one (encoder, modality) index; results carry global ids."""
+
+    def __init__(self, files: Sequence[Path], offsets: Sequence[int], params: str = "") -> None:
+        self.shards = [read_shard(f) for f in files]
+        self.offsets = list(offsets)
+        self.params = params
+        for s in self.shards:
+            set_params(s, params)
+        self.ntotal = sum(s.ntotal for s in self.shards)
+        self.dim = self.shards[0].d if self.shards else 0
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, global ids), each (n, k); missing results are id -1, similarity -inf."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        all_d, all_i = [], []
+        for shard, offset in zip(self.shards, self.offsets):
+            d, i = shard.search(q, k)
+            d = np.where(i < 0, -np.inf, d).astype(np.float32)
+            all_d.append(d)
+            all_i.append(np.where(i < 0, -1, i + offset))
+        d = np.concatenate(all_d, axis=1)
+        ids = np.concatenate(all_i, axis=1)
+        if len(self.shards) == 1:
+            return d, ids
+        # sort by similarity (desc), ties by id, like a single index scanning ids in order
+        order = _topk_order(d, ids, k)
+        return np.take_along_axis(d, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def _topk_order(d: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    out = np.empty((d.shape[0], min(k, d.shape[1])), dtype=np.int64)
+    for r in range(d.shape[0]):
+        out[r] = np.lexsort((ids[r], -d[r]))[: out.shape[1]]
+    return out

@@ -1,0 +1,181 @@
+"""`xm build-index`: select -> download -> embed -> index -> store -> manifest.
+
+Every stage is resumable: re-running the same command skips what is finished
+(img2dataset's incremental shards, per-part embed markers, indexes whose build record
+matches the row count) and redoes only what a kill interrupted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from xm.encoders import load_encoder
+from xm.errors import XMError
+from xm.indexes.layout import Layout, atomic_path, write_json
+from xm.indexes.manifest import write_manifest
+from xm.indexes.store import write_store_part
+from xm.pipeline import sources
+from xm.pipeline.config import STAGES, BuildConfig
+from xm.pipeline.embed import embed_part, read_marker
+from xm.pipeline.index_stage import build_modality_index, index_is_current
+
+
+@dataclass
+class BuildSummary:
+    out: str
+    source_kind: str
+    count: int = 0
+    selected: int | None = None
+    failures: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    manifest_id: str | None = None
+
+
+Progress = Callable[[str, int | None], Callable[[int], None]]
+
+
+def _no_progress(label: str, total: int | None) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def _done_parts(layout: Layout, parts: list[sources.Part]) -> list[dict[str, Any]]:
+    markers = [read_marker(layout, p.name) for p in parts]
+    missing = [p.name for p, m in zip(parts, markers) if m is None]
+    if missing:
+        raise XMError(f"{layout.root}: parts {', '.join(missing[:5])} are not embedded yet; run the embed stage first")
+    return [m for m in markers if m and m["rows"] > 0]  # type: ignore[misc]
+
+
+def build_index(cfg: BuildConfig, progress: Progress = _no_progress, log: Callable[[str], None] = print) -> BuildSummary:
+    """Run the requested stages of the pipeline; return what happened."""
+    unknown = set(cfg.stages) - set(STAGES)
+    if unknown:
+        raise XMError(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+    layout = Layout(cfg.out)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    kind = sources.source_kind(cfg.source)
+    summary = BuildSummary(out=str(layout.root), source_kind=kind)
+    encoders_needed = "embed" in cfg.stages or "manifest" in cfg.stages
+
+    def timed(stage: str, fn: Callable[[], Any]) -> Any:
+        if stage not in cfg.stages:
+            return None
+        t0 = time.perf_counter()
+        result = fn()
+        summary.stage_seconds[stage] = round(time.perf_counter() - t0, 3)
+        return result
+
+    if sources.needs_download(kind):
+        summary.selected = timed("select", lambda: sources.select(cfg, layout, kind))
+        if "download" in cfg.stages:
+            from xm.pipeline.download import download
+
+            timed("download", lambda: download(cfg, layout))
+        summary.failures.update(sources.download_failures(layout.download))
+
+    encoders = {spec: load_encoder(spec, cache_dir=cfg.cache_dir) for spec in cfg.encoder_specs()} if encoders_needed else {}
+    parts = sources.parts_for(cfg, layout, kind) if set(cfg.stages) & {"embed", "index", "store", "manifest"} else []
+
+    def embed() -> None:
+        todo = [p for p in parts if read_marker(layout, p.name) is None]
+        if len(todo) < len(parts):
+            summary.skipped.append(f"embed: {len(parts) - len(todo)} part(s) already done")
+        tick = progress("embed", None)
+        for part in todo:
+            embed_part(part, encoders, cfg.coarse, layout, cfg.batch_size, on_rows=tick)
+
+    timed("embed", embed)
+    done = _done_parts(layout, parts) if parts else []
+    decode = Counter()
+    for m in done:
+        decode.update(m["failures"])
+    for m in (read_marker(layout, p.name) for p in parts):
+        if m and m["rows"] == 0:
+            decode.update(m["failures"])
+    summary.failures.update(decode)
+    summary.count = sum(m["rows"] for m in done)
+    if parts and summary.count == 0:
+        raise XMError(f"{cfg.source}: no usable image-text pairs (failures: {dict(summary.failures) or 'none'})")
+    coarse_slug = _slug(cfg.coarse)
+
+    def index() -> None:
+        for modality in ("image", "text") if cfg.index_text else ("image",):
+            if index_is_current(layout, modality, summary.count, cfg.shards):
+                summary.skipped.append(f"index/{modality}: current")
+                continue
+            build_modality_index(cfg, layout, coarse_slug, modality, summary.count)
+
+    timed("index", index)
+
+    def store() -> None:
+        tick = progress("store", summary.count)
+        hashes, first = [], 0
+        for m in done:
+            meta = pq.read_table(layout.metadata_file(coarse_slug, m["part"]))
+            hashes.append(write_store_part(meta, first, layout.store_part(m["part"])))
+            first += meta.num_rows
+            tick(meta.num_rows)
+        with atomic_path(layout.caption_hash) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.concatenate(hashes) if hashes else np.zeros(0, np.int64))
+
+    timed("store", store)
+
+    def manifest() -> None:
+        summary.manifest_id = _write_manifest(cfg, layout, kind, done, encoders, summary)["id"]
+
+    timed("manifest", manifest)
+    write_json(layout.work / "last_build.json", summary.__dict__)
+    return summary
+
+
+def _slug(spec: str) -> str:
+    from xm.encoders import EncoderSpec
+
+    return EncoderSpec.parse(spec).slug
+
+
+def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict], encoders: dict, summary: BuildSummary) -> dict:
+    import json
+
+    files = []
+    enc_entries = {}
+    for spec, enc in encoders.items():
+        modalities = ["image", "text"] if spec == cfg.coarse else ["text"]
+        enc_entries[spec] = {"slug": enc.spec.slug, "dim": enc.dim, "logit_scale": enc.logit_scale, "probe": enc.probe(), "modalities": modalities}
+        for modality in modalities:
+            files += [layout.emb_file(enc.spec.slug, modality, m["part"]) for m in done]
+    files += [layout.metadata_file(_slug(cfg.coarse), m["part"]) for m in done]
+    indexes = {}
+    for modality in ("image", "text"):
+        info_path = layout.index_build_info(modality)
+        if not info_path.is_file():
+            continue
+        info = json.loads(info_path.read_text())
+        if info["count"] != summary.count:
+            raise XMError(f"{info_path}: index holds {info['count']} rows but {summary.count} are embedded; run the index stage")
+        indexes[modality] = {k: info[k] for k in ("key", "params", "metric", "dim", "shards", "k_target")} | {"encoder": cfg.coarse}
+        files += [layout.index_dir(modality) / s["file"] for s in info["shards"]]
+    if "image" not in indexes:
+        raise XMError(f"{layout.root}: no image index yet; run the index stage")
+    files += [layout.store_part(m["part"]) for m in done] + [layout.caption_hash]
+    for f in files:
+        if not f.is_file():
+            raise XMError(f"{f}: missing; run the stage that writes it (see --stages)")
+    body = {
+        "count": summary.count,
+        "source": {"kind": kind, "source": cfg.source, "limit": cfg.limit, "parts": cfg.parts},
+        "roles": {"coarse": cfg.coarse, "fine": cfg.fine, "inference": list(cfg.inference)},
+        "encoders": enc_entries,
+        "parts": [{"name": m["part"], "rows": m["rows"]} for m in done],
+        "indexes": indexes,
+        "stats": {"failures": summary.failures, "selected": summary.selected},
+    }
+    return write_manifest(layout, body, files)

@@ -1,0 +1,42 @@
+"""The download stage: img2dataset over the selected URL list, resumable by shard."""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow.parquet as pq
+
+from xm.indexes.layout import Layout
+from xm.pipeline.config import BuildConfig
+
+# Columns img2dataset reads itself, or that the store derives; the rest travel along.
+_OWN = {"url", "caption"}
+
+
+def download(cfg: BuildConfig, layout: Layout) -> None:
+    from img2dataset import download as img2dataset_download
+
+    columns = pq.read_schema(layout.selection).names
+    layout.download.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("img2dataset").setLevel(logging.WARNING)
+    img2dataset_download(
+        url_list=str(layout.selection),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=[c for c in columns if c not in _OWN] or None,
+        output_folder=str(layout.download),
+        output_format="webdataset",
+        image_size=cfg.image_size,
+        resize_mode="keep_ratio",
+        resize_only_if_bigger=True,
+        processes_count=cfg.processes,
+        thread_count=cfg.threads,
+        number_sample_per_shard=cfg.shard_size,
+        timeout=cfg.timeout,
+        retries=0,
+        distributor=cfg.distributor,
+        incremental_mode="incremental",
+        enable_wandb=False,
+        compute_hash=None,
+    )

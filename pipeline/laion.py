@@ -1,0 +1,74 @@
+"""Where LAION-400M's metadata and precomputed embeddings live, and fetching them.
+
+Offline, a part that is neither on disk nor reachable fails at once with one line
+naming it and how to supply it (`--metadata-root` / `--embeddings-root` pointing at
+a folder holding the same file names).
+"""
+
+from __future__ import annotations
+
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from xm.errors import XMError
+from xm.indexes.layout import atomic_path
+
+METADATA_ROOT = "https://the-eye.eu/public/AI/cah/laion400m-met-release/laion400m-meta"
+METADATA_PARTS = 32
+EMBEDDINGS_ROOT = "https://the-eye.eu/public/AI/cah/laion400m-met-release/laion400m-embeddings"
+EMBEDDING_PARTS = 410
+# The released metadata parts carry a Spark job id in their names.
+_META_SUFFIX = "-5b54c5d5-bbcf-484d-a2ce-0d6f73df1a36-c000.snappy.parquet"
+
+
+def metadata_part_name(i: int) -> str:
+    return f"part-{i:05d}{_META_SUFFIX}"
+
+
+def embedding_part_names(i: int) -> dict[str, str]:
+    """Relative paths of LAION's embedding part i: images/, texts/, metadata/."""
+    return {
+        "img_emb": f"images/img_emb_{i}.npy",
+        "text_emb": f"texts/text_emb_{i}.npy",
+        "metadata": f"metadata/metadata_{i}.parquet",
+    }
+
+
+def parse_parts(text: str | None) -> list[int] | None:
+    """'0-3,7' -> [0, 1, 2, 3, 7]."""
+    if not text:
+        return None
+    out: list[int] = []
+    for piece in text.split(","):
+        lo, _, hi = piece.strip().partition("-")
+        try:
+            out.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError as exc:
+            raise XMError(f"--parts {text!r}: expected numbers and ranges like 0-3,7") from exc
+    return sorted(set(out))
+
+
+def fetch(root: str, rel: str, dest: Path, what: str, flag: str) -> Path:
+    """A file from a local folder or a URL root, copied to `dest` (resumable: kept if present)."""
+    if dest.is_file():
+        return dest
+    if "://" not in root:
+        src = Path(root) / rel
+        alt = Path(root) / Path(rel).name  # a flat folder of parts works too
+        for candidate in (src, alt):
+            if candidate.is_file():
+                return candidate
+        raise XMError(f"{src}: {what} not found; download it on a connected machine and point {flag} at its folder")
+    url = f"{root.rstrip('/')}/{rel}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, atomic_path(dest) as tmp:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise XMError(
+            f"{url}: cannot download {what} ({reason}); fetch it on a connected machine and pass {flag} FOLDER"
+        ) from exc
+    return dest

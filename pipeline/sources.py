@@ -1,0 +1,249 @@
+"""Sources of image-text pairs, each turned into parts of samples for the embed stage.
+
+Kinds:
+  laion400m              LAION-400M metadata parts -> select -> img2dataset download
+  laion400m-embeddings   LAION's precomputed ViT-B/32 embedding parts (no images)
+  table                  parquet/csv/tsv/jsonl of URLs and captions -> img2dataset
+  images                 a folder of images with same-name .txt captions
+  img2dataset            an img2dataset output folder (webdataset tars or files)
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from xm.encoders.images import IMAGE_SUFFIXES
+from xm.errors import XMError
+from xm.indexes.layout import Layout, atomic_path, part_name
+from xm.pipeline.config import BuildConfig
+from xm.pipeline import laion
+
+TABLE_SUFFIXES = {".parquet", ".csv", ".tsv", ".jsonl", ".json", ".txt"}
+FOLDER_PART_SIZE = 10_000
+
+
+@dataclass
+class Sample:
+    key: str
+    caption: str
+    url: str | None = None
+    image: bytes | None = None
+    image_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def read_image(self) -> bytes:
+        if self.image is not None:
+            return self.image
+        return Path(self.image_path).read_bytes()  # type: ignore[arg-type]
+
+
+@dataclass
+class Part:
+    name: str
+    samples: Callable[[], Iterator[Sample]]
+    # LAION precomputed parts bring their own coarse embeddings
+    precomputed: dict[str, Path] | None = None
+
+
+def source_kind(source: str) -> str:
+    if source in ("laion400m", "laion400m-embeddings"):
+        return source
+    path = Path(source)
+    if path.is_file():
+        if path.suffix.lower() in TABLE_SUFFIXES or path.name.endswith((".csv.gz", ".jsonl.gz", ".tsv.gz")):
+            return "table"
+        raise XMError(f"{source}: unsupported table type (expected parquet, csv, tsv, jsonl)")
+    if path.is_dir():
+        if any(path.glob("*_stats.json")) or any(path.glob("*.tar")):
+            return "img2dataset"
+        return "images"
+    raise XMError(f"{source}: no such file or folder, and not one of laion400m, laion400m-embeddings")
+
+
+def needs_download(kind: str) -> bool:
+    return kind in ("laion400m", "table")
+
+
+# ---------------------------------------------------------------- select
+
+def _read_table(path: Path, url_col: str, caption_col: str) -> pa.Table:
+    import pandas as pd
+
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    try:
+        if suffix.startswith(".parquet"):
+            df = pd.read_parquet(path)
+        elif suffix.startswith(".csv"):
+            df = pd.read_csv(path)
+        elif suffix.startswith(".tsv"):
+            df = pd.read_csv(path, sep="\t")
+        elif suffix.startswith((".jsonl", ".json")):
+            df = pd.read_json(path, lines=True)
+        else:  # .txt: one URL a line, no captions
+            df = pd.DataFrame({url_col: path.read_text().split()})
+    except Exception as exc:  # pandas raises many types for a bad file
+        raise XMError(f"{path}: unreadable table ({str(exc).splitlines()[0][:200]})") from exc
+    if url_col not in df.columns:
+        raise XMError(f"{path}: no column {url_col!r} (columns: {', '.join(map(str, df.columns))}); use --url-col")
+    if caption_col not in df.columns:
+        if suffix != ".txt":
+            raise XMError(f"{path}: no column {caption_col!r} (columns: {', '.join(map(str, df.columns))}); use --caption-col")
+        df[caption_col] = ""
+    df = df.rename(columns={url_col: "url", caption_col: "caption"})
+    df["caption"] = df["caption"].fillna("").astype(str)
+    df = df[df["url"].notna()]
+    return pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+
+
+def _laion_metadata(cfg: BuildConfig, layout: Layout) -> pa.Table:
+    root = cfg.metadata_root or laion.METADATA_ROOT
+    parts = cfg.parts or list(range(laion.METADATA_PARTS))
+    tables, have = [], 0
+    for i in parts:
+        name = laion.metadata_part_name(i)
+        path = laion.fetch(root, name, layout.work / "select" / name, f"LAION-400M metadata part {i}", "--metadata-root")
+        table = pq.read_table(path)
+        if cfg.nsfw_filter and "NSFW" in table.column_names:
+            import pyarrow.compute as pc
+
+            table = table.filter(pc.equal(table["NSFW"], "UNLIKELY"))
+        tables.append(table)
+        have += table.num_rows
+        if cfg.limit and have >= cfg.limit:
+            break
+    table = pa.concat_tables(tables)
+    return table.rename_columns(["url" if c == "URL" else "caption" if c == "TEXT" else c for c in table.column_names])
+
+
+def select(cfg: BuildConfig, layout: Layout, kind: str) -> int:
+    """Write the URL list img2dataset reads; return its row count."""
+    if layout.selection.is_file():
+        return pq.read_metadata(layout.selection).num_rows
+    if kind == "laion400m":
+        table = _laion_metadata(cfg, layout)
+    else:
+        table = _read_table(Path(cfg.source), cfg.url_col, cfg.caption_col)
+    if cfg.limit:
+        table = table.slice(0, cfg.limit)
+    with atomic_path(layout.selection) as tmp:
+        pq.write_table(table, tmp)
+    return table.num_rows
+
+
+# ---------------------------------------------------------------- parts
+
+def _tar_samples(path: Path) -> Iterator[Sample]:
+    """Samples of a webdataset tar, grouped by key (img2dataset writes key.jpg/.txt/.json)."""
+    groups: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition(".")
+            groups.setdefault(key, {})[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    for key in sorted(groups):
+        yield _sample_from_files(key, groups[key])
+
+
+def _sample_from_files(key: str, files: dict[str, bytes]) -> Sample:
+    image_ext = next((e for e in files if f".{e}" in IMAGE_SUFFIXES), None)
+    meta = json.loads(files["json"]) if "json" in files else {}
+    caption = files["txt"].decode("utf-8", "replace") if "txt" in files else (meta.get("caption") or "")
+    extra = {k: v for k, v in meta.items() if k not in ("caption", "url", "key") and isinstance(v, (str, int, float, bool))}
+    return Sample(
+        key=Path(key).name,
+        caption=caption,
+        url=meta.get("url"),
+        image=files[image_ext] if image_ext else None,
+        extra=extra,
+    )
+
+
+def _files_dir_samples(path: Path) -> Iterator[Sample]:
+    groups: dict[str, dict[str, bytes]] = {}
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            groups.setdefault(f.stem, {})[f.suffix.lstrip(".")] = f.read_bytes()
+    for key in sorted(groups):
+        yield _sample_from_files(key, groups[key])
+
+
+def img2dataset_parts(folder: Path) -> list[Part]:
+    tars = sorted(folder.glob("*.tar"))
+    if tars:
+        return [Part(name=t.stem, samples=lambda t=t: _tar_samples(t)) for t in tars]
+    dirs = sorted(d for d in folder.iterdir() if d.is_dir() and d.name.isdigit())
+    return [Part(name=d.name, samples=lambda d=d: _files_dir_samples(d)) for d in dirs]
+
+
+def _folder_parts(folder: Path) -> list[Part]:
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise XMError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+
+    def samples(chunk: list[Path]) -> Iterator[Sample]:
+        for img in chunk:
+            txt = img.with_suffix(".txt")
+            caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else ""
+            rel = img.relative_to(folder).as_posix()
+            yield Sample(key=rel, caption=caption, url=None, image_path=str(img))
+
+    chunks = [images[i : i + FOLDER_PART_SIZE] for i in range(0, len(images), FOLDER_PART_SIZE)]
+    return [Part(name=part_name(i), samples=lambda c=c: samples(c)) for i, c in enumerate(chunks)]
+
+
+def _laion_embedding_parts(cfg: BuildConfig, layout: Layout) -> list[Part]:
+    root = cfg.embeddings_root or laion.EMBEDDINGS_ROOT
+    parts = cfg.parts if cfg.parts is not None else list(range(laion.EMBEDDING_PARTS))
+    out = []
+    for i in parts:
+        files = {
+            kind: laion.fetch(root, rel, layout.work / "laion" / Path(rel).name, f"LAION-400M embedding part {i} ({kind})", "--embeddings-root")
+            for kind, rel in laion.embedding_part_names(i).items()
+        }
+
+        def samples(meta: Path = files["metadata"]) -> Iterator[Sample]:
+            table = pq.read_table(meta)
+            cols = table.column_names
+            cap = "caption" if "caption" in cols else "TEXT"
+            url = "url" if "url" in cols else "URL"
+            extra_cols = [c for c in cols if c not in (cap, url)]
+            for j, row in enumerate(table.to_pylist()):
+                yield Sample(
+                    key=str(row.get("key") or row.get("SAMPLE_ID") or j),
+                    caption=row.get(cap) or "",
+                    url=row.get(url),
+                    extra={c: row[c] for c in extra_cols if isinstance(row[c], (str, int, float, bool))},
+                )
+
+        out.append(Part(name=part_name(i), samples=samples, precomputed=files))
+    return out
+
+
+def parts_for(cfg: BuildConfig, layout: Layout, kind: str) -> list[Part]:
+    if kind in ("laion400m", "table"):
+        return img2dataset_parts(layout.download)
+    if kind == "img2dataset":
+        return img2dataset_parts(Path(cfg.source))
+    if kind == "images":
+        return _folder_parts(Path(cfg.source))
+    return _laion_embedding_parts(cfg, layout)
+
+
+def download_failures(folder: Path) -> dict[str, int]:
+    """Failures by reason, from img2dataset's per-shard stats."""
+    counts: dict[str, int] = {}
+    for stats in sorted(folder.glob("*_stats.json")):
+        data = json.loads(stats.read_text())
+        for reason, n in (data.get("status_dict") or {}).items():
+            if reason != "success":
+                counts[reason] = counts.get(reason, 0) + int(n)
+    return counts
+
