@@ -26,7 +26,6 @@ from xm.pipeline.config import BuildConfig
 from xm.pipeline import laion
 
 TABLE_SUFFIXES = {".parquet", ".csv", ".tsv", ".jsonl", ".json", ".txt"}
-FOLDER_PART_SIZE = 10_000
 
 
 @dataclass
@@ -183,7 +182,7 @@ def img2dataset_parts(folder: Path) -> list[Part]:
     return [Part(name=d.name, samples=lambda d=d: _files_dir_samples(d)) for d in dirs]
 
 
-def _folder_parts(folder: Path) -> list[Part]:
+def _folder_parts(folder: Path, part_size: int) -> list[Part]:
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise XMError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -195,7 +194,7 @@ def _folder_parts(folder: Path) -> list[Part]:
             rel = img.relative_to(folder).as_posix()
             yield Sample(key=rel, caption=caption, url=None, image_path=str(img))
 
-    chunks = [images[i : i + FOLDER_PART_SIZE] for i in range(0, len(images), FOLDER_PART_SIZE)]
+    chunks = [images[i : i + part_size] for i in range(0, len(images), part_size)]
     return [Part(name=part_name(i), samples=lambda c=c: samples(c)) for i, c in enumerate(chunks)]
 
 
@@ -233,7 +232,7 @@ def parts_for(cfg: BuildConfig, layout: Layout, kind: str) -> list[Part]:
     if kind == "img2dataset":
         return img2dataset_parts(Path(cfg.source))
     if kind == "images":
-        return _folder_parts(Path(cfg.source))
+        return _folder_parts(Path(cfg.source), cfg.shard_size)
     return _laion_embedding_parts(cfg, layout)
 
 

@@ -1,0 +1,3 @@
+from xm.cli.app import main
+
+main()

@@ -1,0 +1,67 @@
+"""`xm build-index`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from xm.cli.app import app
+from xm.cli.output import console, print_json, progress_bars, table
+
+
+@app.command("build-index")
+def build_index_cmd(
+    source: str = typer.Option(..., "--source", help="laion400m | laion400m-embeddings | a table of URLs+captions | a folder of images with .txt captions | an img2dataset output folder"),
+    out: Path = typer.Option(..., "--out", help="index folder to create or resume"),
+    coarse: str = typer.Option("ViT-B-32:openai", help="encoder whose image embeddings are searched (ARCH:PRETRAINED)"),
+    fine: str = typer.Option("ViT-L-14:openai", help="encoder that re-ranks captions"),
+    inference: List[str] = typer.Option(["RN50:openai"], help="encoder(s) that classify; repeat for several"),
+    limit: Optional[int] = typer.Option(None, help="at most this many pairs from the source"),
+    parts: Optional[str] = typer.Option(None, help="LAION part numbers, e.g. 0-3,7"),
+    url_col: str = typer.Option("url", help="URL column of a table source"),
+    caption_col: str = typer.Option("caption", help="caption column of a table source"),
+    metadata_root: Optional[str] = typer.Option(None, help="folder or URL holding LAION-400M metadata parquet parts"),
+    embeddings_root: Optional[str] = typer.Option(None, help="folder or URL holding LAION-400M images/ texts/ metadata/ embedding parts"),
+    shards: int = typer.Option(1, help="number of index shards"),
+    k: int = typer.Option(128, help="neighbours a query must be able to return (autofaiss coverage target)"),
+    max_index_memory: str = typer.Option("4G", help="autofaiss memory budget for one index"),
+    current_memory: str = typer.Option("16G", help="memory autofaiss may use while building"),
+    image_size: int = typer.Option(256, help="img2dataset resize (shortest side, only if bigger)"),
+    processes: int = typer.Option(2, help="img2dataset processes"),
+    threads: int = typer.Option(16, help="img2dataset threads per process"),
+    shard_size: int = typer.Option(10_000, help="samples per download shard or folder part (= per embedding part)"),
+    timeout: int = typer.Option(10, help="download timeout per image, seconds"),
+    distributor: str = typer.Option("multiprocessing", help="img2dataset distributor: multiprocessing | pyspark"),
+    batch_size: int = typer.Option(64, help="images per encoder batch"),
+    no_text_index: bool = typer.Option(False, "--no-text-index", help="skip the caption kNN index"),
+    stages: Optional[str] = typer.Option(None, help="comma-separated stages to run (select,download,embed,index,store,manifest)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Download, embed and index image-text pairs into a resumable, sharded xm index."""
+    from xm.pipeline import STAGES, BuildConfig, build_index
+    from xm.pipeline.laion import parse_parts
+
+    cfg = BuildConfig(
+        source=source, out=out, coarse=coarse, fine=fine, inference=list(inference), limit=limit,
+        parts=parse_parts(parts), url_col=url_col, caption_col=caption_col, metadata_root=metadata_root,
+        embeddings_root=embeddings_root, shards=shards, k=k, max_index_memory=max_index_memory,
+        current_memory=current_memory, image_size=image_size, processes=processes, threads=threads,
+        shard_size=shard_size, timeout=timeout, distributor=distributor, batch_size=batch_size,
+        index_text=not no_text_index,
+        stages=tuple(s.strip() for s in stages.split(",")) if stages else STAGES,
+    )
+    with progress_bars() as make:
+        summary = build_index(cfg, progress=make)
+    if as_json:
+        print_json(summary.__dict__)
+        return
+    rows = [("items indexed", summary.count), ("source kind", summary.source_kind)]
+    if summary.selected is not None:
+        rows.append(("urls selected", summary.selected))
+    rows += [(f"failed: {reason}", n) for reason, n in sorted(summary.failures.items(), key=lambda kv: -kv[1])]
+    rows += [(f"time: {stage}", f"{secs:.1f} s") for stage, secs in summary.stage_seconds.items()]
+    rows += [("skipped", s) for s in summary.skipped]
+    rows.append(("manifest id", summary.manifest_id))
+    console.print(table(f"xm build-index -> {summary.out}", ["", ""], rows))

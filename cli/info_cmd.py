@@ -1,0 +1,73 @@
+"""`xm info` and `xm search`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from xm.cli.app import app
+from xm.cli.output import console, print_json, table
+
+
+@app.command("info")
+def info_cmd(
+    index: Path = typer.Argument(..., help="index folder"),
+    verify: bool = typer.Option(False, "--verify", help="checksum every file against the manifest"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+) -> None:
+    """Print an index's manifest readably (and check it against the files)."""
+    from xm.indexes import open_index
+
+    memory = open_index(index, verify=True if verify else None)
+    m = memory.manifest
+    if as_json:
+        print_json(m)
+        return
+    console.print(table(f"xm index {index}", ["", ""], [
+        ("id", m["id"]), ("format", m["format"]), ("created", m["created"]), ("items", m["count"]),
+        ("source", f"{m['source']['kind']}: {m['source']['source']}"), ("parts", len(m["parts"])),
+        ("files", f"{len(m['files'])}, {sum(f['bytes'] for f in m['files'].values()) / 1e6:.1f} MB"),
+        ("verified", "sizes and checksums" if verify else "sizes (checksums when small)"),
+    ]))
+    console.print(table("roles", ["role", "encoder"], [
+        ("coarse", m["roles"]["coarse"]), ("fine", m["roles"]["fine"]),
+        *[("inference", s) for s in m["roles"]["inference"]],
+    ]))
+    console.print(table("encoders", ["encoder", "dim", "embeddings", "folder"], [
+        (spec, e["dim"], ", ".join(e["modalities"]), f"embeddings/{e['slug']}") for spec, e in m["encoders"].items()
+    ]))
+    console.print(table("kNN indexes", ["modality", "encoder", "faiss key", "search params", "shards", "vectors"], [
+        (mod, e["encoder"], e["key"], e["params"], len(e["shards"]), sum(s["ntotal"] for s in e["shards"]))
+        for mod, e in m["indexes"].items()
+    ]))
+    fails = m.get("stats", {}).get("failures") or {}
+    if fails:
+        console.print(table("failures", ["reason", "count"], sorted(fails.items(), key=lambda kv: -kv[1])))
+    console.print(table("built with", ["package", "version"], sorted(m["versions"].items())))
+
+
+@app.command("search")
+def search_cmd(
+    index: Path = typer.Argument(..., help="index folder"),
+    image: Optional[Path] = typer.Option(None, "--image", help="query image"),
+    text: Optional[str] = typer.Option(None, "--text", help="query text"),
+    k: int = typer.Option(10, "-k", "--k", help="number of results"),
+    modality: str = typer.Option("image", help="which memory index to search: image | text"),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines output"),
+) -> None:
+    """Nearest memory items to an image or a text: id, similarity, caption, url."""
+    from xm.errors import XMError
+    from xm.methods.retrieval import search_memory
+
+    if (image is None) == (text is None):
+        raise XMError("xm search: give exactly one of --image or --text")
+    hits = search_memory(index, image=image, text=text, k=k, modality=modality)
+    if as_json:
+        for h in hits:
+            print_json(h)
+        return
+    console.print(table(f"{k} nearest in {index} ({modality} index)", ["rank", "id", "similarity", "caption", "url"], [
+        (r + 1, h["id"], h["similarity"], h["caption"], h["url"]) for r, h in enumerate(hits)
+    ]))
