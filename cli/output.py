@@ -30,7 +30,7 @@ def print_json(data: Any) -> None:
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
-    t = Table(title=title, title_justify="left")
+    t = Table(title=title, title_justify="left", show_header=any(columns))
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:
