@@ -7,8 +7,8 @@ matches the row count) and redoes only what a kill interrupted.
 
 from __future__ import annotations
 
+import json
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -45,15 +45,13 @@ def _no_progress(label: str, total: int | None) -> Callable[[int], None]:
     return lambda n: None
 
 
-def _done_parts(layout: Layout, parts: list[sources.Part]) -> list[dict[str, Any]]:
-    markers = [read_marker(layout, p.name) for p in parts]
-    missing = [p.name for p, m in zip(parts, markers) if m is None]
-    if missing:
-        raise XMError(f"{layout.root}: parts {', '.join(missing[:5])} are not embedded yet; run the embed stage first")
-    return [m for m in markers if m and m["rows"] > 0]  # type: ignore[misc]
+def _embedded_parts(layout: Layout) -> list[dict[str, Any]]:
+    """Markers of every embedded part on disk, in part order (what later stages build from)."""
+    folder = layout.work / "done" / "embed"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
-def build_index(cfg: BuildConfig, progress: Progress = _no_progress, log: Callable[[str], None] = print) -> BuildSummary:
+def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSummary:
     """Run the requested stages of the pipeline; return what happened."""
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
@@ -81,9 +79,8 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress, log: Callab
         summary.failures.update(sources.download_failures(layout.download))
 
     encoders = {spec: load_encoder(spec, cache_dir=cfg.cache_dir) for spec in cfg.encoder_specs()} if encoders_needed else {}
-    parts = sources.parts_for(cfg, layout, kind) if set(cfg.stages) & {"embed", "index", "store", "manifest"} else []
-
     def embed() -> None:
+        parts = sources.parts_for(cfg, layout, kind)
         todo = [p for p in parts if read_marker(layout, p.name) is None]
         if len(todo) < len(parts):
             summary.skipped.append(f"embed: {len(parts) - len(todo)} part(s) already done")
@@ -92,17 +89,14 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress, log: Callab
             embed_part(part, encoders, cfg.coarse, layout, cfg.batch_size, on_rows=tick)
 
     timed("embed", embed)
-    done = _done_parts(layout, parts) if parts else []
-    decode = Counter()
-    for m in done:
-        decode.update(m["failures"])
-    for m in (read_marker(layout, p.name) for p in parts):
-        if m and m["rows"] == 0:
-            decode.update(m["failures"])
-    summary.failures.update(decode)
+    markers = _embedded_parts(layout)
+    for m in markers:
+        summary.failures.update(m["failures"])
+    done = [m for m in markers if m["rows"] > 0]
     summary.count = sum(m["rows"] for m in done)
-    if parts and summary.count == 0:
-        raise XMError(f"{cfg.source}: no usable image-text pairs (failures: {dict(summary.failures) or 'none'})")
+    later = set(cfg.stages) & {"index", "store", "manifest"}
+    if later and summary.count == 0:
+        raise XMError(f"{cfg.source}: no usable image-text pairs embedded (failures: {dict(summary.failures) or 'none'})")
     coarse_slug = _slug(cfg.coarse)
 
     def index() -> None:
@@ -143,8 +137,6 @@ def _slug(spec: str) -> str:
 
 
 def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict], encoders: dict, summary: BuildSummary) -> dict:
-    import json
-
     files = []
     enc_entries = {}
     for spec, enc in encoders.items():
