@@ -99,17 +99,28 @@ class XMoRe:
     def evidence_from_features(self, inf: np.ndarray, coarse: np.ndarray, fine: np.ndarray,
                                timings: Timings | None = None) -> list[Evidence]:
         """Evidence from precomputed image embeddings (used by the benchmark's cache)."""
-        p_img = class_probs(inf, self.weights, self.scale)
+        p_img = self.image_modality(inf)
         retrieved = self.retriever.retrieve(coarse, fine, timings)
         t = time.perf_counter()
         out = []
         for i, r in enumerate(retrieved):
-            cap = class_probs(self.captions.gather(r.ids), self.weights, self.scale)
-            p_txt = cap.mean(axis=0) if len(cap) else np.full(len(self.classnames), 1.0 / len(self.classnames))
+            p_txt, cap = self.text_modality(r.ids)
             out.append(Evidence(p_img[i], p_txt, r, cap))
         if timings is not None:
             timings.add("caption fetch + text modality", time.perf_counter() - t)
         return out
+
+    def image_modality(self, inference_features: np.ndarray) -> np.ndarray:
+        """p_img = softmax(s . f . W^T), n x C."""
+        return class_probs(inference_features, self.weights, self.scale)
+
+    def text_modality(self, caption_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(p_txt, per-caption distributions): the mean of each kept caption's class distribution."""
+        caption_ids = np.asarray(caption_ids, dtype=np.int64)
+        caption_ids = caption_ids[caption_ids >= 0]
+        cap = class_probs(self.captions.gather(caption_ids), self.weights, self.scale)
+        p_txt = cap.mean(axis=0) if len(cap) else np.full(len(self.classnames), 1.0 / len(self.classnames))
+        return p_txt, cap
 
     def classify(self, images: Sequence[Any], state: StreamState, mode: str = "modal",
                  timings: Timings | None = None) -> list[Prediction]:

@@ -1,0 +1,47 @@
+"""CLIP_benchmark's zero-shot metrics and the X-MoRe paper's diagnostics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xm.methods.ensemble import entropy
+
+
+def accuracy_at(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    topk = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return float(np.mean(np.any(topk == labels[:, None], axis=1)))
+
+
+def mean_per_class_recall(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
+    recalls = [np.mean(pred[labels == c] == c) for c in range(n_classes) if np.any(labels == c)]
+    return float(np.mean(recalls))
+
+
+def zeroshot_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    n_classes = probs.shape[1]
+    out = {"acc1": accuracy_at(probs, labels, 1)}
+    if n_classes >= 5:
+        out["acc5"] = accuracy_at(probs, labels, 5)
+    out["mean_per_class_recall"] = mean_per_class_recall(probs.argmax(1), labels, n_classes)
+    return out
+
+
+def modality_entropy(p_img: np.ndarray, p_txt: np.ndarray) -> dict[str, float]:
+    """Mean entropy of each modality's distribution (the paper's Table 6)."""
+    return {"image": float(entropy(p_img).mean()), "text": float(entropy(p_txt).mean())}
+
+
+def weight_ratios(p_img: np.ndarray, p_txt: np.ndarray, weights: np.ndarray, labels: np.ndarray) -> dict[str, dict]:
+    """Mean adjusted weights and their ratio, split by which modality was right (Table 8)."""
+    img_ok = p_img.argmax(1) == labels
+    txt_ok = p_txt.argmax(1) == labels
+    cases = {"image right, text wrong": img_ok & ~txt_ok, "text right, image wrong": ~img_ok & txt_ok,
+             "both right": img_ok & txt_ok, "both wrong": ~img_ok & ~txt_ok}
+    out = {}
+    for name, mask in cases.items():
+        if mask.any():
+            wi, wt = float(weights[mask, 0].mean()), float(weights[mask, 1].mean())
+            out[name] = {"n": int(mask.sum()), "w_img": wi, "w_txt": wt, "ratio_img_over_txt": wi / wt if wt > 0 else float("inf")}
+        else:
+            out[name] = {"n": 0}
+    return out
