@@ -198,3 +198,31 @@ def test_laion_precomputed_embedding_parts(tmp_path) -> None:
     with pytest.raises(XMError, match="img_emb_2.npy"):
         build_index(BuildConfig(source="laion400m-embeddings", out=tmp_path / "idx2", parts=[2],
                                 embeddings_root=str(root), **TINY_ROLES))
+
+
+@pytest.mark.slow
+def test_laion400m_source_over_loopback(tmp_path, image_server) -> None:
+    """LAION-400M metadata parts fetched over HTTP by their real names, NSFW-filtered, then downloaded."""
+    from xm.pipeline import laion
+
+    base, routes = image_server
+    rows = []
+    for i in range(6):
+        routes[f"/laion/{i}.jpg"] = jpeg_bytes(make_image(300 + i))
+        rows.append({"SAMPLE_ID": 1000 + i, "URL": f"{base}/laion/{i}.jpg", "TEXT": f"laion pair {i}", "HEIGHT": 96,
+                     "WIDTH": 96, "LICENSE": "?", "NSFW": "NSFW" if i == 2 else "UNLIKELY", "similarity": 0.31 + i / 100})
+    buf = tmp_path / "part.parquet"
+    pd.DataFrame(rows).to_parquet(buf)
+    routes[f"/meta/{laion.metadata_part_name(0)}"] = buf.read_bytes()
+    summary = build_index(BuildConfig(source="laion400m", out=tmp_path / "idx", parts=[0], limit=4,
+                                      metadata_root=f"{base}/meta", processes=1, threads=4, **TINY_ROLES))
+    assert summary.selected == 4 and summary.count == 4
+    memory = open_index(tmp_path / "idx")
+    rows = memory.store.fetch(range(4))
+    assert [r["caption"] for r in rows] == ["laion pair 0", "laion pair 1", "laion pair 3", "laion pair 4"]
+    assert rows[2]["SAMPLE_ID"] == 1003 and rows[2]["NSFW"] == "UNLIKELY"
+
+    # the img2dataset output folder is itself a source
+    again = build_index(BuildConfig(source=str(tmp_path / "idx/_work/download"), out=tmp_path / "idx2", **TINY_ROLES))
+    assert again.source_kind == "img2dataset" and again.count == 4
+    assert open_index(tmp_path / "idx2").store.captions([3]) == ["laion pair 4"]
