@@ -226,3 +226,22 @@ def test_laion400m_source_over_loopback(tmp_path, image_server) -> None:
     again = build_index(BuildConfig(source=str(tmp_path / "idx/_work/download"), out=tmp_path / "idx2", **TINY_ROLES))
     assert again.source_kind == "img2dataset" and again.count == 4
     assert open_index(tmp_path / "idx2").store.captions([3]) == ["laion pair 4"]
+
+
+def test_cli_info_and_search(tmp_path) -> None:
+    src = write_caption_folder(tmp_path / "pairs", 10)
+    build_index(BuildConfig(source=str(src), out=tmp_path / "idx", **TINY_ROLES))
+    xm = [sys.executable, "-m", "xm.cli"]
+    info = subprocess.run([*xm, "info", str(tmp_path / "idx"), "--verify"], capture_output=True, text=True)
+    assert info.returncode == 0 and "xm-tiny-vit:random" in info.stdout and "IVF" in info.stdout
+    manifest = json.loads(subprocess.run([*xm, "info", str(tmp_path / "idx"), "--json"], capture_output=True, text=True).stdout)
+    assert manifest["count"] == 10 and manifest["roles"]["fine"] == TINY_ROLES["fine"]
+    hits = subprocess.run([*xm, "search", str(tmp_path / "idx"), "--image", str(src / "im004.jpg"), "-k", "3", "--json"],
+                          capture_output=True, text=True)
+    first = json.loads(hits.stdout.splitlines()[0])
+    assert first["caption"] == "caption number 4" and first["id"] == 4
+    text = subprocess.run([*xm, "search", str(tmp_path / "idx"), "--text", "caption number 7", "--modality", "text", "--json"],
+                          capture_output=True, text=True)
+    assert json.loads(text.stdout.splitlines()[0])["caption"] == "caption number 7"
+    bad = subprocess.run([*xm, "search", str(tmp_path / "idx"), "--image", str(tmp_path / "nope.jpg")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("nope.jpg: no such image file")
