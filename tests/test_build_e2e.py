@@ -88,6 +88,10 @@ def test_download_embed_index_store(tmp_path, image_server) -> None:
     again = build_index(_config(table, tmp_path / "idx", shards=2))
     assert again.count == expected and again.manifest_id == summary.manifest_id
     assert any("already done" in s for s in again.skipped)
+    # ... and one with another selection into the same folder is refused, leaving it intact
+    with pytest.raises(XMError, match="another selection"):
+        build_index(_config(table, tmp_path / "idx", shards=2, limit=5))
+    assert open_index(tmp_path / "idx").count == expected
 
 
 def _markers(out: Path) -> list[Path]:
