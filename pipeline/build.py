@@ -21,7 +21,7 @@ from xm.indexes.layout import Layout, atomic_path, write_json
 from xm.indexes.manifest import write_manifest
 from xm.indexes.store import write_store_part
 from xm.pipeline import sources
-from xm.pipeline.config import STAGES, BuildConfig
+from xm.pipeline.config import STAGES, BuildConfig, pin_params
 from xm.pipeline.embed import embed_part, read_marker
 from xm.pipeline.index_stage import build_modality_index, index_is_current
 
@@ -78,7 +78,9 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
             timed("download", lambda: download(cfg, layout))
         summary.failures.update(sources.download_failures(layout.download))
 
+    pin_params(layout.work / "encoders.json", {"coarse": cfg.coarse, "fine": cfg.fine, "inference": list(cfg.inference)}, "encoders")
     encoders = {spec: load_encoder(spec, cache_dir=cfg.cache_dir) for spec in cfg.encoder_specs()} if encoders_needed else {}
+
     def embed() -> None:
         parts = sources.parts_for(cfg, layout, kind)
         todo = [p for p in parts if read_marker(layout, p.name) is None]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from xm.errors import XMError
+from xm.indexes.layout import write_json
 
 STAGES = ("select", "download", "embed", "index", "store", "manifest")
 
@@ -49,3 +54,14 @@ class BuildConfig:
             if spec not in seen:
                 seen.append(spec)
         return seen
+
+
+def pin_params(path: Path, params: dict[str, Any], what: str) -> None:
+    """Record the parameters a build folder was started with; refuse to resume it with others."""
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != params:
+            raise XMError(f"{path}: {path.parent.parent} was started with other {what} ({before}); "
+                          "use a new --out, or delete the folder to start over")
+    else:
+        write_json(path, params)

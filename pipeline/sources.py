@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 
 from xm.encoders.images import IMAGE_SUFFIXES
 from xm.errors import XMError
-from xm.indexes.layout import Layout, atomic_path, part_name, write_json
-from xm.pipeline.config import BuildConfig
+from xm.indexes.layout import Layout, atomic_path, part_name
+from xm.pipeline.config import BuildConfig, pin_params
 from xm.pipeline import laion
 
 TABLE_SUFFIXES = {".parquet", ".csv", ".tsv", ".jsonl", ".json", ".txt"}
@@ -125,12 +125,8 @@ def select(cfg: BuildConfig, layout: Layout, kind: str) -> int:
     """Write the URL list img2dataset reads; return its row count."""
     params = {"source": cfg.source, "limit": cfg.limit, "parts": cfg.parts, "url_col": cfg.url_col,
               "caption_col": cfg.caption_col, "nsfw_filter": cfg.nsfw_filter}
-    params_file = layout.selection.with_name("params.json")
+    pin_params(layout.selection.with_name("params.json"), params, "selection")
     if layout.selection.is_file():
-        before = json.loads(params_file.read_text()) if params_file.is_file() else None
-        if before != params:
-            raise XMError(f"{params_file}: {layout.root} was started with another selection ({before}); "
-                          "use a new --out, or delete the folder to start over")
         return pq.read_metadata(layout.selection).num_rows
     if kind == "laion400m":
         table = _laion_metadata(cfg, layout)
@@ -138,7 +134,6 @@ def select(cfg: BuildConfig, layout: Layout, kind: str) -> int:
         table = _read_table(Path(cfg.source), cfg.url_col, cfg.caption_col)
     if cfg.limit:
         table = table.slice(0, cfg.limit)
-    write_json(params_file, params)
     with atomic_path(layout.selection) as tmp:
         pq.write_table(table, tmp)
     return table.num_rows

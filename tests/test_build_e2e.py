@@ -89,8 +89,11 @@ def test_download_embed_index_store(tmp_path, image_server) -> None:
     assert again.count == expected and again.manifest_id == summary.manifest_id
     assert any("already done" in s for s in again.skipped)
     # ... and one with another selection into the same folder is refused, leaving it intact
-    with pytest.raises(XMError, match="another selection"):
+    with pytest.raises(XMError, match="other selection"):
         build_index(_config(table, tmp_path / "idx", shards=2, limit=5))
+    with pytest.raises(XMError, match="other encoders"):
+        build_index(BuildConfig(source=str(table), out=tmp_path / "idx", url_col="URL", caption_col="TEXT",
+                                coarse=TINY, fine=TINY, inference=[TINY], processes=1, threads=4, shard_size=8, shards=2))
     assert open_index(tmp_path / "idx").count == expected
 
 
