@@ -61,29 +61,34 @@ class Classifier:
         if self.state_file is not None:
             write_json(self.state_file, {"stream_key": self.stream_key, "state": self.state.to_dict()})
 
-    def run(self, images: Sequence[str | Path], batch_size: int = 16, explain: bool = False) -> Iterator[dict[str, Any] | XMError]:
-        """Classify images as one stream; yields a result dict per image, or the XMError for an unreadable one."""
+    def run(self, images: Sequence[str | Path], batch_size: int = 16, explain: bool = False) -> Iterator[dict[str, Any]]:
+        """Classify images as one stream, in order; yields one dict per image.
+
+        An unreadable image yields {"image": path, "error": message} and the stream goes on.
+        """
         paths = [Path(p) for p in images]
-        for i in range(0, len(paths), batch_size):
-            loaded, errors = [], {}
+        for lo in range(0, len(paths), batch_size):
+            batch = paths[lo : lo + batch_size]
+            loaded: list[tuple[int, Any]] = []
+            errors: dict[int, XMError] = {}
             t0 = time.perf_counter()
-            for p in paths[i : i + batch_size]:
+            for j, p in enumerate(batch):
                 try:
-                    loaded.append((p, load_image(p)))
+                    loaded.append((j, load_image(p)))
                 except XMError as exc:
-                    errors[p] = exc
+                    errors[j] = exc
             load_s = time.perf_counter() - t0
             timings = Timings()
             preds = self.method.classify([im for _, im in loaded], self.state, self.ensemble, timings) if loaded else []
-            per_image = {k: v / max(1, len(loaded)) for k, v in timings.seconds.items()}
-            per_image = {"image load": load_s / max(1, len(loaded)), **per_image}
+            n = max(1, len(loaded))
+            per_image = {"image load": load_s / n, **{k: v / n for k, v in timings.seconds.items()}}
             first = self.state.count - len(preds) + 1
-            by_path = {p: (first + j, pred) for j, ((p, _), pred) in enumerate(zip(loaded, preds))}
-            for p in paths[i : i + batch_size]:
-                if p in errors:
-                    yield errors[p]
+            by_slot = {j: (first + r, pred) for r, ((j, _), pred) in enumerate(zip(loaded, preds))}
+            for j, p in enumerate(batch):
+                if j in errors:
+                    yield {"image": str(p), "error": str(errors[j])}
                     continue
-                position, pred = by_path[p]
+                position, pred = by_slot[j]
                 result = {
                     "image": str(p),
                     "stream_position": position,
@@ -96,7 +101,3 @@ class Classifier:
                 if explain:
                     result["captions"] = self.method.explain(pred.evidence)
                 yield result
-
-    @property
-    def seen(self) -> int:
-        return self.state.count

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -33,17 +31,16 @@ def classify_cmd(
 ) -> None:
     """Classify images with X-MoRe over a built index."""
     from xm.classify import Classifier
-    from xm.errors import XMError
 
     clf = Classifier(index, labels, model=model, templates=template, k_coarse=k_coarse, k_fine=k_fine,
                      ensemble=ensemble, retrieval=retrieval, state_file=state)
     failed = 0
     for result in clf.run(images, batch_size=batch_size, explain=explain):
-        if isinstance(result, XMError):
+        if "error" in result:
             failed += 1
-            print(f"xm: error: {result}", file=sys.stderr)
+            print(f"xm: error: {result['error']}", file=sys.stderr)
             if as_json:
-                print_json({"image": None, "error": str(result)})
+                print_json(result)
             continue
         if as_json:
             print_json(result if timings else {k: v for k, v in result.items() if k != "timings"})

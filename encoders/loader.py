@@ -145,6 +145,7 @@ class Encoder:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.logit_scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else 100.0
+        self._truncatable = _has_causal_eot_text(model)
         with torch.inference_mode():
             self.dim = int(self.encode_texts([PROBE_TEXT]).shape[1])
         self.image_size = getattr(getattr(model, "visual", None), "image_size", None)
@@ -179,15 +180,56 @@ class Encoder:
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Normalised text embeddings; captions are batched by token length (see `_encode_tokens`)."""
         import torch
 
-        out = []
+        if not texts:
+            return np.zeros((0, getattr(self, "dim", 0)), np.float32)
+        tokens = self.tokenizer(list(texts))
+        order = torch.argsort((tokens != 0).sum(1), stable=True) if self._truncatable else torch.arange(len(texts))
+        out = np.empty((len(texts), 0), np.float32)
         with torch.inference_mode():
             for i in range(0, len(texts), batch_size):
-                tokens = self.tokenizer(list(texts[i : i + batch_size]))
-                feats = self.model.encode_text(tokens)
-                out.append(torch.nn.functional.normalize(feats.float(), dim=-1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, getattr(self, "dim", 0)), np.float32)
+                idx = order[i : i + batch_size]
+                feats = torch.nn.functional.normalize(self._encode_tokens(tokens[idx]).float(), dim=-1).numpy()
+                if out.shape[1] == 0:
+                    out = np.empty((len(texts), feats.shape[1]), np.float32)
+                out[idx.numpy()] = feats
+        return out
+
+    def _encode_tokens(self, tokens: Any) -> Any:
+        """open_clip's encode_text, run only over the positions up to the batch's longest sequence.
+
+        With a causal mask, a position never attends to later ones, so the EOT token's
+        output is the same whether the padding after it is computed or not; CLIP pads
+        every caption to 77 tokens, and captions are mostly under 20.
+        """
+        import torch
+        from open_clip.transformer import text_global_pool
+
+        m = self.model
+        if not self._truncatable:
+            return m.encode_text(tokens)
+        n = int((tokens != 0).sum(1).max())
+        tokens = tokens[:, :n]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:n].to(cast)
+        x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
+        x = text_global_pool(m.ln_final(x), tokens, m.text_pool_type)
+        if m.text_projection is not None:
+            x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
+        return x
+
+
+def _has_causal_eot_text(model: Any) -> bool:
+    """open_clip's CLIP text tower: causal mask, pooled at the EOT token (padding id 0)."""
+    import torch
+
+    mask = getattr(model, "attn_mask", None)
+    if mask is None or not hasattr(model, "positional_embedding") or getattr(model, "text_pool_type", "") != "argmax":
+        return False
+    upper = torch.triu(torch.ones_like(mask, dtype=torch.bool), diagonal=1)
+    return bool(torch.isinf(mask[upper]).all() and not torch.isinf(mask[~upper]).any())
 
 
 def _seed_for(spec: EncoderSpec) -> int:

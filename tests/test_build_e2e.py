@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from conftest import TINY, TINY_ROLES, jpeg_bytes, make_image, write_caption_folder
-from xm.encoders import load_encoder, load_image
+from xm.encoders import load_encoder
 from xm.errors import XMError
 from xm.indexes import open_index
 from xm.pipeline import BuildConfig, build_index

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import TINY, TINY_ROLES, TINY_WIDE, make_image, near_duplicate
 from xm.classify import Classifier
-from xm.encoders import load_encoder, load_image
+from xm.encoders import load_encoder
 from xm.errors import XMError
 from xm.pipeline import BuildConfig, build_index
 
@@ -70,6 +70,9 @@ def test_xmore_beats_image_only_by_far(memory) -> None:
     assert text_acc >= 0.75 and xmore_acc >= 0.6, (xmore_acc, text_acc)
     assert xmore_acc >= clip_acc + 0.4, (clip_acc, xmore_acc)
     assert [r["stream_position"] for r in results] == list(range(1, N_QUERIES + 1))
+    # the same image twice is two queries of the stream
+    twice = list(Classifier(index, CLASSES, model=TINY, templates=TEMPLATES).run([queries[0], queries[0]], batch_size=2))
+    assert [r["stream_position"] for r in twice] == [1, 2] and twice[0]["top5"] == twice[1]["top5"]
 
 
 def test_image_ensemble_is_plain_zero_shot_clip(memory) -> None:
@@ -140,7 +143,8 @@ def test_cli_classify_json_and_bad_inputs(memory, tmp_path) -> None:
     out = _xm(*args)
     assert out.returncode == 1
     lines = [json.loads(l) for l in out.stdout.splitlines()]
-    assert len(lines) == 7 and sum("error" in l for l in lines) == 2
+    assert len(lines) == 7 and [l["image"] for l in lines] == args[1:8]
+    assert [("error" in l) for l in lines] == [False, True, True, False, False, False, False]
     assert lines[0]["prediction"] == CLASSES[labels[0]]
     errs = [l for l in out.stderr.splitlines() if l.startswith("xm: error")]
     assert any("missing.jpg: no such image file" in e for e in errs) and any("corrupt.jpg: not a readable image" in e for e in errs)

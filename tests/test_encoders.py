@@ -87,3 +87,15 @@ def test_unreadable_images_name_the_file(tmp_path) -> None:
         load_image(bad)
     with pytest.raises(XMError, match="no such image"):
         load_image(tmp_path / "missing.jpg")
+
+
+@pytest.mark.parametrize("spec", [TINY, "ViT-B-32:random"])
+def test_text_encoding_skips_padding_exactly(spec: str) -> None:
+    """Encoding only up to the longest caption of a batch equals open_clip's full 77-token pass."""
+    enc = load_encoder(spec)
+    assert enc._truncatable
+    texts = ["a cat", "a photo of a very small red tram crossing an old stone bridge at dusk.", "x",
+             " ".join(["word"] * 120), "", "a cat"]
+    with torch.no_grad():
+        reference = torch.nn.functional.normalize(enc.model.encode_text(enc.tokenizer(texts)).float(), dim=-1).numpy()
+    np.testing.assert_allclose(enc.encode_texts(texts, batch_size=4), reference, atol=2e-5)
