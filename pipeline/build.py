@@ -78,8 +78,9 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
             timed("download", lambda: download(cfg, layout))
         summary.failures.update(sources.download_failures(layout.download))
 
-    pin_params(layout.work / "encoders.json", {"coarse": cfg.coarse, "fine": cfg.fine, "inference": list(cfg.inference)}, "encoders")
     encoders = {spec: load_encoder(spec, cache_dir=cfg.cache_dir) for spec in cfg.encoder_specs()} if encoders_needed else {}
+    # pinned once they load: a first run that fails on an unavailable encoder may be retried with another
+    pin_params(layout.work / "encoders.json", {"coarse": cfg.coarse, "fine": cfg.fine, "inference": list(cfg.inference)}, "encoders")
 
     def embed() -> None:
         parts = sources.parts_for(cfg, layout, kind)

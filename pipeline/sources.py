@@ -125,8 +125,9 @@ def select(cfg: BuildConfig, layout: Layout, kind: str) -> int:
     """Write the URL list img2dataset reads; return its row count."""
     params = {"source": cfg.source, "limit": cfg.limit, "parts": cfg.parts, "url_col": cfg.url_col,
               "caption_col": cfg.caption_col, "nsfw_filter": cfg.nsfw_filter}
-    pin_params(layout.selection.with_name("params.json"), params, "selection")
+    params_file = layout.selection.with_name("params.json")
     if layout.selection.is_file():
+        pin_params(params_file, params, "selection")
         return pq.read_metadata(layout.selection).num_rows
     if kind == "laion400m":
         table = _laion_metadata(cfg, layout)
@@ -134,6 +135,7 @@ def select(cfg: BuildConfig, layout: Layout, kind: str) -> int:
         table = _read_table(Path(cfg.source), cfg.url_col, cfg.caption_col)
     if cfg.limit:
         table = table.slice(0, cfg.limit)
+    pin_params(params_file, params, "selection")  # only once a selection exists to resume
     with atomic_path(layout.selection) as tmp:
         pq.write_table(table, tmp)
     return table.num_rows

@@ -251,3 +251,10 @@ def test_cli_info_and_search(tmp_path) -> None:
     assert json.loads(text.stdout.splitlines()[0])["caption"] == "caption number 7"
     bad = subprocess.run([*xm, "search", str(tmp_path / "idx"), "--image", str(tmp_path / "nope.jpg")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("nope.jpg: no such image file")
+
+
+def test_failed_first_run_can_be_retried_with_other_encoders(tmp_path) -> None:
+    src = write_caption_folder(tmp_path / "pairs", 5)
+    with pytest.raises(XMError, match="ViT-B-32:openai"):
+        build_index(BuildConfig(source=str(src), out=tmp_path / "idx"))  # default encoders: not available offline
+    assert build_index(BuildConfig(source=str(src), out=tmp_path / "idx", **TINY_ROLES)).count == 5
