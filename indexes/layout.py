@@ -32,6 +32,16 @@ PART_DIGITS = 5
 STORE_ROW_GROUP = 1024
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# mkstemp creates 0600 files; artefacts get the mode a plain open() would give them
+FILE_MODE = _file_mode()
+
+
 def part_name(i: int) -> str:
     return f"{i:0{PART_DIGITS}d}"
 
@@ -106,6 +116,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -84,3 +84,19 @@ def test_caption_store_fetches_ids_in_order(tmp_path) -> None:
     assert rows[0]["NSFW"] == "UNLIKELY"
     h = np.concatenate(hashes)
     assert len(set(h.tolist())) == first
+
+
+def test_atomic_files_get_the_usual_mode(tmp_path) -> None:
+    import os
+
+    from xm.indexes.layout import FILE_MODE, atomic_path
+
+    with atomic_path(tmp_path / "a.bin") as tmp:
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == FILE_MODE
+    assert FILE_MODE & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044  # readable by others unless the umask says no
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("killed")
+    assert not (tmp_path / "b.bin").exists() and not list(tmp_path.glob(".b.bin*"))
