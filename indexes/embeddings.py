@@ -39,9 +39,3 @@ class EmbeddingMatrix:
             sel = np.nonzero(part_of == p)[0]
             out[sel] = self.parts[p][ids[sel] - self.offsets[p]]
         return out
-
-    def iter_chunks(self, rows: int = 65536):
-        """float32 chunks in global-id order (for building indexes and exact search)."""
-        for part in self.parts:
-            for i in range(0, part.shape[0], rows):
-                yield np.asarray(part[i : i + rows], dtype=np.float32)

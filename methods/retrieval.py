@@ -24,7 +24,6 @@ from xm.indexes import MemoryIndex, open_index
 class Retrieved:
     """The k captions kept for one query image."""
 
-    coarse_ids: np.ndarray  # the K de-duplicated candidates, coarse order
     ids: np.ndarray  # the k kept, best first
     fine_sims: np.ndarray  # fine similarity of each kept caption
 
@@ -99,11 +98,11 @@ class Retriever:
             if self.direct and fine_queries is not None:
                 sims = self.fine_captions.gather(cand) @ fine_queries[row]
                 order = np.argsort(-sims, kind="stable")[: self.k_fine]
-                out.append(Retrieved(cand, cand[order], sims[order]))
+                out.append(Retrieved(cand[order], sims[order]))
             else:  # "indirect" ablation: coarse order, no re-ranking
                 kept = cand[: self.k_fine]
                 sims = self.fine_captions.gather(kept) @ fine_queries[row] if fine_queries is not None else np.full(len(kept), np.nan)
-                out.append(Retrieved(cand, kept, sims))
+                out.append(Retrieved(kept, sims))
         if timings is not None:
             timings.add("knn", t2 - t)
             timings.add("rerank", time.perf_counter() - t2)

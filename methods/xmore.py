@@ -92,15 +92,8 @@ class XMoRe:
 
     def evidence(self, images: Sequence[Any], timings: Timings | None = None) -> list[Evidence]:
         feats = self.encode(images, timings)
-        return self.evidence_from_features(
-            feats[str(self.inference.spec)], feats[str(self.coarse.spec)], feats[str(self.fine.spec)], timings
-        )
-
-    def evidence_from_features(self, inf: np.ndarray, coarse: np.ndarray, fine: np.ndarray,
-                               timings: Timings | None = None) -> list[Evidence]:
-        """Evidence from precomputed image embeddings (used by the benchmark's cache)."""
-        p_img = self.image_modality(inf)
-        retrieved = self.retriever.retrieve(coarse, fine, timings)
+        p_img = self.image_modality(feats[str(self.inference.spec)])
+        retrieved = self.retriever.retrieve(feats[str(self.coarse.spec)], feats[str(self.fine.spec)], timings)
         t = time.perf_counter()
         out = []
         for i, r in enumerate(retrieved):
