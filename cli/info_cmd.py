@@ -29,7 +29,7 @@ def info_cmd(
         ("id", m["id"]), ("format", m["format"]), ("created", m["created"]), ("items", m["count"]),
         ("source", f"{m['source']['kind']}: {m['source']['source']}"), ("parts", len(m["parts"])),
         ("files", f"{len(m['files'])}, {sum(f['bytes'] for f in m['files'].values()) / 1e6:.1f} MB"),
-        ("verified", "sizes and checksums" if verify else "sizes (checksums when small)"),
+        ("verified", "sizes and checksums" if verify else "sizes (checksums up to 256 MB)"),
     ]))
     console.print(table("roles", ["role", "encoder"], [
         ("coarse", m["roles"]["coarse"]), ("fine", m["roles"]["fine"]),

@@ -15,9 +15,9 @@ from xm.indexes.manifest import read_manifest, verify_files
 from xm.indexes.shards import ShardedIndex
 from xm.indexes.store import CaptionStore
 
-# Checksumming every file at load is cheap for small indexes and a needless full read
-# of a LAION-scale one; above this size only sizes are checked (`xm info --verify`).
-CHECKSUM_AT_LOAD_BYTES = 2 << 30
+# Checksumming every file at load is cheap for small indexes but a full read of a large
+# one on every `xm classify`; above this size only sizes are checked (`xm info --verify`).
+CHECKSUM_AT_LOAD_BYTES = 256 << 20
 
 
 class MemoryIndex:
