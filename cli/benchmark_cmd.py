@@ -60,11 +60,11 @@ def benchmark_cmd(
     if as_json:
         print_json(result)
         return
-    rows = []
-    for name, r in result["methods"].items():
-        m, s = r["metrics"], r["std"]
-        cell = lambda k: f"{100 * m[k]:.2f} ± {100 * s[k]:.2f}" if k in m else "-"
-        rows.append((name, cell("acc1"), cell("acc5"), cell("mean_per_class_recall"), r["description"]))
+    def cell(r: dict, k: str) -> str:
+        return f"{100 * r['metrics'][k]:.2f} ± {100 * r['std'][k]:.2f}" if k in r["metrics"] else "-"
+
+    rows = [(name, cell(r, "acc1"), cell(r, "acc5"), cell(r, "mean_per_class_recall"), r["description"])
+            for name, r in result["methods"].items()]
     t = result["timing"]
     console.print(table(
         f"{result['dataset']} · {result['split']} ({result['split_source']}) · {result['images_evaluated']} images · "

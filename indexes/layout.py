@@ -68,8 +68,11 @@ class Layout:
     def selection(self) -> Path:
         return self.work / "select" / "urls.parquet"
 
+    def done_dir(self, stage: str) -> Path:
+        return self.work / "done" / stage
+
     def done_marker(self, stage: str, part: str) -> Path:
-        return self.work / "done" / stage / f"{part}.json"
+        return self.done_dir(stage) / f"{part}.json"
 
     def embeddings(self, slug: str) -> Path:
         return self.root / "embeddings" / slug

@@ -47,7 +47,7 @@ def _no_progress(label: str, total: int | None) -> Callable[[int], None]:
 
 def _embedded_parts(layout: Layout) -> list[dict[str, Any]]:
     """Markers of every embedded part on disk, in part order (what later stages build from)."""
-    folder = layout.work / "done" / "embed"
+    folder = layout.done_dir("embed")
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 

@@ -61,7 +61,7 @@ def pin_params(path: Path, params: dict[str, Any], what: str) -> None:
     if path.is_file():
         before = json.loads(path.read_text())
         if before != params:
-            raise XMError(f"{path}: {path.parent.parent} was started with other {what} ({before}); "
+            raise XMError(f"{path}: this build folder was started with other {what} ({before}); "
                           "use a new --out, or delete the folder to start over")
     else:
         write_json(path, params)
