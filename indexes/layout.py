@@ -1,19 +1,23 @@
-"""The one place that knows the on-disk format of an xm index.
+"""The one place that knows the on-disk format of an xm index (format 2).
 
     <root>/
       manifest.json                          what is here; written last
       embeddings/<encoder-slug>/             clip-retrieval's embedding folder layout
-          img_emb/img_emb_<part>.npy         float16, row-aligned across the three
+          img_emb/img_emb_<part>.npy         float16, row-aligned across every encoder
           text_emb/text_emb_<part>.npy
-          metadata/metadata_<part>.parquet   (coarse encoder only: image_path, caption, url, ...)
-      index/<modality>/shard-<i>.index       FAISS shards of the coarse encoder's embeddings
-      index/<modality>/build.json            autofaiss' choice and the shard id ranges
+          text_norm/text_norm_<part>.npy     float32 norm of each caption embedding before
+                                             normalisation (X-MoRe's raw-dot re-ranking)
+          metadata/metadata_<part>.parquet   (first encoder only: image_path, caption, url, ...)
+      index/<encoder-slug>/<modality>/shard-<i>.index   FAISS shards, global ids
+      index/<encoder-slug>/<modality>/build.json        autofaiss' choice and the shard id ranges
       store/part-<part>.parquet              caption store, small row groups
       store/caption_hash.npy                 int64 hash of each caption, by global id
       _work/                                 resumable stage state (select, download, markers)
 
-A global id is the running row offset over parts in sorted part order, as in
-clip-retrieval. Every file is written to a temporary name and renamed into place.
+The manifest declares, per encoder, which modalities are embedded and which are indexed.
+Format 1 (index/<modality>/, coarse encoder only, no norms) is still read: see
+`manifest.upgrade_v1`. A global id is the running row offset over parts in sorted part
+order, as in clip-retrieval. Every file is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-FORMAT = "xm-index/1"
+FORMAT = "xm-index/2"
+FORMAT_V1 = "xm-index/1"  # still read (see manifest.upgrade_v1)
 MANIFEST = "manifest.json"
 PART_DIGITS = 5
 STORE_ROW_GROUP = 1024
@@ -84,17 +89,21 @@ class Layout:
     def emb_dir(self, slug: str, modality: str) -> Path:
         return self.embeddings(slug) / ("img_emb" if modality == "image" else "text_emb")
 
+    def norm_file(self, slug: str, modality: str, part: str) -> Path:
+        kind = "img_norm" if modality == "image" else "text_norm"
+        return self.embeddings(slug) / kind / f"{kind}_{part}.npy"
+
     def metadata_file(self, slug: str, part: str) -> Path:
         return self.embeddings(slug) / "metadata" / f"metadata_{part}.parquet"
 
-    def index_dir(self, modality: str) -> Path:
-        return self.root / "index" / modality
+    def index_dir(self, slug: str, modality: str) -> Path:
+        return self.root / "index" / slug / modality
 
-    def shard_file(self, modality: str, i: int) -> Path:
-        return self.index_dir(modality) / f"shard-{i:03d}.index"
+    def shard_file(self, slug: str, modality: str, i: int) -> Path:
+        return self.index_dir(slug, modality) / f"shard-{i:03d}.index"
 
-    def index_build_info(self, modality: str) -> Path:
-        return self.index_dir(modality) / "build.json"
+    def index_build_info(self, slug: str, modality: str) -> Path:
+        return self.index_dir(slug, modality) / "build.json"
 
     @property
     def store(self) -> Path:

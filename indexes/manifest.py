@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from xm.errors import XMError
-from xm.indexes.layout import FORMAT, Layout, sha256_file, write_json
+from xm.indexes.layout import FORMAT, FORMAT_V1, Layout, sha256_file, write_json
 
 _VERSIONED = ("xm-retrieval", "torch", "open_clip_torch", "faiss-cpu", "autofaiss", "img2dataset", "pyarrow", "numpy")
 
@@ -53,9 +53,28 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         manifest = json.loads(layout.manifest.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise XMError(f"{layout.manifest}: unreadable manifest ({exc})") from exc
+    if manifest.get("format") == FORMAT_V1:
+        return upgrade_v1(manifest)
     if manifest.get("format") != FORMAT:
-        raise XMError(f"{layout.manifest}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise XMError(f"{layout.manifest}: format {manifest.get('format')!r}, expected {FORMAT!r} or {FORMAT_V1!r}")
     return manifest
+
+
+def upgrade_v1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A v1 manifest read as v2, in memory (the files stay where v1 put them).
+
+    v1 knew roles only: the coarse encoder had image and text embeddings and the kNN
+    indexes (under index/<modality>/), every other encoder caption embeddings; no norms.
+    The manifest is rewritten as v2 only when the index is next changed (`--add-encoder`).
+    """
+    m = dict(manifest)
+    m["format"] = FORMAT
+    m["format_read"] = FORMAT_V1
+    m["encoders"] = {spec: {**{k: v for k, v in e.items() if k != "modalities"}, "embedded": list(e["modalities"]), "norms": []}
+                     for spec, e in manifest["encoders"].items()}
+    m["indexes"] = [{**entry, "modality": modality, "dir": f"index/{modality}"}
+                    for modality, entry in manifest["indexes"].items()]
+    return m
 
 
 def verify_files(root: str | Path, manifest: dict[str, Any], checksums: bool) -> None:

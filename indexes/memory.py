@@ -33,6 +33,7 @@ class MemoryIndex:
         self.parts: list[str] = [p["name"] for p in self.manifest["parts"]]
         self._matrices: dict[tuple[str, str], EmbeddingMatrix] = {}
         self._indexes: dict[str, ShardedIndex] = {}
+        self._norms: dict[tuple[str, str], np.ndarray] = {}
 
     def __repr__(self) -> str:
         return f"MemoryIndex({self.root}, {self.count} items, id {self.id})"
@@ -45,19 +46,60 @@ class MemoryIndex:
     def roles(self) -> dict[str, Any]:
         return self.manifest["roles"]
 
+    @property
+    def format_read(self) -> str:
+        """The format the manifest was written in (v1 manifests are read as v2)."""
+        return self.manifest.get("format_read", self.manifest["format"])
+
+    def default_model(self) -> str:
+        """The encoder `--model` defaults to: the index's first inference encoder."""
+        inference = self.roles.get("inference") or []
+        if inference:
+            return inference[0]
+        texts = [s for s, e in self.manifest["encoders"].items() if "text" in e["embedded"]]
+        if not texts:
+            raise XMError(f"{self.layout.manifest}: no encoder with caption embeddings; give --model")
+        return texts[0]
+
     def encoder_entry(self, spec: str) -> dict[str, Any] | None:
         return self.manifest["encoders"].get(str(spec))
 
     def has_embeddings(self, spec: str, modality: str) -> bool:
         entry = self.encoder_entry(spec)
-        return bool(entry and modality in entry["modalities"])
+        return bool(entry and modality in entry["embedded"])
+
+    def has_norms(self, spec: str, modality: str) -> bool:
+        entry = self.encoder_entry(spec)
+        return bool(entry and modality in entry.get("norms", []))
+
+    def index_entry(self, spec: str, modality: str) -> dict[str, Any] | None:
+        for entry in self.manifest["indexes"]:
+            if entry["encoder"] == str(spec) and entry["modality"] == modality:
+                return entry
+        return None
+
+    def has_index(self, spec: str, modality: str) -> bool:
+        return self.index_entry(spec, modality) is not None
+
+    def provides(self, need: Any) -> bool:
+        """Whether this index holds what a method's `Need` asks for."""
+        if need.kind == "embeddings":
+            return self.has_embeddings(need.encoder, need.modality)
+        if need.kind == "index":
+            return self.has_index(need.encoder, need.modality)
+        if need.kind == "norms":
+            return self.has_norms(need.encoder, need.modality)
+        if need.kind == "trained":
+            return need.path is not None and Path(need.path).is_file()
+        raise ValueError(need.kind)
 
     def embeddings(self, spec: str, modality: str) -> EmbeddingMatrix:
         key = (str(spec), modality)
         if key not in self._matrices:
             entry = self.encoder_entry(spec)
-            if entry is None or modality not in entry["modalities"]:
-                raise XMError(f"{self.root}: no {modality} embeddings for encoder {spec} in this index")
+            if entry is None or modality not in entry["embedded"]:
+                raise XMError(f"{self.root}: no {modality} embeddings for encoder {spec} in this index; "
+                              f"add them with `xm build-index --out {self.root} --add-encoder {spec}={modality}`")
             files = [self.layout.emb_file(entry["slug"], modality, p) for p in self.parts]
             matrix = EmbeddingMatrix(files)
             if len(matrix) != self.count:
@@ -65,21 +107,40 @@ class MemoryIndex:
             self._matrices[key] = matrix
         return self._matrices[key]
 
-    def index(self, modality: str) -> ShardedIndex:
-        if modality not in self._indexes:
-            entry = self.manifest["indexes"].get(modality)
+    def norms(self, spec: str, modality: str) -> np.ndarray:
+        """Per-item norms of the embeddings before normalisation (float32, by global id)."""
+        key = (str(spec), f"{modality}-norm")
+        if key not in self._norms:
+            entry = self.encoder_entry(spec)
+            if entry is None or modality not in entry.get("norms", []):
+                raise XMError(f"{self.root}: no {modality} embedding norms for encoder {spec} in this index")
+            parts = [np.load(self.layout.norm_file(entry["slug"], modality, p), mmap_mode="r") for p in self.parts]
+            arr = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+            if len(arr) != self.count:
+                raise XMError(f"{self.layout.embeddings(entry['slug'])}: {len(arr)} {modality} norms, manifest says {self.count}")
+            self._norms[key] = arr
+        return self._norms[key]
+
+    def index(self, modality: str, encoder: str | None = None) -> ShardedIndex:
+        """The kNN index over `encoder`'s `modality` embeddings (default: the coarse encoder)."""
+        spec = str(encoder or self.roles["coarse"])
+        key = f"{spec}|{modality}"
+        if key not in self._indexes:
+            entry = self.index_entry(spec, modality)
             if entry is None:
-                raise XMError(f"{self.root}: this index has no {modality} kNN index")
-            files = [self.layout.index_dir(modality) / s["file"] for s in entry["shards"]]
+                raise XMError(f"{self.root}: this index has no {modality} kNN index for {spec}; add it with "
+                              f"`xm build-index --out {self.root} --add-encoder {spec}=index-{modality}`")
+            folder = self.root / entry["dir"]
+            files = [folder / s["file"] for s in entry["shards"]]
             idx = ShardedIndex(files, [s["id_offset"] for s in entry["shards"]], entry.get("params", ""))
             if idx.ntotal != self.count:
-                raise XMError(f"{self.layout.index_dir(modality)}: shards hold {idx.ntotal} vectors, manifest says {self.count}")
-            self._indexes[modality] = idx
-        return self._indexes[modality]
+                raise XMError(f"{folder}: shards hold {idx.ntotal} vectors, manifest says {self.count}")
+            self._indexes[key] = idx
+        return self._indexes[key]
 
-    def search(self, modality: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """kNN (inner product) of coarse-encoder query embeddings against memory items."""
-        return self.index(modality).search(queries, k)
+    def search(self, modality: str, queries: np.ndarray, k: int, encoder: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """kNN (inner product) of query embeddings under `encoder` (default coarse) against memory items."""
+        return self.index(modality, encoder).search(queries, k)
 
     @cached_property
     def store(self) -> CaptionStore:
@@ -92,7 +153,7 @@ class MemoryIndex:
 
     def check_encoder(self, encoder: Any, role: str) -> None:
         """Refuse an encoder whose name or weights differ from the one that built this index."""
-        expected = self.roles[role] if role != "inference" else None
+        expected = self.roles.get(role) if role in ("coarse", "fine") else None
         if expected is not None and str(encoder.spec) != expected:
             raise XMError(f"{self.layout.manifest}: built with {role} encoder {expected}, not {encoder.spec}")
         entry = self.encoder_entry(str(encoder.spec))

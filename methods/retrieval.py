@@ -1,8 +1,16 @@
 """Cross-modal retrieval from the memory: coarse image kNN, then fine caption re-ranking.
 
 Nothing here scans the memory or the caption store per query: kNN is FAISS, caption
-de-duplication uses the stored caption hashes, and caption embeddings under the fine
-and inference encoders are gathered by id from memory-mapped parts.
+de-duplication uses the stored caption hashes, and caption embeddings (and their norms)
+under the fine and inference encoders are gathered by id from memory-mapped parts.
+
+The switches of the authors' protocol and xm's own (see `methods/protocols.py`):
+  pool    truncate-dedupe  keep the first K neighbours, then drop exact-duplicate
+                           captions (the pool may end below K)           (authors' code)
+          dedupe-truncate  the first K distinct captions                  (xm)
+  rerank  dot     raw dot product of the fine features (caption norms stored at build)
+          cosine  cosine similarity
+  refetch ask for `overfetch` neighbours, and for `refetch` when fewer than K came back
 """
 
 from __future__ import annotations
@@ -19,13 +27,18 @@ from xm.encoders import Encoder, load_encoder, load_image
 from xm.errors import XMError
 from xm.indexes import MemoryIndex, open_index
 
+POOLS = ("truncate-dedupe", "dedupe-truncate")
+RERANKS = ("dot", "cosine")
+
 
 @dataclass
 class Retrieved:
     """The k captions kept for one query image."""
 
     ids: np.ndarray  # the k kept, best first
-    fine_sims: np.ndarray  # fine similarity of each kept caption
+    fine_sims: np.ndarray  # fine similarity of each kept caption (raw dot or cosine, per `rerank`)
+    neighbours: int = 0  # valid ids the kNN returned
+    pool: int = 0  # captions in the pool after de-duplication
 
 
 @dataclass
@@ -37,37 +50,44 @@ class Timings:
 
 
 class CaptionEmbeddings:
-    """Caption embeddings under one encoder: precomputed in the index, or computed once and cached."""
+    """Caption embeddings under one encoder: precomputed in the index, or computed once and
+    cached (an encoder the index has none for, or captions encoded with a prefix)."""
 
-    def __init__(self, memory: MemoryIndex, encoder: Encoder) -> None:
+    def __init__(self, memory: MemoryIndex, encoder: Encoder, prefix: str = "") -> None:
         self.memory = memory
         self.encoder = encoder
-        self.precomputed = memory.has_embeddings(str(encoder.spec), "text")
+        self.prefix = prefix
+        self.precomputed = not prefix and memory.has_embeddings(str(encoder.spec), "text")
         self._cache: dict[int, np.ndarray] = {}
-        if self.precomputed:
+        if memory.has_embeddings(str(encoder.spec), "text"):
             memory.check_encoder(encoder, "inference")
-        else:
-            print(f"xm: {memory.root} has no caption embeddings for {encoder.spec}; computing them on the fly (cached)", file=sys.stderr)
+        if not self.precomputed:
+            why = f"captions prefixed with {prefix!r}" if prefix else f"no caption embeddings for {encoder.spec}"
+            print(f"xm: {memory.root}: {why}; computing them on the fly (cached)", file=sys.stderr)
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         if self.precomputed:
             return self.memory.embeddings(str(self.encoder.spec), "text").gather(ids)
-        missing = [int(i) for i in ids if int(i) not in self._cache]
+        missing = [int(i) for i in dict.fromkeys(int(i) for i in ids) if i not in self._cache]
         if missing:
-            embs = self.encoder.encode_texts(self.memory.store.captions(missing))
-            self._cache.update(zip(missing, embs))
+            texts = [self.prefix + c for c in self.memory.store.captions(missing)]
+            self._cache.update(zip(missing, self.encoder.encode_texts(texts)))
         return np.stack([self._cache[int(i)] for i in ids]) if len(ids) else np.zeros((0, self.encoder.dim), np.float32)
 
 
-def dedupe_keep_order(ids: np.ndarray, hashes: np.ndarray, k: int) -> np.ndarray:
-    """The first `k` ids whose captions are distinct strings (by hash), in the given order."""
+def caption_pool(ids: np.ndarray, hashes: np.ndarray, k: int, pool: str) -> np.ndarray:
+    """The candidate captions of one query, in kNN order (see the module docstring)."""
+    ids = ids[ids >= 0]
+    if pool == "truncate-dedupe":
+        ids = ids[:k]
     seen: set[int] = set()
     out = []
-    for i, h in zip(ids, hashes):
-        if i < 0 or int(h) in seen:
+    for i in ids:
+        h = int(hashes[i])
+        if h in seen:
             continue
-        seen.add(int(h))
-        out.append(i)
+        seen.add(h)
+        out.append(int(i))
         if len(out) == k:
             break
     return np.asarray(out, dtype=np.int64)
@@ -77,32 +97,54 @@ class Retriever:
     """X-MoRe steps 3-4: coarse kNN of the query image, fine re-ranking of the captions."""
 
     def __init__(self, memory: MemoryIndex, coarse: Encoder, fine: Encoder, k_coarse: int = 128, k_fine: int = 16,
-                 direct: bool = True, overfetch: int = 200) -> None:
+                 direct: bool = True, overfetch: int = 200, refetch: int = 1000, pool: str = "truncate-dedupe",
+                 rerank: str = "dot") -> None:
         memory.check_encoder(coarse, "coarse")
         memory.check_encoder(fine, "fine")
         self.memory, self.coarse, self.fine = memory, coarse, fine
         self.k_coarse, self.k_fine, self.direct = k_coarse, k_fine, direct
-        # as the authors' code: ask for more than K, keep the first K distinct captions
         self.overfetch = max(overfetch, k_coarse)
+        self.refetch = max(refetch, self.overfetch)
+        self.pool, self.rerank = pool, rerank
         self.fine_captions = CaptionEmbeddings(memory, fine)
-        self.hashes = np.asarray(memory.caption_hashes)
+        self.fine_norms = memory.norms(str(fine.spec), "text") if rerank == "dot" else None
+        self.hashes = memory.caption_hashes
 
-    def retrieve(self, coarse_queries: np.ndarray, fine_queries: np.ndarray | None, timings: Timings | None = None) -> list[Retrieved]:
-        """Given the query images' coarse (and, for direct retrieval, fine) embeddings."""
+    def _knn(self, queries: np.ndarray) -> np.ndarray:
+        n = self.memory.count
+        _, ids = self.memory.search("image", queries, min(self.overfetch, n), encoder=str(self.coarse.spec))
+        short = np.nonzero((ids >= 0).sum(1) < self.k_coarse)[0]
+        if len(short) and self.refetch > self.overfetch and n > self.overfetch:
+            # as the authors' client: ask again, for more, when fewer than K came back
+            _, again = self.memory.search("image", queries[short], min(self.refetch, n), encoder=str(self.coarse.spec))
+            wide = np.full((len(ids), again.shape[1]), -1, np.int64)
+            wide[:, : ids.shape[1]] = ids
+            wide[short] = again
+            ids = wide
+        return ids
+
+    def _similarity(self, cand: np.ndarray, fine_query: np.ndarray) -> np.ndarray:
+        sims = self.fine_captions.gather(cand) @ fine_query
+        if self.fine_norms is not None:
+            sims = sims * np.asarray(self.fine_norms[cand], np.float32)
+        return sims
+
+    def retrieve(self, coarse_queries: np.ndarray, fine_queries: np.ndarray, timings: Timings | None = None) -> list[Retrieved]:
+        """Given the query images' coarse and fine embeddings."""
         t = time.perf_counter()
-        _, ids = self.memory.search("image", coarse_queries, min(self.overfetch, self.memory.count))
+        ids = self._knn(coarse_queries)
         t2 = time.perf_counter()
         out = []
         for row, qid in enumerate(ids):
-            cand = dedupe_keep_order(qid, self.hashes[np.clip(qid, 0, None)], self.k_coarse)
-            if self.direct and fine_queries is not None:
-                sims = self.fine_captions.gather(cand) @ fine_queries[row]
+            cand = caption_pool(qid, self.hashes, self.k_coarse, self.pool)
+            if self.direct:
+                sims = self._similarity(cand, fine_queries[row])
                 order = np.argsort(-sims, kind="stable")[: self.k_fine]
-                out.append(Retrieved(cand[order], sims[order]))
+                kept, kept_sims = cand[order], sims[order]
             else:  # "indirect" ablation: coarse order, no re-ranking
                 kept = cand[: self.k_fine]
-                sims = self.fine_captions.gather(kept) @ fine_queries[row] if fine_queries is not None else np.full(len(kept), np.nan)
-                out.append(Retrieved(kept, sims))
+                kept_sims = self._similarity(kept, fine_queries[row])
+            out.append(Retrieved(kept, kept_sims, int((qid >= 0).sum()), len(cand)))
         if timings is not None:
             timings.add("knn", t2 - t)
             timings.add("rerank", time.perf_counter() - t2)
@@ -110,18 +152,19 @@ class Retriever:
 
 
 def search_memory(index: str | Path | MemoryIndex, image: Path | None = None, text: str | None = None, k: int = 10,
-                  modality: str = "image") -> list[dict[str, Any]]:
-    """Nearest memory items to an image or text under the index's coarse encoder."""
+                  modality: str = "image", encoder: str | None = None) -> list[dict[str, Any]]:
+    """Nearest memory items to an image or text under an indexed encoder (default: coarse)."""
     memory = index if isinstance(index, MemoryIndex) else open_index(index)
-    coarse = load_encoder(memory.roles["coarse"])
-    memory.check_encoder(coarse, "coarse")
+    spec = encoder or memory.roles["coarse"]
+    enc = load_encoder(spec)
+    memory.check_encoder(enc, "coarse" if spec == memory.roles.get("coarse") else "inference")
     if image is not None:
-        query = coarse.encode_images([load_image(image)])
+        query = enc.encode_images([load_image(image)])
     elif text is not None:
-        query = coarse.encode_texts([text])
+        query = enc.encode_texts([text])
     else:
         raise XMError("search: give an image or a text")
-    sims, ids = memory.search(modality, query, min(k, memory.count))
+    sims, ids = memory.search(modality, query, min(k, memory.count), encoder=spec)
     keep = ids[0] >= 0
     rows = memory.store.fetch(ids[0][keep])
     return [{"id": int(i), "similarity": float(s), "caption": r["caption"], "url": r["url"], "source_id": r["source_id"]}

@@ -1,139 +1,157 @@
 """X-MoRe: cross-modal retrieval + modal-confidence ensemble (METHODS.md section 1).
 
-`XMoRe.evidence` does everything that does not depend on the stream (encoders, kNN,
-re-ranking, both modalities' class distributions) and can batch; `XMoRe.classify`
-then feeds the evidence through the ensemble in stream order. The benchmark reuses
-the same evidence for every ensemble variant.
+`evidence` does everything that does not depend on the stream (encoders, kNN, re-ranking,
+both modalities' class distributions) and batches; `decide` feeds it through the one
+ensemble (`methods/ensemble.py`) in stream order. Every variant is an option preset:
+
+    xmore           the authors' protocol: L1 weighting over the stream, not renormalised
+    xmore-minmax    the paper's eqs. 2-3 (min-max over the stream, documented first query)
+    xmore-equal     equal confidence (Table 5)       xmore-raw   unadjusted (Table 7)
+    xmore-indirect  no fine re-ranking (Table 3)     captions    the text modality alone
+    captions-logits the caption baseline by the argmax of the mean caption logits
+
+Retrieval switches (pool order, raw dot or cosine, skipping short retrievals) default to
+the authors' protocol; `--protocol xm` sets xm's own (`methods/protocols.py`).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from xm.encoders import Encoder, load_encoder
-from xm.indexes import MemoryIndex
-from xm.methods.ensemble import StreamState, Weights, adjust, combine, confidence
-from xm.methods.retrieval import CaptionEmbeddings, Retrieved, Retriever, Timings
-from xm.methods.zeroshot import DEFAULT_TEMPLATE, class_probs, class_weights
+from xm.methods.base import Decision, Method, Need, Option, Queries
+from xm.methods.ensemble import MODES, StreamState, adjust, combine, confidence
+from xm.methods.registry import register
+from xm.methods.retrieval import POOLS, RERANKS, CaptionEmbeddings, Retriever
+from xm.methods.zeroshot import class_probs, class_weights, softmax
 
 
-@dataclass
-class Evidence:
-    """Per query: both modalities' class distributions and what was retrieved."""
+class XMoRe(Method):
+    name = "xmore"
+    summary = "X-MoRe, the authors' protocol: image + retrieved-caption predictions, L1 confidence weighting"
+    stream = True
+    options = (
+        Option("ensemble", "l1", "how the two modalities are weighted", MODES, evidence=False),
+        Option("text_vote", "probs", "text modality: mean of caption distributions (probs) or softmax of mean logits",
+               ("probs", "logits"), evidence=False),
+        Option("retrieval", "direct", "direct (fine re-ranking) | indirect (coarse order)", ("direct", "indirect")),
+        Option("k_coarse", 128, "captions kept from the coarse image kNN (K)", minimum=1),
+        Option("k_fine", 16, "captions kept after fine re-ranking (k)", minimum=1),
+        Option("pool", "truncate-dedupe", "pool order", POOLS),
+        Option("rerank", "dot", "fine re-ranking score", RERANKS),
+        Option("skip_short", True, "skip (and count) images with fewer than K neighbours", evidence=False),
+        Option("overfetch", 200, "neighbours asked of the kNN", minimum=1),
+        Option("refetch", 1000, "neighbours asked again when fewer than K came back", minimum=1),
+        Option("caption_prefix", "", "literal prefix of each caption before the inference encoder (authors: 'a_photo_of_a ')"),
+        Option("coarse", "", "coarse encoder (default: the index's coarse role)"),
+        Option("fine", "", "fine encoder (default: the index's fine role)"),
+    )
 
-    p_img: np.ndarray
-    p_txt: np.ndarray
-    retrieved: Retrieved
-    caption_probs: np.ndarray  # k x C, each kept caption's own class distribution
+    def __init__(self, ctx, **options: Any) -> None:
+        super().__init__(ctx, **options)
+        o = self.opts
+        if o["k_fine"] > o["k_coarse"]:
+            from xm.errors import XMError
 
-    @property
-    def c_img(self) -> float:
-        return float(confidence(self.p_img))
-
-    @property
-    def c_txt(self) -> float:
-        return float(confidence(self.p_txt))
-
-
-@dataclass
-class Prediction:
-    probs: np.ndarray
-    weights: Weights
-    evidence: Evidence
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def top(self, classnames: Sequence[str], n: int = 5) -> list[dict[str, Any]]:
-        order = np.argsort(-self.probs, kind="stable")[:n]
-        return [
-            {"class": classnames[i], "prob": float(self.probs[i]), "p_img": float(self.evidence.p_img[i]),
-             "p_txt": float(self.evidence.p_txt[i])}
-            for i in order
-        ]
-
-
-class XMoRe:
-    def __init__(self, memory: MemoryIndex, inference: Encoder | str, classnames: Sequence[str],
-                 templates: Sequence[str] = (DEFAULT_TEMPLATE,), k_coarse: int = 128, k_fine: int = 16,
-                 retrieval: str = "direct") -> None:
-        if retrieval not in ("direct", "indirect"):
-            raise ValueError(f"retrieval must be direct or indirect, not {retrieval!r}")
-        self.memory = memory
-        self.inference = load_encoder(inference) if isinstance(inference, str) else inference
-        self.coarse = load_encoder(memory.roles["coarse"])
-        self.fine = load_encoder(memory.roles["fine"])
-        self.classnames = list(classnames)
-        self.weights = class_weights(self.inference, self.classnames, templates)
+            raise XMError(f"{self.name}: k_fine {o['k_fine']} exceeds k_coarse {o['k_coarse']}")
+        memory = ctx.memory
+        self.coarse_spec = o["coarse"] or (memory.roles.get("coarse") if memory is not None else "")
+        self.fine_spec = o["fine"] or (memory.roles.get("fine") if memory is not None else "") or self.coarse_spec
+        self.check()
+        self.inference = ctx.encoder(ctx.model)
+        self.coarse = ctx.encoder(self.coarse_spec)
+        self.fine = ctx.encoder(self.fine_spec)
+        self.weights = class_weights(self.inference, ctx.classnames, ctx.templates)
         self.scale = self.inference.logit_scale
-        self.retriever = Retriever(memory, self.coarse, self.fine, k_coarse, k_fine, direct=retrieval == "direct")
-        self.captions = CaptionEmbeddings(memory, self.inference)
+        self.retriever = Retriever(memory, self.coarse, self.fine, o["k_coarse"], o["k_fine"], o["retrieval"] == "direct",
+                                   o["overfetch"], o["refetch"], o["pool"], o["rerank"])
+        self.captions = CaptionEmbeddings(memory, self.inference, o["caption_prefix"])
 
-    def _encoders(self) -> dict[str, Encoder]:
-        out: dict[str, Encoder] = {}
-        for enc in (self.inference, self.coarse, self.fine):
-            out.setdefault(str(enc.spec), enc)
-        return out
+    def needs(self) -> list[Need]:
+        if not self.coarse_spec:
+            return [Need("(a coarse encoder)", "image", "index")]
+        needs = [Need(self.coarse_spec, "image", "index"), Need(self.fine_spec, "text", "embeddings")]
+        if self.opts["rerank"] == "dot":
+            needs.append(Need(self.fine_spec, "text", "norms"))
+        return needs
 
-    def encode(self, images: Sequence[Any], timings: Timings | None = None) -> dict[str, np.ndarray]:
-        """Image embeddings under each distinct encoder (one forward per encoder)."""
-        import torch
+    def extra_key(self) -> dict[str, Any]:
+        return {"coarse": self.coarse_spec, "fine": self.fine_spec}
 
-        feats = {}
-        for spec, enc in self._encoders().items():
-            t = time.perf_counter()
-            pixels = torch.stack([enc.preprocess(im) for im in images])
-            feats[spec] = enc.encode_pixels(pixels)
-            if timings is not None:
-                timings.add(f"encode {spec}", time.perf_counter() - t)
-        return feats
+    def caption_logits(self, caption_ids: np.ndarray) -> np.ndarray:
+        """s · t_j · Wᵀ for each kept caption (k x C)."""
+        ids = caption_ids[caption_ids >= 0]
+        return self.scale * (self.captions.gather(ids).astype(np.float64) @ self.weights.T.astype(np.float64))
 
-    def evidence(self, images: Sequence[Any], timings: Timings | None = None) -> list[Evidence]:
-        feats = self.encode(images, timings)
-        p_img = self.image_modality(feats[str(self.inference.spec)])
-        retrieved = self.retriever.retrieve(feats[str(self.coarse.spec)], feats[str(self.fine.spec)], timings)
-        t = time.perf_counter()
-        out = []
+    def evidence(self, queries: Queries) -> dict[str, np.ndarray]:
+        k = self.opts["k_fine"]
+        p_img = class_probs(queries.features(self.inference), self.weights, self.scale)
+        retrieved = self.retriever.retrieve(queries.features(self.coarse), queries.features(self.fine))
+        n, c = len(queries), len(self.ctx.classnames)
+        ids = np.full((n, k), -1, np.int64)
+        sims = np.full((n, k), np.nan, np.float32)
+        p_txt, p_txt_logits = np.full((n, c), 1.0 / c), np.full((n, c), 1.0 / c)
         for i, r in enumerate(retrieved):
-            p_txt, cap = self.text_modality(r.ids)
-            out.append(Evidence(p_img[i], p_txt, r, cap))
-        if timings is not None:
-            timings.add("caption fetch + text modality", time.perf_counter() - t)
-        return out
+            ids[i, : len(r.ids)], sims[i, : len(r.ids)] = r.ids, r.fine_sims
+            if len(r.ids):
+                logits = self.caption_logits(r.ids)
+                p_txt[i] = softmax(logits).mean(axis=0)
+                p_txt_logits[i] = softmax(logits.mean(axis=0))
+        return {"p_img": p_img, "p_txt": p_txt, "p_txt_logits": p_txt_logits, "ids": ids, "fine_sims": sims,
+                "neighbours": np.array([r.neighbours for r in retrieved], np.int64),
+                "pool": np.array([r.pool for r in retrieved], np.int64)}
 
-    def image_modality(self, inference_features: np.ndarray) -> np.ndarray:
-        """p_img = softmax(s . f . W^T), n x C."""
-        return class_probs(inference_features, self.weights, self.scale)
+    def new_state(self) -> StreamState:
+        return StreamState()
 
-    def text_modality(self, caption_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(p_txt, per-caption distributions): the mean of each kept caption's class distribution."""
-        caption_ids = np.asarray(caption_ids, dtype=np.int64)
-        caption_ids = caption_ids[caption_ids >= 0]
-        cap = class_probs(self.captions.gather(caption_ids), self.weights, self.scale)
-        p_txt = cap.mean(axis=0) if len(cap) else np.full(len(self.classnames), 1.0 / len(self.classnames))
-        return p_txt, cap
+    def decide(self, evidence: dict[str, np.ndarray], state: StreamState | None = None) -> Decision:
+        state = state if state is not None else self.new_state()
+        o = self.opts
+        p_img = evidence["p_img"]
+        p_txt = evidence["p_txt_logits"] if o["text_vote"] == "logits" else evidence["p_txt"]
+        c_img, c_txt = confidence(p_img), confidence(p_txt)
+        n = len(p_img)
+        probs = np.empty_like(p_img, dtype=np.float64)
+        skipped = np.zeros(n, bool)
+        info: list[dict[str, Any]] = []
+        for i in range(n):
+            if o["skip_short"] and evidence["neighbours"][i] < o["k_coarse"]:
+                # the authors drop such images from the stream: not scored, not in the L1 history
+                skipped[i] = True
+                probs[i] = p_img[i]
+                info.append({"skipped": f"{int(evidence['neighbours'][i])} neighbours in the memory, fewer than "
+                                        f"k_coarse={o['k_coarse']}"})
+                continue
+            w = adjust(state, c_img[i], c_txt[i], o["ensemble"])
+            probs[i] = combine(p_img[i], p_txt[i], w)
+            total = w.img + w.txt
+            info.append({"stream_position": state.count,
+                         "weights": {"img": w.img, "txt": w.txt},
+                         "weights_normalised": {"img": w.img / total, "txt": w.txt / total} if total > 0 else {"img": 0.5, "txt": 0.5},
+                         "confidence": {"img": float(c_img[i]), "txt": float(c_txt[i])},
+                         "captions_used": int((evidence["ids"][i] >= 0).sum()), "pool": int(evidence["pool"][i])})
+        return Decision(probs=probs, components={"p_img": p_img, "p_txt": p_txt}, info=info, skipped=skipped)
 
-    def classify(self, images: Sequence[Any], state: StreamState, mode: str = "modal",
-                 timings: Timings | None = None) -> list[Prediction]:
-        """Classify images as one stream, in the given order, continuing `state`."""
-        preds = []
-        for ev in self.evidence(images, timings):
-            t = time.perf_counter()
-            w = adjust(state, ev.c_img, ev.c_txt, mode)
-            probs = combine(ev.p_img, ev.p_txt, w)
-            if timings is not None:
-                timings.add("ensemble", time.perf_counter() - t)
-            preds.append(Prediction(probs, w, ev))
-        return preds
-
-    def explain(self, ev: Evidence) -> list[dict[str, Any]]:
+    def explain(self, evidence: dict[str, np.ndarray], row: int) -> dict[str, Any]:
         """The kept captions, their fine similarity, and each one's own class vote."""
-        rows = self.memory.store.fetch(ev.retrieved.ids, columns=("id", "caption", "url"))
+        ids = evidence["ids"][row]
+        ids = ids[ids >= 0]
+        rows = self.ctx.memory.store.fetch(ids, columns=("id", "caption", "url"))
+        votes = softmax(self.caption_logits(ids)) if len(ids) else np.zeros((0, len(self.ctx.classnames)))
         out = []
-        for row, sim, p in zip(rows, ev.retrieved.fine_sims, ev.caption_probs):
-            vote = int(np.argmax(p))
-            out.append({"id": row["id"], "caption": row["caption"], "url": row["url"], "fine_similarity": float(sim),
-                        "vote": self.classnames[vote], "vote_prob": float(p[vote])})
-        return out
+        for r, sim, p in zip(rows, evidence["fine_sims"][row], votes):
+            v = int(np.argmax(p))
+            out.append({"id": r["id"], "caption": r["caption"], "url": r["url"], "fine_similarity": float(sim),
+                        "vote": self.ctx.classnames[v], "vote_prob": float(p[v])})
+        return {"captions": out}
+
+
+register(XMoRe, {
+    "xmore-minmax": ({"ensemble": "modal"}, "X-MoRe, the paper's eqs. 2-3: min-max confidence over the stream"),
+    "xmore-equal": ({"ensemble": "equal"}, "X-MoRe, equal confidence (Table 5)"),
+    "xmore-raw": ({"ensemble": "raw"}, "X-MoRe, unadjusted confidence (Table 7)"),
+    "xmore-indirect": ({"retrieval": "indirect"}, "X-MoRe without fine re-ranking (Table 3)"),
+    "captions": ({"ensemble": "text"}, "caption ensemble: the retrieved captions' mean distribution alone"),
+    "captions-logits": ({"ensemble": "text", "text_vote": "logits"}, "caption baseline: argmax of the mean caption logits"),
+})

@@ -1,0 +1,1 @@
+"""`xm methods` (being written)."""

@@ -1,0 +1,1 @@
+"""`xm texts` (being written)."""

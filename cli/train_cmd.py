@@ -1,0 +1,1 @@
+"""`xm train` (being written)."""

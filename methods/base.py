@@ -1,0 +1,245 @@
+"""The one method interface: every command (classify, benchmark, the API, the server)
+computes a method only through this.
+
+A method is a class (in the spirit of open_clip's one class per task) that declares
+
+* `name`, `summary`, its `options` (typed, with defaults and help; validated here, once),
+* what it `needs` from an index (encoder x modality embeddings, kNN indexes, trained state),
+* optionally `fit(support)` (few-shot methods; trained methods train offline with `xm train`),
+* `evidence(queries)`: batched per-query arrays that do not depend on stream order
+  (cacheable: `evidence_key()` names everything they depend on besides the images),
+* `decide(evidence, state)`: the prediction, which may depend on the stream (X-MoRe's
+  confidence adjustment does; other methods ignore `state`).
+
+Variants are named option presets of one method (`xmore-minmax` is X-MoRe with
+`ensemble=modal`), registered in `methods/registry.py`. Test labels never reach a
+method: `fit` sees support labels only, `evidence` and `decide` see images and class names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+
+from xm.errors import XMError
+
+MODALITIES = ("image", "text")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method: a typed value with a default, choices and help."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    # whether the option changes the method's evidence (and so its cache key), or only its decision
+    evidence: bool = True
+
+    @property
+    def type(self) -> type:
+        return type(self.default) if self.default is not None else str
+
+    def coerce(self, method: str, value: Any) -> Any:
+        """The value as this option's type, or one line naming the method, option and problem."""
+        flag = f"{method} option {self.name}"
+        if value is None:
+            return None
+        try:
+            if self.type is bool and isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                value = value.lower() in ("1", "true", "yes", "on")
+            elif self.type in (int, float, str, bool):
+                if self.type is int and isinstance(value, float) and not value.is_integer():
+                    raise ValueError(value)
+                value = self.type(value)
+        except (TypeError, ValueError) as exc:
+            raise XMError(f"{flag}: {value!r} is not a {self.type.__name__}") from exc
+        if self.choices is not None and value not in self.choices:
+            raise XMError(f"{flag}: {value!r}; choose from {', '.join(map(str, self.choices))}")
+        if self.minimum is not None and value < self.minimum:
+            raise XMError(f"{flag}: {value!r} is below its minimum {self.minimum:g}")
+        return value
+
+
+@dataclass(frozen=True)
+class Need:
+    """One thing a method needs from an index, and the build flag that adds it."""
+
+    encoder: str  # ARCH:PRETRAINED
+    modality: str  # image | text
+    kind: str  # "embeddings" | "index" | "norms" | "trained"
+    path: str | None = None  # for kind="trained": the file that must exist
+
+    def flag(self) -> str:
+        if self.kind == "trained":
+            return "xm train"
+        add = {"embeddings": self.modality, "index": f"index-{self.modality}", "norms": self.modality}[self.kind]
+        return f"xm build-index --out IDX --add-encoder {self.encoder}={add}"
+
+    def describe(self) -> str:
+        if self.kind == "trained":
+            return f"trained state {self.path}"
+        what = {"embeddings": "embeddings", "index": "kNN index", "norms": "embedding norms"}[self.kind]
+        return f"{self.encoder} {self.modality} {what}"
+
+
+class Queries:
+    """A batch of decoded query images whose features are computed once per encoder,
+    whichever methods ask for them (a benchmark runs several methods over one pass)."""
+
+    def __init__(self, images: Sequence[Any]) -> None:
+        self.images = list(images)
+        self._features: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def features(self, encoder: Any) -> np.ndarray:
+        """Normalised image embeddings (n x d, float32) under `encoder`."""
+        key = str(encoder.spec)
+        if key not in self._features:
+            self._features[key] = encoder.encode_images(self.images)
+        return self._features[key]
+
+
+@dataclass
+class Example:
+    """A labelled image of a support or validation set (few-shot methods)."""
+
+    load: Callable[[], Any]  # -> PIL image, RGB
+    label: int
+    key: str
+
+
+@dataclass
+class Support:
+    """What `fit` sees: labelled support images (the dataset's train split) and a
+    validation set to choose hyper-parameters on. Never the test split."""
+
+    train: list[Example]
+    val: list[Example]
+    shots: int
+    seed: int
+
+
+@dataclass
+class Decision:
+    """A method's answer for n queries, in the order they were decided."""
+
+    probs: np.ndarray  # n x C, rows sum to 1 (what is shown and scored)
+    components: dict[str, np.ndarray] = field(default_factory=dict)  # n x C each, e.g. p_img, p_txt
+    info: list[dict[str, Any]] = field(default_factory=list)  # per query, JSON-ready (weights, ...)
+    skipped: np.ndarray | None = None  # n bool: not scored (e.g. too few neighbours); reason in info
+
+
+class Context:
+    """What every method is built with: the memory (may be None for methods that need
+    none), the inference encoder, the class names and the prompt templates."""
+
+    def __init__(self, memory: Any, model: str, classnames: Sequence[str], templates: Sequence[str],
+                 dataset: str | None = None, cache_dir: str | None = None) -> None:
+        self.memory = memory
+        self.model = str(model)
+        self.classnames = list(classnames)
+        self.templates = list(templates)
+        self.dataset = dataset  # the benchmark's dataset name (per-dataset defaults); None in classify
+        self.cache_dir = cache_dir
+
+    def encoder(self, spec: str) -> Any:
+        from xm.encoders import load_encoder
+
+        return load_encoder(spec, cache_dir=self.cache_dir)
+
+    def key(self) -> dict[str, Any]:
+        return {"index": getattr(self.memory, "id", None), "model": self.model, "classnames": self.classnames,
+                "templates": self.templates, "dataset": self.dataset}
+
+
+class Method:
+    """Base class of every method. Subclasses set the class attributes and implement
+    `evidence` and `decide`; see the module docstring."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    options: ClassVar[tuple[Option, ...]] = ()
+    trains: ClassVar[bool] = False  # needs `xm train <name>` before use
+    few_shot: ClassVar[bool] = False  # `fit(support)` takes labelled support images
+    stream: ClassVar[bool] = False  # `decide` depends on the order of the stream
+    needs_memory: ClassVar[bool] = True
+
+    def __init__(self, ctx: Context, **options: Any) -> None:
+        self.ctx = ctx
+        self.opts = self.resolve_options(options)
+
+    @classmethod
+    def resolve_options(cls, given: dict[str, Any]) -> dict[str, Any]:
+        known = {o.name: o for o in cls.options}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise XMError(f"{cls.name}: unknown option(s) {', '.join(unknown)}; it takes {', '.join(known) or 'none'}")
+        return {name: o.coerce(cls.name, given.get(name, o.default)) for name, o in known.items()}
+
+    # --- what the method needs -------------------------------------------------------
+    def needs(self) -> list[Need]:
+        return []
+
+    def check(self) -> None:
+        """Fail at once, in one line, when the index cannot serve this method."""
+        memory = self.ctx.memory
+        if memory is None:
+            if self.needs_memory:
+                raise XMError(f"method {self.name}: needs an index (--index)")
+            return
+        for need in self.needs():
+            if not memory.provides(need):
+                raise XMError(f"{memory.root}: method {self.name} needs {need.describe()}, which this index lacks; "
+                              f"add it with `{need.flag()}`")
+
+    # --- the three steps -------------------------------------------------------------
+    def fit(self, support: Support) -> dict[str, Any]:
+        """Few-shot methods learn from `support`; returns what was chosen (recorded in results)."""
+        return {}
+
+    def evidence(self, queries: Queries) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def decide(self, evidence: dict[str, np.ndarray], state: Any = None) -> Decision:
+        raise NotImplementedError
+
+    def new_state(self) -> Any:
+        """The stream state `decide` continues (None for methods that ignore the stream)."""
+        return None
+
+    def explain(self, evidence: dict[str, np.ndarray], row: int) -> dict[str, Any]:
+        """What a person needs to check one prediction (captions used, texts, ...)."""
+        return {}
+
+    # --- caching -----------------------------------------------------------------------
+    def evidence_key(self) -> str:
+        """A digest of everything `evidence` depends on besides the query images."""
+        evid = {o.name: self.opts[o.name] for o in self.options if o.evidence}
+        parts = {"method": type(self).__name__, "options": evid, **self.ctx.key(), **self.extra_key()}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def extra_key(self) -> dict[str, Any]:
+        """Subclasses add what else their evidence depends on (fitted state, checkpoint digest)."""
+        return {}
+
+
+def stack_evidence(chunks: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate per-batch evidence along the query axis."""
+    if not chunks:
+        return {}
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def take_rows(evidence: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[rows] for k, v in evidence.items()}

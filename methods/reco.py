@@ -1,0 +1,1 @@
+"""Placeholder: being written (see docs/architecture.md, the method interface)."""
