@@ -1,9 +1,12 @@
-"""`xm classify` as a Python API: files in, one result dict per image out.
+"""`xm classify` as a Python API: files in, one result dict per image out, any method.
 
     from xm.classify import Classifier
-    clf = Classifier("indexes/mine", "classes.txt", model="RN50:openai")
+    clf = Classifier("indexes/mine", "classes.txt", method="xmore")
     for result in clf.run(["a.jpg", "b.jpg"]):
-        print(result["top5"][0])
+        print(result["prediction"], result["top5"][0])
+
+Every method is computed through the one interface (`xm.methods.base`); the server and
+the CLI call this class, nothing else.
 """
 
 from __future__ import annotations
@@ -14,55 +17,100 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from xm.encoders import load_image
 from xm.errors import XMError
-from xm.indexes import open_index
+from xm.indexes import MemoryIndex, open_index
 from xm.indexes.layout import write_json
-from xm.methods.ensemble import MODES, StreamState
+from xm.methods.base import Context, Decision, Queries
+from xm.methods.protocols import DEFAULT_PROTOCOL, protocol
+from xm.methods.registry import create, get
 from xm.methods.retrieval import Timings
-from xm.methods.xmore import XMoRe
-from xm.methods.zeroshot import DEFAULT_TEMPLATE, read_labels
+from xm.methods.zeroshot import DEFAULT_TEMPLATE, check_templates, read_labels
+
+
+def result_rows(method: Any, classnames: Sequence[str], decision: Decision, evidence: dict[str, np.ndarray],
+                explain: bool = False) -> list[dict[str, Any]]:
+    """One JSON-ready dict per decided query: prediction, top 5 with each component, the method's info."""
+    out = []
+    for i, probs in enumerate(decision.probs):
+        order = np.argsort(-probs, kind="stable")[:5]
+        row: dict[str, Any] = {
+            "method": getattr(method, "variant", method.name),
+            "prediction": classnames[int(order[0])],
+            "top5": [{"class": classnames[int(c)], "prob": float(probs[c]),
+                      **{name: float(comp[i, c]) for name, comp in decision.components.items()}} for c in order],
+            **(decision.info[i] if decision.info else {}),
+        }
+        if decision.skipped is not None and decision.skipped[i]:
+            row["prediction"] = None
+        if explain:
+            row.update(method.explain(evidence, i))
+        out.append(row)
+    return out
 
 
 class Classifier:
-    def __init__(self, index: str | Path, labels: str | Path | Sequence[str], model: str = "RN50:openai",
-                 templates: Sequence[str] = (DEFAULT_TEMPLATE,), k_coarse: int = 128, k_fine: int = 16,
-                 ensemble: str = "modal", retrieval: str = "direct", state_file: str | Path | None = None) -> None:
-        if ensemble not in MODES:
-            raise XMError(f"--ensemble {ensemble!r}: choose from {', '.join(MODES)}")
-        if retrieval not in ("direct", "indirect"):
-            raise XMError(f"--retrieval {retrieval!r}: choose direct or indirect")
-        if k_fine < 1 or k_coarse < k_fine:
-            raise XMError(f"--k-coarse {k_coarse} / --k-fine {k_fine}: need 1 <= k-fine <= k-coarse")
+    def __init__(self, index: str | Path | MemoryIndex | None, labels: str | Path | Sequence[str], method: str = "xmore",
+                 model: str | None = None, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
+                 protocol_name: str = DEFAULT_PROTOCOL, options: dict[str, Any] | None = None,
+                 state_file: str | Path | None = None) -> None:
         self.classnames = read_labels(labels) if isinstance(labels, (str, Path)) else list(labels)
-        self.memory = open_index(index)
-        self.method = XMoRe(self.memory, model, self.classnames, templates, k_coarse, k_fine, retrieval)
-        self.ensemble = ensemble
+        variant = get(method)
+        if index is None and variant.method.needs_memory:
+            raise XMError(f"method {method}: needs an index (--index, or a default index: see `xm indexes`)")
+        self.memory = index if isinstance(index, MemoryIndex) or index is None else open_index(index)
+        self.model = model or (self.memory.default_model() if self.memory is not None else None)
+        if self.model is None:
+            raise XMError("--model: required when there is no index to take the inference encoder from")
+        templates = check_templates(list(templates))
+        self.ctx = Context(self.memory, self.model, self.classnames, templates)
+        # the protocol sets retrieval switches; the command's own options win over it
+        opts = {**protocol(protocol_name)["method"], **(options or {})}
+        explicit = options or {}
+        unknown = sorted(set(explicit) - {o.name for o in variant.method.options})
+        if unknown:
+            raise XMError(f"method {method}: does not take {', '.join(unknown)}; it takes "
+                          f"{', '.join(o.name for o in variant.method.options) or 'no options'}")
+        self.method = create(method, self.ctx, strict=False, **opts)
         self.state_file = Path(state_file) if state_file else None
-        # a stream continues only with the same index, labels, model and ensemble
+        # a stream continues only with the same index, labels, model, method and options
         self.stream_key = hashlib.sha256(json.dumps(
-            [self.memory.id, self.classnames, list(templates), model, ensemble, retrieval, k_coarse, k_fine]
-        ).encode()).hexdigest()[:16]
+            [getattr(self.memory, "id", None), self.classnames, templates, self.model, method, self.method.opts],
+            default=str).encode()).hexdigest()[:16]
         self.state = self._load_state()
 
-    def _load_state(self) -> StreamState:
+    def _load_state(self) -> Any:
+        state = self.method.new_state()
         if self.state_file is None or not self.state_file.exists():
-            return StreamState()
+            return state
+        if state is None:
+            return None
         try:
             data = json.loads(self.state_file.read_text())
-            state = StreamState.from_dict(data["state"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            loaded = type(state).from_dict(data["state"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise XMError(f"{self.state_file}: unreadable stream state ({exc})") from exc
         if data.get("stream_key") != self.stream_key:
-            raise XMError(f"{self.state_file}: belongs to a stream with another index, label set, model or ensemble")
-        return state
+            raise XMError(f"{self.state_file}: belongs to a stream with another index, label set, model, method or options")
+        return loaded
 
     def save_state(self) -> None:
-        if self.state_file is not None:
+        if self.state_file is not None and self.state is not None:
             write_json(self.state_file, {"stream_key": self.stream_key, "state": self.state.to_dict()})
 
+    def classify_images(self, images: Sequence[Any], explain: bool = False, timings: Timings | None = None) -> list[dict[str, Any]]:
+        """Decoded images, as the next queries of this classifier's stream."""
+        queries = Queries(images, timings)
+        evidence = self.method.evidence(queries)
+        t = time.perf_counter()
+        decision = self.method.decide(evidence, self.state)
+        queries.add_time("decision", time.perf_counter() - t)
+        return result_rows(self.method, self.classnames, decision, evidence, explain)
+
     def run(self, images: Sequence[str | Path], batch_size: int = 16, explain: bool = False) -> Iterator[dict[str, Any]]:
-        """Classify images as one stream, in order; yields one dict per image.
+        """Classify image files as one stream, in order; yields one dict per image.
 
         An unreadable image yields {"image": path, "error": message} and the stream goes on.
         """
@@ -79,25 +127,12 @@ class Classifier:
                     errors[j] = exc
             load_s = time.perf_counter() - t0
             timings = Timings()
-            preds = self.method.classify([im for _, im in loaded], self.state, self.ensemble, timings) if loaded else []
+            rows = self.classify_images([im for _, im in loaded], explain, timings) if loaded else []
             n = max(1, len(loaded))
             per_image = {"image load": load_s / n, **{k: v / n for k, v in timings.seconds.items()}}
-            first = self.state.count - len(preds) + 1
-            by_slot = {j: (first + r, pred) for r, ((j, _), pred) in enumerate(zip(loaded, preds))}
+            by_slot = {j: row for (j, _), row in zip(loaded, rows)}
             for j, p in enumerate(batch):
                 if j in errors:
                     yield {"image": str(p), "error": str(errors[j])}
                     continue
-                position, pred = by_slot[j]
-                result = {
-                    "image": str(p),
-                    "stream_position": position,
-                    "prediction": pred.top(self.classnames, 1)[0]["class"],
-                    "top5": pred.top(self.classnames, 5),
-                    "weights": {"img": pred.weights.img, "txt": pred.weights.txt},
-                    "confidence": {"img": pred.evidence.c_img, "txt": pred.evidence.c_txt},
-                    "timings": per_image,
-                }
-                if explain:
-                    result["captions"] = self.method.explain(pred.evidence)
-                yield result
+                yield {"image": str(p), **by_slot[j], "timings": per_image}

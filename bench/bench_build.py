@@ -106,7 +106,7 @@ def bench_ivfpq(n: int, dim: int, memory: str, queries: int = 200, k: int = 128)
         t = time.perf_counter()
         info = build_modality_index(cfg, layout, "synthetic", "image", n)
         build_s = time.perf_counter() - t
-        files = [layout.index_dir("image") / s["file"] for s in info["shards"]]
+        files = [layout.index_dir("synthetic", "image") / s["file"] for s in info["shards"]]
         size = sum(f.stat().st_size for f in files)
         index = ShardedIndex(files, [s["id_offset"] for s in info["shards"]], info["params"])
         t = time.perf_counter()

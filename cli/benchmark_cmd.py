@@ -3,56 +3,71 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from xm.cli.app import app
+from xm.cli.method_options import method_options
 from xm.cli.output import console, err_console, print_json, progress_bars, table
 
 
-def _ints(text: str) -> list[int]:
+def _ints(flag: str, text: str) -> list[int]:
     from xm.errors import XMError
 
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        values = [int(s) for s in text.split(",") if s.strip()]
     except ValueError as exc:
-        raise XMError(f"--seeds {text!r}: expected integers like 1,2,3") from exc
+        raise XMError(f"{flag} {text!r}: expected integers like 1,2,3") from exc
+    if not values:
+        raise XMError(f"{flag} {text!r}: expected integers like 1,2,3")
+    return values
 
 
 @app.command("benchmark")
 def benchmark_cmd(
     dataset: str = typer.Option(..., "--dataset", help="eurosat, caltech101, cifar10, oxford_pets, ... or imagefolder"),
     data_dir: Path = typer.Option(..., "--data-dir", help="the dataset in its native layout"),
-    index: Path = typer.Option(..., "--index", help="an index built by xm build-index"),
-    model: str = typer.Option("RN50:openai", "--model", help="inference encoder ARCH:PRETRAINED"),
-    methods: str = typer.Option("clip,captions,xmore,xmore-l1,xmore-equal,xmore-raw,xmore-indirect", help="comma-separated"),
-    seeds: str = typer.Option("1,2,3", help="stream orders, comma-separated"),
+    index: Optional[Path] = typer.Option(None, "--index", help="an index built by xm build-index"),
+    model: Optional[str] = typer.Option(None, "--model", help="inference encoder ARCH:PRETRAINED (default: the index's first inference encoder)"),
+    methods: str = typer.Option("clip,captions,xmore,xmore-minmax,xmore-equal,xmore-raw,xmore-indirect", help="comma-separated (see `xm methods`)"),
+    protocol: str = typer.Option("authors", "--protocol", help="authors (reproduces the X-MoRe tables) | xm; sets retrieval switches, templates, class names, seeds"),
+    seeds: Optional[str] = typer.Option(None, help="stream orders (and support-set draws), comma-separated; default: the protocol's"),
+    shots: str = typer.Option("16", "--shots", help="few-shot methods: support images per class, comma-separated"),
     split: str = typer.Option("test", help="split to evaluate"),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="CoOp split_zhou_<Dataset>.json"),
     classnames: Optional[Path] = typer.Option(None, "--classnames", help="file of class names overriding the dataset's"),
-    templates: str = typer.Option("paper", help="paper | coop | clip_benchmark | a file of templates"),
-    limit: Optional[int] = typer.Option(None, help="evaluate a seeded random subset of this many images"),
-    k_coarse: int = typer.Option(128, "--k-coarse"),
-    k_fine: int = typer.Option(16, "--k-fine"),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="retrieval cache (default ~/.cache/xm/benchmark)"),
+    templates: Optional[str] = typer.Option(None, help="paper | coop | clip_benchmark | a file of templates (default: the protocol's)"),
+    limit: Optional[int] = typer.Option(None, min=1, help="evaluate a seeded random subset of this many images"),
+    k_coarse: Optional[int] = typer.Option(None, "--k-coarse", help="X-MoRe: K (128)"),
+    k_fine: Optional[int] = typer.Option(None, "--k-fine", help="X-MoRe: k (16)"),
+    descriptions: Optional[Path] = typer.Option(None, "--descriptions", help="CODER: class descriptions (DCLIP JSON)"),
+    texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="CODER: text sets written by `xm texts`"),
+    reco_checkpoint: Optional[Path] = typer.Option(None, "--reco-checkpoint", help="RECO: trained fusion checkpoint"),
+    opt: List[str] = typer.Option([], "--opt", help="any method option, NAME=VALUE, for every method that takes it (repeatable)"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="evidence cache (default ~/.cache/xm/benchmark)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for JSON per method, merged CSV and PNG chart"),
     as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),
 ) -> None:
-    """Zero-shot evaluation of every method side by side on the same images and retrieved captions."""
+    """Evaluate methods side by side on the same images, through the one method interface."""
     from xm.evaluation.datasets import load_dataset
     from xm.evaluation.runner import BenchmarkConfig, run_benchmark, write_outputs
     from xm.indexes import open_index
+    from xm.methods.protocols import protocol as get_protocol
 
-    cfg = BenchmarkConfig(dataset=dataset, data_dir=data_dir, index=index, model=model,
-                          methods=[m.strip() for m in methods.split(",") if m.strip()], seeds=_ints(seeds), split=split,
+    proto = get_protocol(protocol)
+    options = method_options(opt, k_coarse=k_coarse, k_fine=k_fine, descriptions=descriptions, texts_file=texts_file,
+                             checkpoint=reco_checkpoint)
+    cfg = BenchmarkConfig(dataset=dataset, data_dir=data_dir, index=index, model=model, protocol=protocol,
+                          methods=[m.strip() for m in methods.split(",") if m.strip()],
+                          seeds=_ints("--seeds", seeds) if seeds else None, shots=_ints("--shots", shots), split=split,
                           split_file=split_file, classnames_file=classnames, templates=templates, limit=limit,
-                          k_coarse=k_coarse, k_fine=k_fine, batch_size=batch_size)
+                          options=options, batch_size=batch_size)
     if cache_dir is not None:
         cfg.cache_dir = cache_dir
-    ds = load_dataset(dataset, data_dir, split, split_file, classnames)
-    memory = open_index(index)
+    ds = load_dataset(dataset, data_dir, split, split_file, classnames, names=proto["classnames"])
+    memory = open_index(index) if index is not None else None
     with progress_bars() as make:
         result = run_benchmark(cfg, ds, memory, progress=make)
     if out is not None:
@@ -60,25 +75,36 @@ def benchmark_cmd(
     if as_json:
         print_json(result)
         return
+    show_benchmark(result)
+
+
+def show_benchmark(result: dict) -> None:
     def cell(r: dict, k: str) -> str:
         return f"{100 * r['metrics'][k]:.2f} ± {100 * r['std'][k]:.2f}" if k in r["metrics"] else "-"
 
-    rows = [(name, cell(r, "acc1"), cell(r, "acc5"), cell(r, "mean_per_class_recall"), r["description"])
+    rows = [(name, cell(r, "acc1"), cell(r, "acc5"), cell(r, "mean_per_class_recall"),
+             r["images_scored"], f"{r['evidence_seconds']:.1f}" + (" (cached)" if r["evidence_cached"] else ""), r["description"])
             for name, r in result["methods"].items()]
-    t = result["timing"]
     console.print(table(
         f"{result['dataset']} · {result['split']} ({result['split_source']}) · {result['images_evaluated']} images · "
-        f"seeds {result['seeds']} · {result['model']} · index {result['index_manifest_id']}",
-        ["method", "top-1 %", "top-5 %", "mean per-class recall %", ""], rows))
-    ent = result["diagnostics"]["mean_entropy"]
-    console.print(table("mean entropy (Table 6)", ["image", "text"], [(ent["image"], ent["text"])]))
-    console.print(table("X-MoRe adjusted weights by correctness (Table 8)", ["case", "n", "w_img", "w_txt", "w_img / w_txt"], [
-        (case, v["n"], v.get("w_img"), v.get("w_txt"), v.get("ratio_img_over_txt"))
-        for case, v in result["diagnostics"]["xmore_weights_by_case"].items()]))
-    console.print(f"evidence: {t['evidence_seconds']:.1f} s"
-                  + (f" ({t['images_per_second']:.1f} images/s)" if not t["cache_hit"] else " (from cache)")
-                  + f"; cache {t['cache']}")
+        f"protocol {result['protocol']} · seeds {result['seeds']} · {result['model']} · index {result['index_manifest_id']}",
+        ["method", "top-1 %", "top-5 %", "mean per-class recall %", "scored", "evidence s", ""], rows))
+    diag = result["diagnostics"]
+    if diag:
+        ent = diag["mean_entropy"]
+        console.print(table("xmore: mean entropy (Table 6)", ["image", "text"], [(ent["image"], ent["text"])]))
+        console.print(table("xmore: images the ensemble got right, mean per-image L1 weight ratio (Table 8)",
+                            ["case", "n", "w_img / w_txt", "w_img", "w_txt"],
+                            [(case, v["n"], v["mean_ratio_img_over_txt"], v["w_img"], v["w_txt"])
+                             for case, v in diag["l1_weight_ratio_by_case"].items()]))
+    fits = [(name, f["seed"], ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in f.items() if k != "seed"))
+            for name, r in result["methods"].items() for f in r.get("fit", [])]
+    if fits:
+        console.print(table("few-shot fits (chosen on the validation split)", ["method", "seed", "chosen"], fits))
+    t = result["timing"]
+    console.print(f"{t['seconds']:.1f} s in all; evidence cache {t['cache_dir']}")
     if result["images_failed"]:
-        err_console.print(f"{result['images_failed']} image(s) could not be read, e.g. {', '.join(result['failed_keys'][:3])}")
-    if out is not None:
-        console.print(f"wrote {', '.join(result['outputs'].values())}")
+        err_console.print(f"{result['images_failed']} image(s) could not be read, e.g. {', '.join(result['failed_keys'][:3])}",
+                          markup=False)
+    if "outputs" in result:
+        console.print(f"wrote {', '.join(result['outputs'].values())}", markup=False)

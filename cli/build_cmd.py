@@ -13,11 +13,13 @@ from xm.cli.output import console, print_json, progress_bars, table
 
 @app.command("build-index")
 def build_index_cmd(
-    source: str = typer.Option(..., "--source", help="laion400m | laion400m-embeddings | a table of URLs+captions | a folder of images with .txt captions | an img2dataset output folder"),
+    source: Optional[str] = typer.Option(None, "--source", help="laion400m | laion400m-embeddings | a table of URLs+captions | a folder of images with .txt captions | an img2dataset output folder"),
     out: Path = typer.Option(..., "--out", help="index folder to create or resume"),
     coarse: str = typer.Option("ViT-B-32:openai", help="encoder whose image embeddings are searched (ARCH:PRETRAINED)"),
     fine: str = typer.Option("ViT-L-14:openai", help="encoder that re-ranks captions"),
     inference: List[str] = typer.Option(["RN50:openai"], help="encoder(s) that classify; repeat for several"),
+    encoder: List[str] = typer.Option([], "--encoder", help="general form, repeatable: ARCH:PRETRAINED=image,text,index-image,index-text (added to the roles' encoders)"),
+    add_encoder: Optional[str] = typer.Option(None, "--add-encoder", help="extend the built index at --out with ARCH:PRETRAINED=parts; nothing else is rebuilt"),
     limit: Optional[int] = typer.Option(None, help="at most this many pairs from the source"),
     parts: Optional[str] = typer.Option(None, help="LAION part numbers, e.g. 0-3,7"),
     url_col: str = typer.Option("url", help="URL column of a table source"),
@@ -40,11 +42,29 @@ def build_index_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Download, embed and index image-text pairs into a resumable, sharded xm index."""
+    from xm.errors import XMError
     from xm.pipeline import STAGES, BuildConfig, build_index
     from xm.pipeline.laion import parse_parts
 
+    if add_encoder is not None:
+        if source is not None:
+            raise XMError("--add-encoder extends the index at --out; give no --source")
+        from xm.pipeline.extend import add_encoder as extend
+
+        cfg = BuildConfig(source="", out=out, shards=shards, k=k, max_index_memory=max_index_memory,
+                          current_memory=current_memory, batch_size=batch_size)
+        with progress_bars() as make:
+            added = extend(str(out), add_encoder, cfg, progress=make)
+        if as_json:
+            print_json(added.__dict__)
+            return
+        rows = [("added", a) for a in added.added] + [("skipped", s) for s in added.skipped] + [("manifest id", added.manifest_id)]
+        console.print(table(f"xm build-index --add-encoder {added.encoder} -> {added.out}", ["", ""], rows))
+        return
+    if source is None:
+        raise XMError("--source: required (or --add-encoder to extend a built index)")
     cfg = BuildConfig(
-        source=source, out=out, coarse=coarse, fine=fine, inference=list(inference), limit=limit,
+        source=source, out=out, encoders=list(encoder), coarse=coarse, fine=fine, inference=list(inference), limit=limit,
         parts=parse_parts(parts), url_col=url_col, caption_col=caption_col, metadata_root=metadata_root,
         embeddings_root=embeddings_root, shards=shards, k=k, max_index_memory=max_index_memory,
         current_memory=current_memory, image_size=image_size, processes=processes, threads=threads,

@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from xm.cli.app import app
+from xm.cli.method_options import method_options
 from xm.cli.output import console, err_console, print_json, table
 
 
@@ -16,25 +17,34 @@ from xm.cli.output import console, err_console, print_json, table
 def classify_cmd(
     images: List[Path] = typer.Argument(..., help="images, classified as one stream in this order"),
     labels: Path = typer.Option(..., "--labels", help="class names, one per line"),
-    index: Path = typer.Option(..., "--index", help="an index built by xm build-index"),
-    model: str = typer.Option("RN50:openai", "--model", help="inference encoder ARCH:PRETRAINED"),
+    index: Optional[Path] = typer.Option(None, "--index", help="an index built by xm build-index"),
+    method: str = typer.Option("xmore", "--method", help="a method or variant (see `xm methods`)"),
+    model: Optional[str] = typer.Option(None, "--model", help="inference encoder ARCH:PRETRAINED (default: the index's first inference encoder)"),
     template: List[str] = typer.Option(["a photo of a {}."], "--template", help="prompt template(s); several are averaged"),
-    k_coarse: int = typer.Option(128, "--k-coarse", help="captions kept from the coarse image kNN"),
-    k_fine: int = typer.Option(16, "--k-fine", help="captions kept after fine re-ranking"),
-    ensemble: str = typer.Option("modal", "--ensemble", help="modal | equal | raw | l1 | image | text"),
-    retrieval: str = typer.Option("direct", "--retrieval", help="direct (fine re-rank) | indirect (coarse order)"),
+    protocol: str = typer.Option("authors", "--protocol", help="authors | xm: X-MoRe's retrieval switches (see `xm methods`)"),
+    k_coarse: Optional[int] = typer.Option(None, "--k-coarse", help="X-MoRe: captions kept from the coarse image kNN (128)"),
+    k_fine: Optional[int] = typer.Option(None, "--k-fine", help="X-MoRe: captions kept after fine re-ranking (16)"),
+    ensemble: Optional[str] = typer.Option(None, "--ensemble", help="X-MoRe: l1 | modal | equal | raw | image | text"),
+    retrieval: Optional[str] = typer.Option(None, "--retrieval", help="X-MoRe: direct (fine re-rank) | indirect (coarse order)"),
+    reco_mode: Optional[str] = typer.Option(None, "--reco-mode", help="RECO: refine image | text | both"),
+    reco_checkpoint: Optional[Path] = typer.Option(None, "--reco-checkpoint", help="RECO: trained fusion checkpoint"),
+    descriptions: Optional[Path] = typer.Option(None, "--descriptions", help="CODER: class descriptions (DCLIP JSON)"),
+    texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="CODER: text sets written by `xm texts`"),
+    opt: List[str] = typer.Option([], "--opt", help="any method option, NAME=VALUE (repeatable; see `xm methods`)"),
     state: Optional[Path] = typer.Option(None, "--state", help="JSON file continuing the stream across invocations"),
-    batch_size: int = typer.Option(16, "--batch-size", help="images encoded together (order is kept)"),
-    explain: bool = typer.Option(False, "--explain", help="show the captions used and their votes"),
-    timings: bool = typer.Option(False, "--timings", help="show where each query's time went"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="images encoded together (order is kept)"),
+    explain: bool = typer.Option(False, "--explain", help="show what the method used (captions, texts) and their votes"),
+    timings: bool = typer.Option(False, "--timings", help="show where each query's time went (batch average per image)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per image"),
 ) -> None:
-    """Classify images with X-MoRe over a built index."""
+    """Classify images with any method over a built index (default: X-MoRe, the authors' protocol)."""
     from xm.classify import Classifier
 
-    clf = Classifier(index, labels, model=model, templates=template, k_coarse=k_coarse, k_fine=k_fine,
-                     ensemble=ensemble, retrieval=retrieval, state_file=state)
-    failed = 0
+    options = method_options(opt, k_coarse=k_coarse, k_fine=k_fine, ensemble=ensemble, retrieval=retrieval,
+                             mode=reco_mode, checkpoint=reco_checkpoint, descriptions=descriptions, texts_file=texts_file)
+    clf = Classifier(index, labels, method=method, model=model, templates=template, protocol_name=protocol,
+                     options=options, state_file=state)
+    failed = skipped = 0
     for result in clf.run(images, batch_size=batch_size, explain=explain):
         if "error" in result:
             failed += 1
@@ -42,23 +52,34 @@ def classify_cmd(
             if as_json:
                 print_json(result)
             continue
+        if result.get("skipped"):
+            skipped += 1
+            err_console.print(f"xm: {result['image']}: skipped ({result['skipped']})", markup=False)
         if as_json:
             print_json(result if timings else {k: v for k, v in result.items() if k != "timings"})
             continue
-        w = result["weights"]
-        console.print(table(
-            f"{result['image']}  (stream #{result['stream_position']}, weights img {w['img']:.3f} / txt {w['txt']:.3f}, "
-            f"conf img {result['confidence']['img']:.3f} / txt {result['confidence']['txt']:.3f})",
-            ["rank", "class", "prob", "p_img", "p_txt"],
-            [(r + 1, t["class"], t["prob"], t["p_img"], t["p_txt"]) for r, t in enumerate(result["top5"])],
-        ))
-        if explain:
-            console.print(table("captions used (fine re-ranked)", ["id", "fine sim", "vote", "vote p", "caption"], [
-                (c["id"], c["fine_similarity"], c["vote"], c["vote_prob"], c["caption"]) for c in result["captions"]
-            ]))
-        if timings:
-            console.print(table("time (ms)", ["step", "ms"], [(k, f"{v * 1e3:.1f}") for k, v in result["timings"].items()]))
+        show_result(result, explain, timings)
     clf.save_state()
     if failed:
         err_console.print(f"{failed} image(s) could not be classified")
         raise typer.Exit(1)
+
+
+def show_result(result: dict, explain: bool, timings: bool) -> None:
+    comps = [k for k in result["top5"][0] if k not in ("class", "prob")]
+    title = f"{result['image']} · {result['method']}"
+    if "stream_position" in result:
+        title += f" · stream #{result['stream_position']}"
+    if "weights" in result:
+        w, wn, c = result["weights"], result["weights_normalised"], result["confidence"]
+        title += (f" · weights img {w['img']:.3f} / txt {w['txt']:.3f} (normalised {wn['img']:.2f} / {wn['txt']:.2f})"
+                  f" · confidence img {c['img']:.3f} / txt {c['txt']:.3f}")
+    console.print(table(title, ["rank", "class", "prob", *comps],
+                        [(r + 1, t["class"], t["prob"], *[t[k] for k in comps]) for r, t in enumerate(result["top5"])]))
+    if explain and result.get("captions"):
+        console.print(table("captions used (fine re-ranked)", ["id", "fine sim", "vote", "vote p", "caption"], [
+            (c["id"], c["fine_similarity"], c["vote"], c["vote_prob"], c["caption"]) for c in result["captions"]
+        ]))
+    if timings:
+        console.print(table("time per image (ms, batch average)", ["step", "ms"],
+                            [(k, f"{v * 1e3:.1f}") for k, v in result["timings"].items()]))

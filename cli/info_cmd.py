@@ -26,21 +26,24 @@ def info_cmd(
         print_json(m)
         return
     console.print(table(f"xm index {index}", ["", ""], [
-        ("id", m["id"]), ("format", m["format"]), ("created", m["created"]), ("items", m["count"]),
+        ("id", m["id"]), ("format", m["format"] + (f" (read from {memory.format_read})" if memory.format_read != m["format"] else "")),
+        ("created", m["created"]), ("items", m["count"]),
         ("source", f"{m['source']['kind']}: {m['source']['source']}"), ("parts", len(m["parts"])),
         ("files", f"{len(m['files'])}, {sum(f['bytes'] for f in m['files'].values()) / 1e6:.1f} MB"),
         ("verified", "sizes and checksums" if verify else "sizes (checksums up to 256 MB)"),
     ]))
-    console.print(table("roles", ["role", "encoder"], [
+    console.print(table("roles (X-MoRe's defaults)", ["role", "encoder"], [
         ("coarse", m["roles"]["coarse"]), ("fine", m["roles"]["fine"]),
         *[("inference", s) for s in m["roles"]["inference"]],
     ]))
-    console.print(table("encoders", ["encoder", "dim", "embeddings", "folder"], [
-        (spec, e["dim"], ", ".join(e["modalities"]), f"embeddings/{e['slug']}") for spec, e in m["encoders"].items()
+    indexed = {(e["encoder"], e["modality"]) for e in m["indexes"]}
+    console.print(table("encoders", ["encoder", "dim", "embedded", "indexed", "norms", "folder"], [
+        (spec, e["dim"], ", ".join(e["embedded"]), ", ".join(mod for mod in ("image", "text") if (spec, mod) in indexed),
+         ", ".join(e.get("norms", [])), f"embeddings/{e['slug']}") for spec, e in m["encoders"].items()
     ]))
-    console.print(table("kNN indexes", ["modality", "encoder", "faiss key", "search params", "shards", "vectors"], [
-        (mod, e["encoder"], e["key"], e["params"], len(e["shards"]), sum(s["ntotal"] for s in e["shards"]))
-        for mod, e in m["indexes"].items()
+    console.print(table("kNN indexes", ["encoder", "modality", "faiss key", "search params", "shards", "vectors"], [
+        (e["encoder"], e["modality"], e["key"], e["params"], len(e["shards"]), sum(s["ntotal"] for s in e["shards"]))
+        for e in m["indexes"]
     ]))
     fails = m.get("stats", {}).get("failures") or {}
     if fails:
@@ -55,6 +58,7 @@ def search_cmd(
     text: Optional[str] = typer.Option(None, "--text", help="query text"),
     k: int = typer.Option(10, "-k", "--k", help="number of results"),
     modality: str = typer.Option("image", help="which memory index to search: image | text"),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="indexed encoder to search with (default: the coarse role)"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines output"),
 ) -> None:
     """Nearest memory items to an image or a text: id, similarity, caption, url."""
@@ -63,7 +67,7 @@ def search_cmd(
 
     if (image is None) == (text is None):
         raise XMError("xm search: give exactly one of --image or --text")
-    hits = search_memory(index, image=image, text=text, k=k, modality=modality)
+    hits = search_memory(index, image=image, text=text, k=k, modality=modality, encoder=encoder)
     if as_json:
         for h in hits:
             print_json(h)

@@ -29,19 +29,29 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=str) + "\n")
 
 
+# C0 and C1 control characters (escape sequences, bells, carriage returns) and DEL
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if c not in (0x09,)}
+
+
+def safe_text(value: Any) -> Text:
+    """Data (captions, class names, file names) as plain text: never rich markup, never
+    terminal control codes (they are shown escaped, e.g. \\x1b)."""
+    return Text(str(value).translate(_CONTROL))
+
+
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
-    t = Table(title=title, title_justify="left", show_header=any(columns))
+    t = Table(title=safe_text(title) if title is not None else None, title_justify="left", show_header=any(columns))
     for c in columns:
-        t.add_column(c, overflow="fold")
+        t.add_column(safe_text(c), overflow="fold")
     for r in rows:
         t.add_row(*[_fmt(v) for v in r])
     return t
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any) -> Text:
     if isinstance(v, float):
-        return f"{v:.4f}"
-    return "" if v is None else str(v)
+        return Text(f"{v:.4f}")
+    return safe_text("" if v is None else v)
 
 
 class _RateColumn(ProgressColumn):

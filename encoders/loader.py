@@ -181,21 +181,29 @@ class Encoder:
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Normalised text embeddings; captions are batched by token length (see `_encode_tokens`)."""
+        return self.encode_texts_with_norms(texts, batch_size)[0]
+
+    def encode_texts_with_norms(self, texts: Sequence[str], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised text embeddings, their norms before normalisation): the norms are what
+        X-MoRe's raw-dot re-ranking needs, stored at build time so nothing is re-encoded."""
         import torch
 
         if not texts:
-            return np.zeros((0, getattr(self, "dim", 0)), np.float32)
+            return np.zeros((0, getattr(self, "dim", 0)), np.float32), np.zeros(0, np.float32)
         tokens = self.tokenizer(list(texts))
         order = torch.argsort((tokens != 0).sum(1), stable=True) if self._truncatable else torch.arange(len(texts))
         out = np.empty((len(texts), 0), np.float32)
+        norms = np.empty(len(texts), np.float32)
         with torch.inference_mode():
             for i in range(0, len(texts), batch_size):
                 idx = order[i : i + batch_size]
-                feats = torch.nn.functional.normalize(self._encode_tokens(tokens[idx]).float(), dim=-1).numpy()
+                raw = self._encode_tokens(tokens[idx]).float()
+                feats = torch.nn.functional.normalize(raw, dim=-1).numpy()
                 if out.shape[1] == 0:
                     out = np.empty((len(texts), feats.shape[1]), np.float32)
                 out[idx.numpy()] = feats
-        return out
+                norms[idx.numpy()] = raw.norm(dim=-1).numpy()
+        return out, norms
 
     def _encode_tokens(self, tokens: Any) -> Any:
         """open_clip's encode_text, run only over the positions up to the batch's longest sequence.

@@ -1,8 +1,11 @@
 """Class names and prompt templates per dataset.
 
-Template sets: `paper` is X-MoRe's single "a photo of a {}."; `coop` the per-dataset
-single prompts of CoOp (which the X-MoRe/CODER numbers use for non-generic datasets);
-`clip_benchmark` CLIP_benchmark's template lists where we ship them.
+Template sets: `paper` is X-MoRe's single "a photo of a {}.", which the X-MoRe authors'
+code uses for every dataset; `coop` the per-dataset single prompts of CoOp; `clip_benchmark`
+CLIP_benchmark's template lists where we ship them.
+
+Class names: CLIP_benchmark's where we ship them (the default), or CoOp's (the X-MoRe
+authors' protocol; a CoOp split file carries its own).
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ _CLIP_BENCHMARK_NAMES = {
     "eurosat": ["annual crop land", "forest", "brushland or shrubland", "highway or road",
                 "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
                 "residential buildings or homes or apartments", "river", "lake or sea"],
+}
+
+_COOP_NAMES = {
+    # CoOp's EuroSAT names, in label order
+    "eurosat": ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road", "Industrial Buildings",
+                "Pasture Land", "Permanent Crop Land", "Residential Buildings", "River", "Sea or Lake"],
 }
 
 # CoOp's Caltech-101 fixes of folder names
@@ -57,8 +66,9 @@ def clean_name(folder: str) -> str:
     return name.replace("_", " ").replace("-", " ").strip().lower() if name.isascii() else name
 
 
-def classnames_for(dataset: str) -> list[str] | None:
-    return _CLIP_BENCHMARK_NAMES.get(dataset)
+def classnames_for(dataset: str, style: str = "clip_benchmark") -> list[str] | None:
+    """Shipped class names of a dataset in the given style (clip_benchmark | coop), or None."""
+    return (_COOP_NAMES if style == "coop" else _CLIP_BENCHMARK_NAMES).get(dataset)
 
 
 def templates_for(dataset: str) -> dict[str, list[str]]:

@@ -320,7 +320,7 @@ ALIASES = {"pets": "oxford_pets", "oxfordpets": "oxford_pets", "cars": "stanford
 
 
 def load_dataset(name: str, data_dir: str | Path, split: str = "test", split_file: str | Path | None = None,
-                 classnames_file: str | Path | None = None) -> DatasetSplit:
+                 classnames_file: str | Path | None = None, names: str = "clip_benchmark") -> DatasetSplit:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in LOADERS:
         raise XMError(f"--dataset {name!r}: unknown; choose from {', '.join(sorted(LOADERS))}")
@@ -339,6 +339,6 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", split_fil
             raise XMError(f"{classnames_file}: {len(names)} names, but {key} has {len(ds.classnames)} classes")
         ds.classnames = names
     elif not split_file:
-        ds.classnames = classnames_for(key) or [clean_name(c) for c in ds.classnames]
+        ds.classnames = classnames_for(key, names) or classnames_for(key) or [clean_name(c) for c in ds.classnames]
     ds.templates = templates_for(key)
     return ds

@@ -1,10 +1,16 @@
-"""`xm benchmark`: every method side by side, on the same images and the same retrieved captions.
+"""`xm benchmark`: every method side by side, on the same images, through the one method interface.
 
-1. Evidence (cached): the images' embeddings under the inference, coarse and fine
-   encoders and the captions kept by direct and indirect retrieval, computed with the
-   very code `xm classify` runs. The cache key is (dataset, split, images, index id,
-   K, k, encoders); re-running with other methods, seeds or templates does not search again.
-2. Per method and seed: the stream in a seeded random order through the one ensemble.
+1. Evidence, per method (cached): one pass over the images, in batches; each batch's
+   `Queries` computes an encoder's features once for every method that asks, and the
+   features are cached too, so a few-shot method fitted for many shot counts and seeds
+   never re-encodes the test images. A method's evidence cache key is everything it
+   depends on (`Method.evidence_key`: index id, encoders, class names, templates,
+   options, fitted or trained state) plus the image list.
+2. Per method and seed: the stream in a seeded random order through `decide`. Test
+   labels are used only here, to score; no method ever sees them.
+3. Few-shot methods (`fit`): per shot count and seed, a support set drawn from the
+   train split and a validation set (the dataset's validation split when it has one);
+   the test split is never used to choose anything.
 """
 
 from __future__ import annotations
@@ -20,65 +26,35 @@ from typing import Any, Callable
 import numpy as np
 
 from xm.errors import XMError
-from xm.evaluation.datasets import DatasetSplit
-from xm.evaluation.metrics import modality_entropy, weight_ratios, zeroshot_metrics
+from xm.evaluation.datasets import DatasetSplit, load_dataset
+from xm.evaluation.metrics import l1_weight_ratios, modality_entropy, zeroshot_metrics
 from xm.indexes import MemoryIndex
 from xm.indexes.layout import atomic_path
-from xm.methods.ensemble import run_stream
-from xm.methods.retrieval import Retriever
-from xm.methods.xmore import XMoRe
+from xm.methods.base import Context, Example, Method, Queries, Support, stack_evidence, take_rows
+from xm.methods.protocols import DEFAULT_PROTOCOL, protocol
+from xm.methods.registry import create, get
 
-
-@dataclass(frozen=True)
-class Method:
-    """A benchmark method: which retrieval's captions it reads, and how it ensembles.
-
-    RECO and CODER join as more entries of METHODS with their own `run`.
-    """
-
-    name: str
-    retrieval: str  # "direct" | "indirect"
-    mode: str  # an ensemble mode of methods/ensemble.py
-    description: str
-
-    def run(self, ev: "Evidence", order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        p_txt = ev.p_txt[self.retrieval]
-        return run_stream(ev.p_img, p_txt, self.mode, order=order)
-
-
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("clip", "direct", "image", "zero-shot CLIP, image only"),
-    Method("captions", "direct", "text", "caption ensemble, text only"),
-    Method("xmore", "direct", "modal", "X-MoRe, modal confidence, min-max (paper)"),
-    Method("xmore-l1", "direct", "l1", "X-MoRe, L1 over the history (authors' code)"),
-    Method("xmore-equal", "direct", "equal", "X-MoRe, equal confidence (Table 5)"),
-    Method("xmore-raw", "direct", "raw", "X-MoRe, unadjusted confidence (Table 7)"),
-    Method("xmore-indirect", "indirect", "modal", "X-MoRe without fine re-ranking (Table 3)"),
-]}
-
-
-@dataclass
-class Evidence:
-    labels: np.ndarray
-    p_img: np.ndarray
-    p_txt: dict[str, np.ndarray]  # by retrieval kind
+Progress = Callable[[str, int], Callable[[int], None]]
+DEFAULT_METHODS = ["clip", "captions", "xmore", "xmore-minmax", "xmore-equal", "xmore-raw", "xmore-indirect"]
 
 
 @dataclass
 class BenchmarkConfig:
     dataset: str
     data_dir: Path
-    index: Path
-    model: str = "RN50:openai"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    index: Path | None
+    model: str | None = None  # default: the index's first inference encoder
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    protocol: str = DEFAULT_PROTOCOL
+    seeds: list[int] | None = None  # default: the protocol's
     split: str = "test"
     split_file: Path | None = None
     classnames_file: Path | None = None
-    templates: str = "paper"  # a template set name, or a file of templates
+    templates: str | None = None  # a template set name or a file; default: the protocol's, else "paper"
     limit: int | None = None
-    k_coarse: int = 128
-    k_fine: int = 16
+    options: dict[str, Any] = field(default_factory=dict)  # method options, for every method that takes them
+    shots: list[int] = field(default_factory=lambda: [16])  # few-shot methods only
+    val_per_class: int = 16
     batch_size: int = 32
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xm" / "benchmark")
 
@@ -101,121 +77,281 @@ def _subset(ds: DatasetSplit, limit: int | None) -> DatasetSplit:
     return DatasetSplit(ds.dataset, ds.split, ds.split_source, ds.classnames, [ds.items[i] for i in keep], ds.templates)
 
 
-def _cache_key(ds: DatasetSplit, memory: MemoryIndex, method: XMoRe, cfg: BenchmarkConfig) -> str:
-    keys = hashlib.sha256("\n".join(i.key for i in ds.items).encode()).hexdigest()
-    parts = [ds.dataset, ds.split, ds.split_source, keys, memory.id, cfg.k_coarse, cfg.k_fine,
-             str(method.inference.spec), str(method.coarse.spec), str(method.fine.spec)]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def compute_evidence(ds: DatasetSplit, memory: MemoryIndex, method: XMoRe, cfg: BenchmarkConfig,
-                     progress: Callable[[str, int], Callable[[int], None]]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Image features and kept caption ids (direct and indirect), from the cache when it is current."""
-    key = _cache_key(ds, memory, method, cfg)
-    cache = cfg.cache_dir / f"{ds.dataset}-{key}.npz"
-    info = {"cache": str(cache), "cache_hit": cache.is_file()}
-    if cache.is_file():
-        with np.load(cache) as data:
-            return {k: data[k] for k in data.files}, info
-    indirect = Retriever(memory, method.coarse, method.fine, cfg.k_coarse, cfg.k_fine, direct=False)
-    arrays: dict[str, list[np.ndarray]] = {"inference": [], "ids_direct": [], "ids_indirect": [], "failed": []}
-    tick = progress("retrieval", len(ds.items))
-    t0 = time.perf_counter()
-    for lo in range(0, len(ds.items), cfg.batch_size):
-        batch = ds.items[lo : lo + cfg.batch_size]
-        images, ok = [], []
-        for j, item in enumerate(batch):
-            try:
-                images.append(item.image())
-                ok.append(lo + j)
-            except XMError:
-                arrays["failed"].append(np.array([lo + j]))
-        if images:
-            feats = method.encode(images)
-            coarse, fine = feats[str(method.coarse.spec)], feats[str(method.fine.spec)]
-            direct = method.retriever.retrieve(coarse, fine)
-            indir = indirect.retrieve(coarse, fine)
-            pad = lambda rs: np.stack([np.pad(r.ids, (0, cfg.k_fine - len(r.ids)), constant_values=-1) for r in rs])
-            arrays["inference"].append(feats[str(method.inference.spec)])
-            arrays["ids_direct"].append(pad(direct))
-            arrays["ids_indirect"].append(pad(indir))
-            arrays.setdefault("index", []).append(np.array(ok))
-        tick(len(batch))
-    info["evidence_seconds"] = time.perf_counter() - t0
-    out = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in arrays.items()}
-    cfg.cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **out)
-    return out, info
+class EvidencePass:
+    """Evidence of several methods over one image list, in one pass, with caching."""
+
+    def __init__(self, ds: DatasetSplit, cfg: BenchmarkConfig, progress: Progress) -> None:
+        self.ds, self.cfg, self.progress = ds, cfg, progress
+        self.items_key = _digest([ds.dataset, ds.split, ds.split_source, [i.key for i in ds.items]])
+        self.readable: np.ndarray | None = None  # indices of the images that decoded
+        self.failed: list[int] = []
+        self.features: dict[str, np.ndarray] = {}
+        self.seconds: dict[str, float] = {}
+        self.cache_hits: dict[str, bool] = {}
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.cfg.cache_dir / f"{self.ds.dataset}-{self.items_key}-{kind}-{key}.npz"
+
+    def _load(self, path: Path) -> dict[str, np.ndarray] | None:
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError):
+            return None  # a damaged cache entry is recomputed
+
+    def _save(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        self.cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+    def run(self, methods: dict[str, Method], label: str = "evidence") -> dict[str, dict[str, np.ndarray]]:
+        out: dict[str, dict[str, np.ndarray]] = {}
+        todo: dict[str, Method] = {}
+        for name, m in methods.items():
+            cached = self._load(self._path("ev", m.evidence_key()))
+            self.cache_hits[name] = cached is not None
+            if cached is not None:
+                self.readable = cached.pop("_readable")
+                out[name] = cached
+            else:
+                todo[name] = m
+        if not todo:
+            return out
+        chunks: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in todo}
+        spent = {n: 0.0 for n in todo}
+        feature_chunks: dict[str, list[np.ndarray]] = {}
+        readable: list[int] = []
+        tick = self.progress(label, len(self.ds.items))
+        feats_known = self.readable is not None and bool(self.features)
+        rows = self.readable.tolist() if feats_known else list(range(len(self.ds.items)))
+        for lo in range(0, len(rows), self.cfg.batch_size):
+            batch = rows[lo : lo + self.cfg.batch_size]
+            if feats_known:
+                # features cached: images are decoded only if a method asks for an encoder not yet seen
+                sel = np.arange(lo, lo + len(batch))
+                queries = Queries(_LazyImages(self.ds, batch))
+                queries._features.update({k: v[sel] for k, v in self.features.items()})
+                ok = batch
+            else:
+                images, ok = [], []
+                for i in batch:
+                    try:
+                        images.append(self.ds.items[i].image())
+                        ok.append(i)
+                    except XMError:
+                        self.failed.append(i)
+                queries = Queries(images)
+            readable += ok
+            if ok:
+                for name, m in todo.items():
+                    t = time.perf_counter()
+                    chunks[name].append(m.evidence(queries))
+                    spent[name] += time.perf_counter() - t
+                for k, v in queries._features.items():
+                    feature_chunks.setdefault(k, []).append(v)
+            tick(len(batch))
+        self.readable = np.asarray(readable, np.int64)
+        if not feats_known:
+            self.features = {k: np.concatenate(v) for k, v in feature_chunks.items()}
+        for name, m in todo.items():
+            ev = stack_evidence(chunks[name])
+            self._save(self._path("ev", m.evidence_key()), {**ev, "_readable": self.readable})
+            out[name] = ev
+            self.seconds[name] = spent[name]
+        return out
 
 
-def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex,
-                  progress: Callable[[str, int], Callable[[int], None]] = lambda label, total: (lambda n: None)) -> dict[str, Any]:
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise XMError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    ds = _subset(ds, cfg.limit)
-    templates = resolve_templates(ds, cfg.templates)
-    method = XMoRe(memory, cfg.model, ds.classnames, templates, cfg.k_coarse, cfg.k_fine)
-    t0 = time.perf_counter()
-    arrays, cache_info = compute_evidence(ds, memory, method, cfg, progress)
-    evidence_s = time.perf_counter() - t0
-    idx = arrays["index"].astype(np.int64)
-    labels = np.array([ds.items[i].label for i in idx])
-    p_img = method.image_modality(arrays["inference"])
-    p_txt = {kind: np.stack([method.text_modality(ids)[0] for ids in arrays[f"ids_{kind}"]]) for kind in ("direct", "indirect")}
-    ev = Evidence(labels, p_img, p_txt)
+class _LazyImages(list):
+    """Decodes the batch's images only when a method needs pixels (features are cached)."""
 
-    results, xmore_weights = {}, None
+    def __init__(self, ds: DatasetSplit, rows: list[int]) -> None:
+        super().__init__()
+        self.ds, self.rows, self.loaded = ds, rows, False
+
+    def _load(self) -> None:
+        if not self.loaded:
+            self.extend(self.ds.items[i].image() for i in self.rows)
+            self.loaded = True
+
+    def __iter__(self):  # type: ignore[override]
+        self._load()
+        return super().__iter__()
+
+    def __getitem__(self, i):  # type: ignore[override]
+        self._load()
+        return super().__getitem__(i)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _stream_scores(method: Method, ev: dict[str, np.ndarray], labels: np.ndarray, seed: int) -> tuple[dict[str, float], dict]:
+    """One seeded stream order through `decide`; metrics over the scored (not skipped) images."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    decision = method.decide(take_rows(ev, order), method.new_state())
+    probs = np.empty_like(decision.probs)
+    probs[order] = decision.probs
+    skipped = np.zeros(len(labels), bool)
+    if decision.skipped is not None:
+        skipped[order] = decision.skipped
+    info = [None] * len(labels)
+    for pos, i in enumerate(order):
+        info[i] = decision.info[pos] if decision.info else {}
+    scored = ~skipped
+    metrics = zeroshot_metrics(probs[scored], labels[scored]) if scored.any() else {"acc1": float("nan")}
+    return metrics, {"probs": probs, "skipped": skipped, "info": info,
+                     "components": {k: v[np.argsort(order)] for k, v in decision.components.items()}}
+
+
+def _support(cfg: BenchmarkConfig, ds: DatasetSplit, shots: int, seed: int) -> Support:
+    """`shots` train images per class (seeded), and a validation set that is not the test split."""
+    train = load_dataset(ds.dataset, cfg.data_dir, "train", cfg.split_file, cfg.classnames_file)
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, item in enumerate(train.items):
+        by_class.setdefault(item.label, []).append(i)
+    chosen = {c: rng.permutation(ix)[:shots].tolist() for c, ix in by_class.items()}
+    examples = lambda split, ix: [Example(split.items[i].image, split.items[i].label, split.items[i].key) for i in ix]
+    support = [e for c in sorted(chosen) for e in examples(train, chosen[c])]
+    try:
+        val_split = load_dataset(ds.dataset, cfg.data_dir, "validation" if ds.dataset == "eurosat" else "val",
+                                 cfg.split_file, cfg.classnames_file)
+        pool = {}
+        for i, item in enumerate(val_split.items):
+            pool.setdefault(item.label, []).append(i)
+        val = [e for c in sorted(pool) for e in examples(val_split, rng.permutation(pool[c])[: cfg.val_per_class].tolist())]
+    except XMError:  # no validation split: train images outside the support set
+        used = {i for ix in chosen.values() for i in ix}
+        val = [e for c in sorted(by_class) for e in
+               examples(train, [i for i in rng.permutation(by_class[c]).tolist() if i not in used][: cfg.val_per_class])]
+    return Support(support, val, shots, seed)
+
+
+def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | None,
+                  progress: Progress = lambda label, total: (lambda n: None)) -> dict[str, Any]:
+    proto = protocol(cfg.protocol)
     for name in cfg.methods:
-        m = METHODS[name]
+        get(name)  # unknown names fail before any work
+    seeds = cfg.seeds or proto["seeds"]
+    ds = _subset(ds, cfg.limit)
+    templates = resolve_templates(ds, cfg.templates or proto["templates"] or "paper")
+    model = cfg.model or (memory.default_model() if memory is not None else None)
+    if model is None:
+        raise XMError("--model: required without an index")
+    ctx = Context(memory, model, ds.classnames, templates, dataset=ds.dataset)
+    takes = {o.name for n in cfg.methods for o in get(n).method.options}
+    unknown = sorted(set(cfg.options) - takes)
+    if unknown:
+        raise XMError(f"--opt {', '.join(unknown)}: no method of {', '.join(cfg.methods)} takes it")
+    opts = {**proto["method"], **cfg.options}
+    plain = {n: create(n, ctx, strict=False, **opts) for n in cfg.methods if not get(n).method.few_shot}
+    few = [n for n in cfg.methods if get(n).method.few_shot]
+
+    evidence = EvidencePass(ds, cfg, progress)
+    t0 = time.perf_counter()
+    evs = evidence.run(plain)
+    labels_all = np.array([it.label for it in ds.items])
+    results: dict[str, Any] = {}
+    diagnostics: dict[str, Any] = {}
+
+    def score(name: str, m: Method, ev: dict[str, np.ndarray], run_seeds: list[int], extra: dict | None = None) -> None:
+        labels = labels_all[evidence.readable]
         per_seed, t = [], time.perf_counter()
-        for seed in cfg.seeds:
-            order = np.random.default_rng(seed).permutation(len(labels))
-            probs, weights = m.run(ev, order)
-            per_seed.append(zeroshot_metrics(probs, labels))
-            if name == "xmore" and xmore_weights is None:
-                xmore_weights = weights
+        first = None
+        for seed in run_seeds:
+            metrics, detail = _stream_scores(m, ev, labels, seed)
+            per_seed.append(metrics)
+            first = first or detail
         keys = per_seed[0].keys()
         results[name] = {
-            "description": m.description,
+            "method": getattr(m, "variant", m.name), "description": get(getattr(m, "variant", m.name)).summary,
+            "options": m.opts,
             "metrics": {k: float(np.mean([s[k] for s in per_seed])) for k in keys},
             "std": {k: float(np.std([s[k] for s in per_seed])) for k in keys},
             "per_seed": per_seed,
-            "ensemble_seconds": time.perf_counter() - t,
+            "images_scored": int((~first["skipped"]).sum()),
+            "images_skipped": int(first["skipped"].sum()),
+            "decide_seconds": time.perf_counter() - t,
+            "evidence_seconds": evidence.seconds.get(name, 0.0),
+            "evidence_cached": evidence.cache_hits.get(name, False),
+            **(extra or {}),
         }
-    if xmore_weights is None:
-        _, xmore_weights = run_stream(p_img, p_txt["direct"], "modal", order=np.random.default_rng(cfg.seeds[0]).permutation(len(labels)))
+        if getattr(m, "variant", "") == "xmore" and not diagnostics:
+            diagnostics.update(_xmore_diagnostics(first, labels))
+
+    for name, m in plain.items():
+        score(name, m, evs[name], seeds)
+    for name in few:
+        for shots in cfg.shots:
+            fits, per_seed_runs = [], []
+            for seed in seeds:
+                m = create(name, ctx, strict=False, **opts)
+                t = time.perf_counter()
+                fitted = m.fit(_support(cfg, ds, shots, seed))
+                fits.append({"seed": seed, "fit_seconds": time.perf_counter() - t, **fitted})
+                ev = evidence.run({f"{name}@{shots}#{seed}": m}, label=f"{name} {shots}-shot seed {seed}")
+                per_seed_runs.append((m, next(iter(ev.values())), seed))
+            # each seed has its own support set: score seed by seed, then merge
+            key = f"{name}@{shots}"
+            parts = []
+            for m, ev, seed in per_seed_runs:
+                score(key, m, ev, [seed])
+                parts.append(results.pop(key))
+            merged = parts[0]
+            keys = merged["metrics"].keys()
+            merged["per_seed"] = [p["per_seed"][0] for p in parts]
+            merged["metrics"] = {k: float(np.mean([p["metrics"][k] for p in parts])) for k in keys}
+            merged["std"] = {k: float(np.std([p["metrics"][k] for p in parts])) for k in keys}
+            merged["shots"], merged["fit"] = shots, fits
+            merged["evidence_seconds"] = sum(p["evidence_seconds"] for p in parts)
+            results[key] = merged
+    evidence_s = time.perf_counter() - t0
     n = len(ds.items)
     return {
         **ds.describe(),
-        "images_evaluated": int(len(labels)),
-        "images_failed": int(n - len(labels)),
-        "failed_keys": [ds.items[int(i)].key for i in arrays["failed"]][:20],
-        "model": cfg.model,
-        "index": str(cfg.index),
-        "index_manifest_id": memory.id,
-        "encoders": {"inference": cfg.model, "coarse": memory.roles["coarse"], "fine": memory.roles["fine"]},
-        "k_coarse": cfg.k_coarse,
-        "k_fine": cfg.k_fine,
+        "protocol": cfg.protocol,
+        "protocol_settings": {**proto, "templates": templates, "seeds": seeds},
+        "images_evaluated": int(len(evidence.readable)),
+        "images_failed": len(evidence.failed),
+        "failed_keys": [ds.items[i].key for i in evidence.failed][:20],
+        "model": model,
+        "index": str(cfg.index) if cfg.index is not None else None,
+        "index_manifest_id": getattr(memory, "id", None),
+        "encoders": {"inference": model, **({k: memory.roles.get(k) for k in ("coarse", "fine")} if memory is not None else {})},
         "templates": templates,
-        "seeds": cfg.seeds,
+        "classnames": ds.classnames,
+        "seeds": seeds,
         "methods": results,
-        "diagnostics": {
-            "mean_entropy": modality_entropy(p_img, p_txt["direct"]),
-            "xmore_weights_by_case": weight_ratios(p_img, p_txt["direct"], xmore_weights, labels),
-        },
-        "timing": {"evidence_seconds": evidence_s, "images_per_second": n / evidence_s if evidence_s > 0 else None,
-                   **cache_info},
+        "diagnostics": diagnostics,
+        "timing": {"seconds": evidence_s, "images_per_second": n / evidence_s if evidence_s > 0 else None,
+                   "cache_dir": str(cfg.cache_dir), "cache_hits": evidence.cache_hits},
     }
+
+
+def _xmore_diagnostics(detail: dict, labels: np.ndarray) -> dict[str, Any]:
+    """The paper's Table 6 (mean entropy per modality) and Table 8 (its analysis: over images the
+    ensemble got right, split by which single modality was right, mean per-image L1 weight ratio)."""
+    scored = ~detail["skipped"]
+    p_img, p_txt = detail["components"]["p_img"][scored], detail["components"]["p_txt"][scored]
+    info = [i for i, s in zip(detail["info"], scored) if s]
+    weights = np.array([[i["weights"]["img"], i["weights"]["txt"]] for i in info]).reshape(-1, 2)
+    final = detail["probs"][scored].argmax(1)
+    return {"mean_entropy": modality_entropy(p_img, p_txt),
+            "l1_weight_ratio_by_case": l1_weight_ratios(p_img, p_txt, final, weights, labels[scored])}
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:
     """JSON per method (CLIP_benchmark fields plus ours), a CSV merging every run in `out`, a PNG chart."""
     out.mkdir(parents=True, exist_ok=True)
     run_id = hashlib.sha256(json.dumps([result["index_manifest_id"], result["model"], result["seeds"], result["images_evaluated"],
-                                        result["split_source"], result["templates"]]).encode()).hexdigest()[:10]
+                                        result["split_source"], result["templates"], result["protocol"]]).encode()).hexdigest()[:10]
     arch, _, pretrained = result["model"].partition(":")
     written = {}
     for name, r in result["methods"].items():
@@ -225,9 +361,11 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:
             "method": name, "std": r["std"], "per_seed": r["per_seed"], "seeds": result["seeds"], "split": result["split"],
             "split_source": result["split_source"], "images": result["images_evaluated"], "index": result["index"],
             "index_manifest_id": result["index_manifest_id"], "encoders": result["encoders"],
-            "k_coarse": result["k_coarse"], "k_fine": result["k_fine"], "templates": result["templates"], "run_id": run_id,
+            "protocol": result["protocol"], "options": r["options"], "templates": result["templates"], "run_id": run_id,
+            "images_scored": r["images_scored"], "images_skipped": r["images_skipped"],
+            **({"shots": r["shots"], "fit": r["fit"]} if "shots" in r else {}),
         }
-        path = out / f"{result['dataset']}_{name}_{run_id}.json"
+        path = out / f"{result['dataset']}_{name.replace('@', '_')}shot_{run_id}.json" if "@" in name else out / f"{result['dataset']}_{name}_{run_id}.json"
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(record, indent=2))
         written[name] = path
@@ -244,7 +382,8 @@ def merge_csv(folder: Path) -> Path:
         r = json.loads(f.read_text())
         if r.get("task") != "zeroshot_classification":
             continue
-        rows.append({"dataset": r["dataset"], "method": r["method"], "model": r["model"], "pretrained": r["pretrained"],
+        rows.append({"dataset": r["dataset"], "method": r["method"], "shots": r.get("shots", ""), "protocol": r.get("protocol", ""),
+                     "model": r["model"], "pretrained": r["pretrained"],
                      "split": r["split"], "split_source": r["split_source"], "images": r["images"],
                      **{k: r["metrics"].get(k) for k in ("acc1", "acc5", "mean_per_class_recall")},
                      **{f"{k}_std": r["std"].get(k) for k in ("acc1", "acc5", "mean_per_class_recall")},

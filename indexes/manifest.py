@@ -25,15 +25,28 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def file_entries(layout: Layout, paths: list[Path]) -> dict[str, dict[str, Any]]:
-    return {layout.rel(p): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(paths)}
+def file_entries(layout: Layout, paths: list[Path], known: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each file; `known` entries (an earlier manifest's) are reused for
+    files whose size and modification time are unchanged since that manifest was written."""
+    known = known or {}
+    out = {}
+    for p in sorted(set(paths)):
+        rel, st = layout.rel(p), p.stat()
+        prior = known.get(rel)
+        if prior and prior["bytes"] == st.st_size and prior.get("mtime_ns") == st.st_mtime_ns:
+            out[rel] = prior
+        else:
+            out[rel] = {"bytes": st.st_size, "sha256": sha256_file(p), "mtime_ns": st.st_mtime_ns}
+    return out
 
 
-def write_manifest(layout: Layout, body: dict[str, Any], files: list[Path]) -> dict[str, Any]:
-    entries = file_entries(layout, files)
+def write_manifest(layout: Layout, body: dict[str, Any], files: list[Path],
+                   known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    entries = file_entries(layout, files, known)
     manifest = {
         "format": FORMAT,
-        "id": hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16],
+        # the id names the content: it hashes each file's size and checksum, not its mtime
+        "id": hashlib.sha256(json.dumps({k: [e["bytes"], e["sha256"]] for k, e in entries.items()}, sort_keys=True).encode()).hexdigest()[:16],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **body,
         "versions": package_versions(),

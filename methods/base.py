@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -95,8 +96,9 @@ class Queries:
     """A batch of decoded query images whose features are computed once per encoder,
     whichever methods ask for them (a benchmark runs several methods over one pass)."""
 
-    def __init__(self, images: Sequence[Any]) -> None:
+    def __init__(self, images: Sequence[Any], timings: Any = None) -> None:
         self.images = list(images)
+        self.timings = timings  # a methods.retrieval.Timings, or None: where methods add step times
         self._features: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -106,8 +108,14 @@ class Queries:
         """Normalised image embeddings (n x d, float32) under `encoder`."""
         key = str(encoder.spec)
         if key not in self._features:
+            t = time.perf_counter()
             self._features[key] = encoder.encode_images(self.images)
+            self.add_time(f"encode {key}", time.perf_counter() - t)
         return self._features[key]
+
+    def add_time(self, step: str, seconds: float) -> None:
+        if self.timings is not None:
+            self.timings.add(step, seconds)
 
 
 @dataclass

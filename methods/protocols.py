@@ -21,11 +21,13 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "authors": {
         "method": {"pool": "truncate-dedupe", "rerank": "dot", "skip_short": True, "overfetch": 200, "refetch": 1000},
         "templates": "paper",  # "a photo of a {}." for every dataset
+        "classnames": "coop",  # CoOp's names where xm ships them (a CoOp split file carries its own)
         "seeds": [0, 1, 2],
     },
     "xm": {
         "method": {"pool": "dedupe-truncate", "rerank": "cosine", "skip_short": False, "overfetch": 200, "refetch": 200},
         "templates": None,  # the command's --templates
+        "classnames": "clip_benchmark",
         "seeds": [1, 2, 3],
     },
 }

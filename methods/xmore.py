@@ -16,6 +16,7 @@ the authors' protocol; `--protocol xm` sets xm's own (`methods/protocols.py`).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -87,7 +88,8 @@ class XMoRe(Method):
     def evidence(self, queries: Queries) -> dict[str, np.ndarray]:
         k = self.opts["k_fine"]
         p_img = class_probs(queries.features(self.inference), self.weights, self.scale)
-        retrieved = self.retriever.retrieve(queries.features(self.coarse), queries.features(self.fine))
+        retrieved = self.retriever.retrieve(queries.features(self.coarse), queries.features(self.fine), queries.timings)
+        t = time.perf_counter()
         n, c = len(queries), len(self.ctx.classnames)
         ids = np.full((n, k), -1, np.int64)
         sims = np.full((n, k), np.nan, np.float32)
@@ -98,6 +100,7 @@ class XMoRe(Method):
                 logits = self.caption_logits(r.ids)
                 p_txt[i] = softmax(logits).mean(axis=0)
                 p_txt_logits[i] = softmax(logits.mean(axis=0))
+        queries.add_time("caption embeddings + text modality", time.perf_counter() - t)
         return {"p_img": p_img, "p_txt": p_txt, "p_txt_logits": p_txt_logits, "ids": ids, "fine_sims": sims,
                 "neighbours": np.array([r.neighbours for r in retrieved], np.int64),
                 "pool": np.array([r.pool for r in retrieved], np.int64)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -76,11 +77,13 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
             from xm.pipeline.download import download
 
             timed("download", lambda: download(cfg, layout))
-        summary.failures.update(sources.download_failures(layout.download))
+        _add_failures(summary, sources.download_failures(layout.download))
 
-    encoders = {spec: load_encoder(spec, cache_dir=cfg.cache_dir) for spec in cfg.encoder_specs()} if encoders_needed else {}
+    plan = cfg.plan()
+    encoders = {spec: load_encoder(spec, cache_dir=cfg.cache_dir) for spec in plan} if encoders_needed else {}
     # pinned once they load: a first run that fails on an unavailable encoder may be retried with another
-    pin_params(layout.work / "encoders.json", {"coarse": cfg.coarse, "fine": cfg.fine, "inference": list(cfg.inference)}, "encoders")
+    pin_params(layout.work / "encoders.json", {"coarse": cfg.coarse, "fine": cfg.fine, "inference": list(cfg.inference),
+                                               **({"encoders": list(cfg.encoders)} if cfg.encoders else {})}, "encoders")
 
     def embed() -> None:
         parts = sources.parts_for(cfg, layout, kind)
@@ -89,12 +92,12 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
             summary.skipped.append(f"embed: {len(parts) - len(todo)} part(s) already done")
         tick = progress("embed", None)
         for part in todo:
-            embed_part(part, encoders, cfg.coarse, layout, cfg.batch_size, on_rows=tick)
+            embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=tick)
 
     timed("embed", embed)
     markers = _embedded_parts(layout)
     for m in markers:
-        summary.failures.update(m["failures"])
+        _add_failures(summary, m["failures"])
     done = [m for m in markers if m["rows"] > 0]
     summary.count = sum(m["rows"] for m in done)
     later = set(cfg.stages) & {"index", "store", "manifest"}
@@ -103,11 +106,12 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
     coarse_slug = _slug(cfg.coarse)
 
     def index() -> None:
-        for modality in ("image", "text") if cfg.index_text else ("image",):
-            if index_is_current(layout, modality, summary.count, cfg.shards):
-                summary.skipped.append(f"index/{modality}: current")
+        for spec, modality in _indexed(plan):
+            slug = _slug(spec)
+            if index_is_current(layout, slug, modality, summary.count, cfg.shards):
+                summary.skipped.append(f"index/{slug}/{modality}: current")
                 continue
-            build_modality_index(cfg, layout, coarse_slug, modality, summary.count)
+            build_modality_index(cfg, layout, slug, modality, summary.count)
 
     timed("index", index)
 
@@ -126,11 +130,20 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
     timed("store", store)
 
     def manifest() -> None:
-        summary.manifest_id = _write_manifest(cfg, layout, kind, done, encoders, summary)["id"]
+        summary.manifest_id = _write_manifest(cfg, layout, kind, done, encoders, plan, summary)["id"]
 
     timed("manifest", manifest)
     write_json(layout.work / "last_build.json", summary.__dict__)
     return summary
+
+
+def _add_failures(summary: BuildSummary, counts: dict[str, int]) -> None:
+    """Failures are summed over parts and sources, reason by reason."""
+    summary.failures = dict(Counter(summary.failures) + Counter({k: int(v) for k, v in counts.items()}))
+
+
+def _indexed(plan: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
+    return [(spec, p.removeprefix("index-")) for spec, parts in plan.items() for p in parts if p.startswith("index-")]
 
 
 def _slug(spec: str) -> str:
@@ -139,34 +152,53 @@ def _slug(spec: str) -> str:
     return EncoderSpec.parse(spec).slug
 
 
-def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict], encoders: dict, summary: BuildSummary) -> dict:
+def encoder_entry(enc: Any, embedded: list[str], norms: list[str]) -> dict[str, Any]:
+    """The manifest's record of one encoder: who it is (weights probe) and what it contributed."""
+    return {"slug": enc.spec.slug, "dim": enc.dim, "logit_scale": enc.logit_scale, "probe": enc.probe(),
+            "embedded": embedded, "norms": norms}
+
+
+def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[dict[str, Any], list]:
+    """The manifest's record of one kNN index (from its build.json) and its shard files."""
+    slug = _slug(spec)
+    info_path = layout.index_build_info(slug, modality)
+    if not info_path.is_file():
+        raise XMError(f"{info_path}: missing; run the index stage")
+    info = json.loads(info_path.read_text())
+    if info["count"] != count:
+        raise XMError(f"{info_path}: index holds {info['count']} rows but {count} are embedded; run the index stage")
+    folder = layout.index_dir(slug, modality)
+    entry = {k: info[k] for k in ("key", "params", "metric", "dim", "shards", "k_target")}
+    entry |= {"encoder": spec, "modality": modality, "dir": layout.rel(folder)}
+    return entry, [folder / sh["file"] for sh in info["shards"]]
+
+
+def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict], encoders: dict,
+                    plan: dict[str, tuple[str, ...]], summary: BuildSummary) -> dict:
     files = []
     enc_entries = {}
-    for spec, enc in encoders.items():
-        modalities = ["image", "text"] if spec == cfg.coarse else ["text"]
-        enc_entries[spec] = {"slug": enc.spec.slug, "dim": enc.dim, "logit_scale": enc.logit_scale, "probe": enc.probe(), "modalities": modalities}
-        for modality in modalities:
+    first = next(iter(plan))
+    for spec, parts in plan.items():
+        enc = encoders[spec]
+        embedded = [m for m in ("image", "text") if m in parts]
+        norms = ["text"] if "text" in parts and all(layout.norm_file(enc.spec.slug, "text", m["part"]).is_file() for m in done) else []
+        enc_entries[spec] = encoder_entry(enc, embedded, norms)
+        for modality in embedded:
             files += [layout.emb_file(enc.spec.slug, modality, m["part"]) for m in done]
-    files += [layout.metadata_file(_slug(cfg.coarse), m["part"]) for m in done]
-    indexes = {}
-    for modality in ("image", "text"):
-        info_path = layout.index_build_info(modality)
-        if not info_path.is_file():
-            continue
-        info = json.loads(info_path.read_text())
-        if info["count"] != summary.count:
-            raise XMError(f"{info_path}: index holds {info['count']} rows but {summary.count} are embedded; run the index stage")
-        indexes[modality] = {k: info[k] for k in ("key", "params", "metric", "dim", "shards", "k_target")} | {"encoder": cfg.coarse}
-        files += [layout.index_dir(modality) / s["file"] for s in info["shards"]]
-    if "image" not in indexes:
-        raise XMError(f"{layout.root}: no image index yet; run the index stage")
+        files += [layout.norm_file(enc.spec.slug, "text", m["part"]) for m in done] if norms else []
+    files += [layout.metadata_file(_slug(first), m["part"]) for m in done]
+    indexes = []
+    for spec, modality in _indexed(plan):
+        entry, shard_files = index_entry(layout, spec, modality, summary.count)
+        indexes.append(entry)
+        files += shard_files
     files += [layout.store_part(m["part"]) for m in done] + [layout.caption_hash]
     for f in files:
         if not f.is_file():
             raise XMError(f"{f}: missing; run the stage that writes it (see --stages)")
     body = {
         "count": summary.count,
-        "source": {"kind": kind, "source": cfg.source, "limit": cfg.limit, "parts": cfg.parts},
+        "source": {"kind": kind, "source": cfg.source, "limit": cfg.limit, "parts": cfg.parts, "shard_size": cfg.shard_size},
         "roles": {"coarse": cfg.coarse, "fine": cfg.fine, "inference": list(cfg.inference)},
         "encoders": enc_entries,
         "parts": [{"name": m["part"], "rows": m["rows"]} for m in done],

@@ -11,6 +11,22 @@ from xm.errors import XMError
 from xm.indexes.layout import write_json
 
 STAGES = ("select", "download", "embed", "index", "store", "manifest")
+# what one encoder can contribute to an index: embeddings of a modality, a kNN index over them
+ENCODER_PARTS = ("image", "text", "index-image", "index-text")
+
+
+def parse_encoder_flag(text: str) -> tuple[str, tuple[str, ...]]:
+    """`ARCH:PRETRAINED=image,text,index-image,index-text` -> (spec, parts); an index implies its embeddings."""
+    spec, sep, rest = text.partition("=")
+    spec = spec.strip()
+    if not sep or not spec:
+        raise XMError(f"--encoder {text!r}: expected ARCH:PRETRAINED={','.join(ENCODER_PARTS)} (any of them)")
+    parts = [p.strip() for p in rest.split(",") if p.strip()]
+    bad = [p for p in parts if p not in ENCODER_PARTS]
+    if bad or not parts:
+        raise XMError(f"--encoder {text!r}: unknown part(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(ENCODER_PARTS)}")
+    wanted = set(parts) | {p.removeprefix("index-") for p in parts if p.startswith("index-")}
+    return spec, tuple(p for p in ENCODER_PARTS if p in wanted)
 
 
 @dataclass
@@ -46,14 +62,24 @@ class BuildConfig:
     index_text: bool = True
     stages: tuple[str, ...] = STAGES
     cache_dir: str | None = None
+    # the general form: ARCH:PRETRAINED=image,text,index-image,index-text (repeatable), on top of the roles
+    encoders: list[str] = field(default_factory=list)
+
+    def plan(self) -> dict[str, tuple[str, ...]]:
+        """What each encoder contributes, coarse first. X-MoRe's roles are named defaults:
+        coarse = image + text embedded and indexed (text index unless --no-text-index),
+        fine and inference = caption embeddings; `--encoder` adds to that."""
+        wanted: dict[str, set[str]] = {self.coarse: {"image", "text", "index-image"} | ({"index-text"} if self.index_text else set())}
+        for spec in [self.fine, *self.inference]:
+            wanted.setdefault(spec, set()).add("text")
+        for flag in self.encoders:
+            spec, parts = parse_encoder_flag(flag)
+            wanted.setdefault(spec, set()).update(parts)
+        return {spec: tuple(p for p in ENCODER_PARTS if p in parts) for spec, parts in wanted.items()}
 
     def encoder_specs(self) -> list[str]:
-        """Every distinct encoder the index needs caption embeddings for, coarse first."""
-        seen: list[str] = []
-        for spec in [self.coarse, self.fine, *self.inference]:
-            if spec not in seen:
-                seen.append(spec)
-        return seen
+        """Every distinct encoder of the index, coarse first."""
+        return list(self.plan())
 
 
 def pin_params(path: Path, params: dict[str, Any], what: str) -> None:

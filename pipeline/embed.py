@@ -1,5 +1,6 @@
-"""The embed stage: one part at a time, image embeddings under the coarse encoder and
-caption embeddings under every encoder, written in clip-retrieval's layout.
+"""The embed stage: one part at a time, image and caption embeddings under each encoder
+as the build's plan says (`BuildConfig.plan`), written in clip-retrieval's layout, with
+the norms of the caption embeddings before normalisation beside them.
 
 A part is done when its marker exists; the marker is written after every file of the
 part has been renamed into place, so a kill leaves at worst a part that is redone.
@@ -47,22 +48,34 @@ def prefetch(items: Iterable[T], depth: int = 3) -> Iterator[T]:
         raise errors[0]
 
 
-def _pixel_batches(samples: Iterable[Sample], preprocess: Callable, batch_size: int, failures: Counter) -> Iterator[tuple[list[Sample], Any]]:
+def _pixel_batches(samples: Iterable[Sample], preprocesses: dict[str, Callable], batch_size: int,
+                   failures: Counter) -> Iterator[tuple[list[Sample], dict[str, Any]]]:
+    """Each image decoded once, preprocessed for every image encoder (shared preprocessing once)."""
     import torch
 
     kept: list[Sample] = []
-    pixels: list[Any] = []
+    pixels: dict[str, list[Any]] = {k: [] for k in preprocesses}
     for s in samples:
         try:
-            pixels.append(preprocess(load_image(s.read_image(), name=s.key)))
-            kept.append(s)
+            image = load_image(s.read_image(), name=s.key)
+            done: dict[str, Any] = {}
+            row = {}
+            for k, fn in preprocesses.items():
+                same = repr(fn)  # torchvision transforms print their parameters: equal repr, equal output
+                if same not in done:
+                    done[same] = fn(image)
+                row[k] = done[same]
         except (XMError, OSError):
             failures["failed_to_decode"] += 1
+            continue
+        for k, v in row.items():
+            pixels[k].append(v)
+        kept.append(s)
         if len(kept) == batch_size:
-            yield kept, torch.stack(pixels)
-            kept, pixels = [], []
+            yield kept, {k: torch.stack(v) for k, v in pixels.items()}
+            kept, pixels = [], {k: [] for k in preprocesses}
     if kept:
-        yield kept, torch.stack(pixels)
+        yield kept, {k: torch.stack(v) for k, v in pixels.items()}
 
 
 def _metadata_table(samples: list[Sample]) -> pa.Table:
@@ -79,56 +92,75 @@ def _metadata_table(samples: list[Sample]) -> pa.Table:
     return pa.table(columns)
 
 
-def _save_npy(path, array: np.ndarray) -> None:
+def _save_npy(path, array: np.ndarray, dtype: Any = np.float16) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, array.astype(np.float16))
+            np.save(f, np.asarray(array).astype(dtype))
+
+
+def write_text_embeddings(layout: Layout, enc: Encoder, part: str, captions: list[str]) -> None:
+    """One part's caption embeddings and their norms under `enc`."""
+    text, norms = enc.encode_texts_with_norms(captions)
+    _save_npy(layout.norm_file(enc.spec.slug, "text", part), norms, np.float32)
+    _save_npy(layout.emb_file(enc.spec.slug, "text", part), text)
 
 
 def embed_part(
     part: Part,
     encoders: dict[str, Encoder],
-    coarse: str,
+    plan: dict[str, tuple[str, ...]],
     layout: Layout,
     batch_size: int,
     on_rows: Callable[[int], None] = lambda n: None,
 ) -> dict[str, Any]:
-    """Embed one part; return its marker (rows kept, failures by reason)."""
+    """Embed one part as `plan` says (the first encoder also writes the metadata); return its
+    marker (rows kept, failures by reason)."""
     failures: Counter = Counter()
-    coarse_enc = encoders[coarse]
-    images: np.ndarray
+    first = next(iter(plan))
+    image_specs = [spec for spec, parts in plan.items() if "image" in parts]
+    images: dict[str, np.ndarray] = {}
+    precomputed_text = None
     if part.precomputed is None:
         kept: list[Sample] = []
-        chunks = []
-        for batch, pixels in prefetch(_pixel_batches(part.samples(), coarse_enc.preprocess, batch_size, failures)):
-            chunks.append(coarse_enc.encode_pixels(pixels))
+        chunks: dict[str, list[np.ndarray]] = {spec: [] for spec in image_specs}
+        preprocesses = {spec: encoders[spec].preprocess for spec in image_specs}
+        if not image_specs:  # caption-only plan: still decode, so the same rows are kept
+            preprocesses = {first: encoders[first].preprocess}
+        for batch, pixels in prefetch(_pixel_batches(part.samples(), preprocesses, batch_size, failures)):
+            for spec in image_specs:
+                chunks[spec].append(encoders[spec].encode_pixels(pixels[spec]))
             kept.extend(batch)
             on_rows(len(batch))
-        images = np.concatenate(chunks) if chunks else np.zeros((0, coarse_enc.dim), np.float32)
-        precomputed_text = None
+        images = {spec: np.concatenate(c) if c else np.zeros((0, encoders[spec].dim), np.float32) for spec, c in chunks.items()}
     else:
+        # LAION's precomputed parts are the first (coarse) encoder's image and caption embeddings
         kept = list(part.samples())
-        images = np.load(part.precomputed["img_emb"], mmap_mode="r")
+        images = {first: np.load(part.precomputed["img_emb"], mmap_mode="r")}
         precomputed_text = np.load(part.precomputed["text_emb"], mmap_mode="r")
-        for name, arr in (("img_emb", images), ("text_emb", precomputed_text)):
-            if arr.shape != (len(kept), coarse_enc.dim):
+        for name, arr in (("img_emb", images[first]), ("text_emb", precomputed_text)):
+            if arr.shape != (len(kept), encoders[first].dim):
                 raise XMError(
-                    f"{part.precomputed[name]}: shape {arr.shape}, expected ({len(kept)}, {coarse_enc.dim}) "
-                    f"to match its metadata and the coarse encoder {coarse}"
+                    f"{part.precomputed[name]}: shape {arr.shape}, expected ({len(kept)}, {encoders[first].dim}) "
+                    f"to match its metadata and the encoder {first}"
                 )
+        other_images = [s for s in image_specs if s != first]
+        if other_images:
+            raise XMError(f"{part.precomputed['img_emb']}: precomputed embedding parts carry no images; "
+                          f"image embeddings under {', '.join(other_images)} cannot be made")
         on_rows(len(kept))
     marker = {"part": part.name, "rows": len(kept), "failures": dict(failures)}
     if kept:
         captions = [s.caption for s in kept]
-        for spec, enc in encoders.items():
-            slug = enc.spec.slug
-            if spec == coarse and precomputed_text is not None:
-                text = np.asarray(precomputed_text)
-            else:
-                text = enc.encode_texts(captions)
-            _save_npy(layout.emb_file(slug, "text", part.name), text)
-        _save_npy(layout.emb_file(coarse_enc.spec.slug, "image", part.name), np.asarray(images))
-        with atomic_path(layout.metadata_file(coarse_enc.spec.slug, part.name)) as tmp:
+        for spec, parts in plan.items():
+            enc = encoders[spec]
+            if "text" in parts:
+                if spec == first and precomputed_text is not None:
+                    _save_npy(layout.emb_file(enc.spec.slug, "text", part.name), np.asarray(precomputed_text))
+                else:
+                    write_text_embeddings(layout, enc, part.name, captions)
+            if "image" in parts:
+                _save_npy(layout.emb_file(enc.spec.slug, "image", part.name), np.asarray(images[spec]))
+        with atomic_path(layout.metadata_file(encoders[first].spec.slug, part.name)) as tmp:
             pq.write_table(_metadata_table(kept), tmp)
     write_json(layout.done_marker("embed", part.name), marker)
     return marker

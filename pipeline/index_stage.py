@@ -14,13 +14,13 @@ from xm.indexes.shards import write_shards
 from xm.pipeline.config import BuildConfig
 
 
-def index_is_current(layout: Layout, modality: str, count: int, shards: int) -> bool:
-    info = layout.index_build_info(modality)
+def index_is_current(layout: Layout, slug: str, modality: str, count: int, shards: int) -> bool:
+    info = layout.index_build_info(slug, modality)
     if not info.is_file():
         return False
     data = json.loads(info.read_text())
     return data.get("count") == count and data.get("requested_shards") == shards and all(
-        (layout.index_dir(modality) / s["file"]).is_file() for s in data["shards"]
+        (layout.index_dir(slug, modality) / s["file"]).is_file() for s in data["shards"]
     )
 
 
@@ -29,7 +29,7 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
     from autofaiss import build_index
 
     emb_dir = layout.emb_dir(slug, modality)
-    out_dir = layout.index_dir(modality)
+    out_dir = layout.index_dir(slug, modality)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
         index_path = Path(tmp) / "full.index"
@@ -57,7 +57,7 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
         params = (infos or {}).get("index_param", "")
         for old in out_dir.glob("shard-*.index"):
             old.unlink()
-        shards = write_shards(index, cfg.shards, lambda i: layout.shard_file(modality, i))
+        shards = write_shards(index, cfg.shards, lambda i: layout.shard_file(slug, modality, i))
         autofaiss_infos = json.loads(infos_path.read_text()) if infos_path.is_file() else dict(infos or {})
     info = {
         "modality": modality,
@@ -72,5 +72,5 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
         "shards": [s.__dict__ for s in shards],
         "autofaiss": autofaiss_infos,
     }
-    write_json(layout.index_build_info(modality), info)
+    write_json(layout.index_build_info(slug, modality), info)
     return info

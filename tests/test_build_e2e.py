@@ -147,7 +147,7 @@ def test_folder_source_counts_and_corrupt_file(tmp_path) -> None:
 def test_index_refuses_damaged_or_missing_files(tmp_path) -> None:
     src = write_caption_folder(tmp_path / "pairs", 10)
     build_index(BuildConfig(source=str(src), out=tmp_path / "idx", **TINY_ROLES))
-    shard = next((tmp_path / "idx/index/image").glob("shard-*.index"))
+    shard = next((tmp_path / "idx/index").glob("*/image/shard-*.index"))
     data = bytearray(shard.read_bytes())
     data[-20] ^= 0xFF
     shard.write_bytes(bytes(data))

@@ -55,23 +55,24 @@ def memory(tmp_path_factory):
     return build_memory(tmp_path_factory.mktemp("xmore"))
 
 
-def _accuracy(index: Path, queries, labels, **kw) -> tuple[float, list[dict]]:
-    clf = Classifier(index, CLASSES, model=TINY, templates=TEMPLATES, k_coarse=DUPS, k_fine=2, **kw)
+def _accuracy(index: Path, queries, labels, method: str = "xmore", **kw) -> tuple[float, list[dict]]:
+    options = {} if method == "clip" else {"k_coarse": DUPS, "k_fine": 2, **kw}
+    clf = Classifier(index, CLASSES, method=method, model=TINY, templates=TEMPLATES, options=options)
     results = list(clf.run(queries))
     return float(np.mean([r["prediction"] == CLASSES[y] for r, y in zip(results, labels)])), results
 
 
 def test_xmore_beats_image_only_by_far(memory) -> None:
     index, queries, labels = memory
-    clip_acc, _ = _accuracy(index, queries, labels, ensemble="image")
-    xmore_acc, results = _accuracy(index, queries, labels, ensemble="modal")
-    text_acc, _ = _accuracy(index, queries, labels, ensemble="text")
+    clip_acc, _ = _accuracy(index, queries, labels, method="clip")
+    xmore_acc, results = _accuracy(index, queries, labels, method="xmore-minmax")
+    text_acc, _ = _accuracy(index, queries, labels, method="captions")
     # measured: clip 0.17 (chance for 6 classes), text 0.83, modal 0.69
     assert text_acc >= 0.75 and xmore_acc >= 0.6, (xmore_acc, text_acc)
     assert xmore_acc >= clip_acc + 0.4, (clip_acc, xmore_acc)
     assert [r["stream_position"] for r in results] == list(range(1, N_QUERIES + 1))
     # the same image twice is two queries of the stream
-    twice = list(Classifier(index, CLASSES, model=TINY, templates=TEMPLATES).run([queries[0], queries[0]], batch_size=2))
+    twice = list(Classifier(index, CLASSES, model=TINY, templates=TEMPLATES, options={"k_coarse": DUPS, "k_fine": 2}).run([queries[0], queries[0]], batch_size=2))
     assert [r["stream_position"] for r in twice] == [1, 2] and twice[0]["top5"] == twice[1]["top5"]
 
 
@@ -79,6 +80,10 @@ def test_image_ensemble_is_plain_zero_shot_clip(memory) -> None:
     """--ensemble image against an independent open_clip computation."""
     index, queries, _ = memory
     _, results = _accuracy(index, queries[:5], [0] * 5, ensemble="image")
+    _, plain = _accuracy(index, queries[:5], [0] * 5, method="clip")
+    for a, b in zip(results, plain):  # --ensemble image is the clip method
+        assert [t["class"] for t in a["top5"]] == [t["class"] for t in b["top5"]]
+        assert [t["prob"] for t in a["top5"]] == pytest.approx([t["prob"] for t in b["top5"]], abs=1e-12)
     enc = load_encoder(TINY)
     model, tok = enc.model, enc.tokenizer
     with torch.no_grad():
@@ -99,7 +104,7 @@ def test_image_ensemble_is_plain_zero_shot_clip(memory) -> None:
 
 def test_explain_shows_the_kept_captions(memory) -> None:
     index, queries, labels = memory
-    clf = Classifier(index, CLASSES, model=TINY, templates=TEMPLATES, k_coarse=DUPS, k_fine=2)
+    clf = Classifier(index, CLASSES, model=TINY, templates=TEMPLATES, options={"k_coarse": DUPS, "k_fine": 2})
     r = next(iter(clf.run(queries[:1], explain=True)))
     assert len(r["captions"]) == 2
     for c in r["captions"]:
@@ -111,16 +116,17 @@ def test_explain_shows_the_kept_captions(memory) -> None:
 
 def test_state_file_continues_a_stream(memory, tmp_path) -> None:
     index, queries, _ = memory
-    whole = list(Classifier(index, CLASSES, model=TINY, state_file=None).run(queries[:6]))
+    opts = {"k_coarse": DUPS, "k_fine": 2}
+    whole = list(Classifier(index, CLASSES, model=TINY, options=opts, state_file=None).run(queries[:6]))
     state = tmp_path / "stream.json"
-    first = Classifier(index, CLASSES, model=TINY, state_file=state)
+    first = Classifier(index, CLASSES, model=TINY, options=opts, state_file=state)
     list(first.run(queries[:3]))
     first.save_state()
-    second = list(Classifier(index, CLASSES, model=TINY, state_file=state).run(queries[3:6]))
+    second = list(Classifier(index, CLASSES, model=TINY, options=opts, state_file=state).run(queries[3:6]))
     for a, b in zip(whole[3:], second):
         assert a["weights"] == pytest.approx(b["weights"]) and a["stream_position"] == b["stream_position"]
     with pytest.raises(XMError, match="another index, label set"):
-        Classifier(index, CLASSES[:-1], model=TINY, state_file=state)
+        Classifier(index, CLASSES[:-1], model=TINY, options=opts, state_file=state)
 
 
 def _xm(*args: str) -> subprocess.CompletedProcess:
@@ -188,13 +194,13 @@ def test_mismatched_or_damaged_index_refused(memory, tmp_path) -> None:
     torch.save({k: v + 0.05 if v.is_floating_point() else v for k, v in enc.model.state_dict().items()}, ckpt)
     loader._loaded.clear()
     with pytest.raises(XMError, match="other weights than the ones that built this index"):
-        Classifier(tmp_path / "ck", CLASSES, model=TINY)
+        Classifier(tmp_path / "ck", CLASSES, model=TINY, options={"k_coarse": 4, "k_fine": 2})
 
     other = tmp_path / "copy"
     shutil.copytree(index, other)
-    next((other / "index/image").glob("shard-*.index")).write_bytes(b"garbage")
+    next((other / "index").glob("*/image/shard-*.index")).write_bytes(b"garbage")
     with pytest.raises(XMError, match="shard-000.index"):
-        Classifier(other, CLASSES, model=TINY)
+        Classifier(other, CLASSES, model=TINY, options={"k_coarse": 4, "k_fine": 2})
     # an inference encoder the index has no caption embeddings for still works (computed on the fly)
-    r = next(iter(Classifier(index, CLASSES, model=TINY_WIDE, k_coarse=DUPS, k_fine=2).run(queries[:1])))
+    r = next(iter(Classifier(index, CLASSES, model=TINY_WIDE, options={"k_coarse": DUPS, "k_fine": 2}).run(queries[:1])))
     assert r["prediction"] in CLASSES

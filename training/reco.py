@@ -1,0 +1,631 @@
+"""RECO training: neighbour tables, the fusion model, the training loop, checkpoint I/O.
+
+RECO (METHODS.md section 2) refines a frozen CLIP's embeddings with what a memory of
+image-text pairs holds: an image's k nearest memory IMAGES contribute their TEXT
+embeddings, a text's k nearest memory TEXTS contribute their IMAGE embeddings, and a
+one-layer transformer per branch fuses [query; k retrieved] into the refined embedding.
+Every choice the paper leaves open is made here and listed in docs/reco.md; the ones a
+reader most needs are in the docstrings below (near-duplicate rule: `NeighbourRule`,
+the token read: `Fusion`, the loss and temperature: `reco_loss` and `RecoModel`).
+
+Files in the output folder (default `<index>/trained/reco/<encoder slug>/`):
+
+    neighbours-image.npy   int64 (N, k): memory ids of each training pair's image->image
+                           neighbours (-1 = none), excluded items removed
+    neighbours-text.npy    the same for text->text
+    neighbours.json        what the tables were computed for (`key`) and rows done, so an
+                           interrupted computation resumes and other settings recompute
+    reco.safetensors       the fusion weights (image.*, text.*, logit_scale)
+    reco-optim.safetensors AdamW moments, for resuming
+    reco.json              settings, ties (index id, encoder, weights fingerprint), the
+                           weights' sha256, epochs done, losses; written last, so a
+                           checkpoint is the pair whose digest matches
+
+Training reads precomputed embeddings only (memory-mapped float16 parts); it never
+decodes an image nor loads the CLIP model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xm.errors import XMError
+
+FORMAT = "xm-reco/1"
+WEIGHTS = "reco.safetensors"
+OPTIM = "reco-optim.safetensors"
+META = "reco.json"
+TABLES_META = "neighbours.json"
+MODALITIES = ("image", "text")
+# CLIP's temperature: initialised at 0.07 and the logit scale clamped at 100
+INIT_TEMPERATURE = 0.07
+MAX_LOGIT_SCALE = 100.0
+# the near-duplicate rule refuses a threshold that more than this share of random
+# memory image pairs exceed (the space is too concentrated for it, e.g. random weights)
+MAX_RANDOM_DUP_SHARE = 0.01
+RULE_VERSION = 1
+
+Progress = Callable[[str, "int | None"], Callable[[int], None]]
+
+
+def _no_progress(label: str, total: int | None) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def slug(spec: str) -> str:
+    from xm.encoders.loader import EncoderSpec
+
+    return EncoderSpec.parse(spec).slug
+
+
+def default_dir(memory: Any, spec: str) -> Path:
+    """Where `xm train reco` writes and the method looks by default: under the index."""
+    return Path(memory.root) / "trained" / "reco" / slug(spec)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The weights file a user's --reco-checkpoint names: the file, its .json, or the folder."""
+    p = Path(path)
+    if p.is_dir() or not p.suffix:
+        return p / WEIGHTS
+    if p.suffix == ".json":
+        return p.with_suffix(".safetensors")
+    return p
+
+
+def meta_path(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+# ------------------------------------------------------------------------ the model
+
+def build_model(dim: int, heads: int = 0, mlp_ratio: float = 1.0) -> "RecoModel":
+    """The two fusion branches and the learned temperature (see `RecoModel`)."""
+    return RecoModel(dim, heads or max(1, dim // 64), mlp_ratio)
+
+
+class Fusion(nn.Module):
+    """One pre-LN transformer encoder layer over [query; retrieved_1..k]; the refined
+    embedding is the output at the QUERY's position, L2-normalised.
+
+    Only that position's output is ever used, so only it is computed: keys and values
+    come from all k+1 tokens (the query attends to itself and to the retrieved ones),
+    the query projection, the attention output and the MLP from the query token alone.
+    This equals `nn.TransformerEncoderLayer(norm_first=True, activation="gelu",
+    dropout=0)` at position 0 (tests/test_reco.py checks it) at about 40% of its cost.
+    Pre-LN keeps the original embedding on the residual path, so the refinement starts
+    near the frozen CLIP embedding. No position or type embeddings: the retrieved set is
+    unordered, and the query is of the other modality than what it retrieves. Missing
+    neighbours (id -1) are masked out of the attention.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise XMError(f"reco: {heads} heads do not divide the embedding width {dim}")
+        self.dim, self.heads = dim, heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=True)
+        self.ln2 = nn.LayerNorm(dim)
+        hidden = int(round(dim * mlp_ratio))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, query: torch.Tensor, retrieved: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # query (B, d), retrieved (B, k, d), valid (B, k) bool
+        x = torch.cat([query[:, None, :], retrieved], dim=1)
+        h = self.ln1(x)
+        ignore = torch.cat([torch.zeros_like(valid[:, :1]), ~valid], dim=1)
+        a, _ = self.attn(h[:, :1], h, h, key_padding_mask=ignore, need_weights=False)
+        y = query + a[:, 0]
+        y = y + self.mlp(self.ln2(y))
+        return F.normalize(y, dim=-1)
+
+
+class RecoModel(nn.Module):
+    """Two fusion branches with separate parameters (image: query image + retrieved texts;
+    text: query text + retrieved images) and one learned logit scale, CLIP's: initialised
+    at 1/0.07 and clamped at 100 after every step."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.dim, self.n_heads, self.mlp_ratio = dim, heads, mlp_ratio
+        self.image = Fusion(dim, heads, mlp_ratio)
+        self.text = Fusion(dim, heads, mlp_ratio)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / INIT_TEMPERATURE)))
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
+
+
+def nce(a, b, scale):
+    """Symmetric InfoNCE between rows of a and b (matching rows are the positives), the mean
+    of both directions' cross-entropy, as CLIP computes it."""
+    logits = scale * a @ b.T
+    labels = torch.arange(len(a), device=a.device)
+    f = torch.nn.functional.cross_entropy
+    return (f(logits, labels) + f(logits.T, labels)) / 2
+
+
+def reco_loss(model, v, t, v_nb, v_valid, t_nb, t_valid):
+    """L = NCE(V', T') + NCE(V', T) + NCE(V, T'), primes refined (paper eq. 2), one shared
+    learned temperature. v, t: the pair's original embeddings (B, d); v_nb: the TEXT
+    embeddings of v's image->image neighbours (B, k, d); t_nb: the IMAGE embeddings of
+    t's text->text neighbours."""
+    v_ref = model.image(v, v_nb, v_valid)
+    t_ref = model.text(t, t_nb, t_valid)
+    s = model.logit_scale.exp()
+    parts = (nce(v_ref, t_ref, s), nce(v_ref, t, s), nce(v, t_ref, s))
+    return parts[0] + parts[1] + parts[2], parts
+
+
+def mean_fusion(query: np.ndarray, retrieved: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The training-free ablation: the normalised mean of the original and the retrieved
+    embeddings (missing neighbours left out)."""
+    total = query.astype(np.float64) + (retrieved.astype(np.float64) * valid[..., None]).sum(axis=1)
+    total /= (1 + valid.sum(axis=1))[:, None]
+    return (total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def refine(branch, query: np.ndarray, retrieved: np.ndarray, valid: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """A fusion branch applied to numpy arrays (inference)."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(query), batch):
+            out.append(branch(torch.from_numpy(np.ascontiguousarray(query[i:i + batch], np.float32)),
+                              torch.from_numpy(np.ascontiguousarray(retrieved[i:i + batch], np.float32)),
+                              torch.from_numpy(np.ascontiguousarray(valid[i:i + batch]))).numpy())
+    return np.concatenate(out) if out else np.zeros((0, query.shape[1]), np.float32)
+
+
+# --------------------------------------------------------------- neighbour tables
+
+@dataclass(frozen=True)
+class NeighbourRule:
+    """Which memory items a training pair may not retrieve.
+
+    Pair i may not retrieve memory item j (in either table) when
+      * j IS the pair: the pairs come from the memory itself and j == i (same global id
+        of the same index id);
+      * j's image is a near-duplicate of the pair's image: cos(v_i, v_j) >= dup_threshold,
+        computed exactly from the stored embeddings (so the same photo re-posted with
+        another caption cannot hand its caption to the image branch, nor its image to
+        the text branch). Default 0.95 (a near-copy under a trained CLIP ViT-B/32);
+        a threshold above 1 turns the check off;
+      * only with `exclude_same_caption`: j's caption hash equals the pair's. Off by
+        default: an identical caption is not by itself a duplicate; where many items share
+        one (class-prompt captions, stock captions), it is the shared concept, and excluding
+        it would train the fusion only on neighbours whose captions never match its own.
+    The remaining candidates keep the index's order (similarity); the first k are kept, and
+    rows short of k after exclusion are searched again with more candidates.
+    """
+
+    dup_threshold: float = 0.95
+    exclude_same_caption: bool = False
+
+
+def tables_key(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule) -> dict[str, Any]:
+    return {"format": FORMAT, "rule_version": RULE_VERSION, "memory": memory.id, "pairs": pairs.id,
+            "encoder": str(spec), "k": int(k), "pairs_count": int(pairs.count), "memory_count": int(memory.count),
+            **asdict(rule)}
+
+
+def check_dup_threshold(memory: Any, spec: str, rule: NeighbourRule, seed: int = 0, samples: int = 4000) -> float:
+    """The share of random memory image pairs at or above the threshold; refuse in one line
+    a threshold that marks more than 1% of them near-duplicates."""
+    if rule.dup_threshold > 1 or memory.count < 2:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, memory.count, (2, samples))
+    keep = a != b
+    emb = memory.embeddings(spec, "image")
+    sims = np.einsum("nd,nd->n", emb.gather(a[keep]), emb.gather(b[keep]))
+    share = float((sims >= rule.dup_threshold).mean()) if len(sims) else 0.0
+    if share > MAX_RANDOM_DUP_SHARE:
+        raise XMError(f"--dup-threshold {rule.dup_threshold:g}: {share:.0%} of random image pairs of {memory.root} "
+                      f"under {spec} are that similar (median {np.median(sims):.3f}), so it would exclude ordinary "
+                      f"neighbours as near-duplicates; pass a higher --dup-threshold (above 1: the item itself only)")
+    return share
+
+
+def _filter(ids: np.ndarray, rows: np.ndarray, pair_img: np.ndarray, pair_hash: np.ndarray | None,
+            mem_img: Any, mem_hash: np.ndarray | None, same_index: bool, rule: NeighbourRule) -> np.ndarray:
+    """Candidates (n, f) with excluded ones set to -1."""
+    ids = ids.copy()
+    bad = ids < 0
+    if same_index:
+        bad |= ids == rows[:, None]
+    if rule.dup_threshold <= 1:
+        safe = np.where(bad, 0, ids)
+        cand = mem_img.gather(safe.ravel()).reshape(*ids.shape, -1)
+        bad |= np.einsum("nfd,nd->nf", cand, pair_img) >= rule.dup_threshold
+    if rule.exclude_same_caption and pair_hash is not None and mem_hash is not None:
+        bad |= mem_hash[np.where(bad, 0, ids)] == pair_hash[:, None]
+    ids[bad] = -1
+    return ids
+
+
+def _first_k(ids: np.ndarray, k: int) -> np.ndarray:
+    """The first k non-negative entries of each row, in order, padded with -1."""
+    out = np.full((len(ids), k), -1, np.int64)
+    valid = ids >= 0
+    rank = np.cumsum(valid, axis=1) - 1
+    take = valid & (rank < k)
+    r, c = np.nonzero(take)
+    out[r, rank[r, c]] = ids[r, c]
+    return out
+
+
+def neighbours_for(memory: Any, pairs: Any, spec: str, modality: str, rows: np.ndarray, k: int,
+                   rule: NeighbourRule, max_fetch: int = 4096) -> np.ndarray:
+    """Table rows for training pairs `rows`: the first k allowed neighbours by `modality` search."""
+    same_index = pairs.id == memory.id
+    queries = pairs.embeddings(spec, modality).gather(rows)
+    pair_img = queries if modality == "image" else pairs.embeddings(spec, "image").gather(rows)
+    mem_img = memory.embeddings(spec, "image")
+    pair_hash = mem_hash = None
+    if rule.exclude_same_caption:
+        pair_hash = np.asarray(pairs.caption_hashes)[rows]
+        mem_hash = np.asarray(memory.caption_hashes)
+    out = np.full((len(rows), k), -1, np.int64)
+    todo = np.arange(len(rows))
+    fetch = min(memory.count, 2 * k + 1)
+    while len(todo):
+        _, ids = memory.search(modality, queries[todo], fetch, encoder=spec)
+        kept = _first_k(_filter(ids, rows[todo], pair_img[todo], pair_hash[todo] if pair_hash is not None else None,
+                                mem_img, mem_hash, same_index, rule), k)
+        out[todo] = kept
+        short = (kept < 0).any(axis=1)
+        if fetch >= min(memory.count, max_fetch):
+            break  # what is left short has fewer than k allowed neighbours within reach
+        todo = todo[short]
+        fetch = min(memory.count, max_fetch, fetch * 4)
+    return out
+
+
+def build_tables(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule, folder: Path,
+                 progress: Progress = _no_progress, chunk: int = 2048) -> dict[str, np.ndarray]:
+    """Both neighbour tables, computed once into `folder` and resumed where they stopped.
+
+    Rows are done in chunks; after each, the partial table is flushed and `neighbours.json`
+    records the rows done (written atomically), so a killed run recomputes at most one
+    chunk. Tables for other settings (`tables_key`) are recomputed.
+    """
+    from xm.indexes.layout import write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = tables_key(memory, pairs, spec, k, rule)
+    meta_file = folder / TABLES_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    if meta is None or meta.get("key") != key:
+        for m in MODALITIES:
+            for f in (folder / f"neighbours-{m}.npy", folder / f"neighbours-{m}.partial.npy"):
+                f.unlink(missing_ok=True)
+        meta = {"key": key, "rows_done": {m: 0 for m in MODALITIES}, "complete": {m: False for m in MODALITIES},
+                "seconds": {m: 0.0 for m in MODALITIES}}
+        write_json(meta_file, meta)
+    n = pairs.count
+    tables: dict[str, np.ndarray] = {}
+    for m in MODALITIES:
+        final, partial = folder / f"neighbours-{m}.npy", folder / f"neighbours-{m}.partial.npy"
+        tick = progress(f"neighbours {m}->{m}", n)
+        if meta["complete"][m] and final.is_file():
+            tick(n)
+            tables[m] = np.load(final)
+            continue
+        start = int(meta["rows_done"][m]) if partial.is_file() else 0
+        if partial.is_file():
+            table = np.lib.format.open_memmap(partial, mode="r+")
+        else:
+            table = np.lib.format.open_memmap(partial, mode="w+", dtype=np.int64, shape=(n, k))
+            table[:] = -1
+        tick(start)
+        for lo in range(start, n, chunk):
+            t0 = time.perf_counter()
+            hi = min(n, lo + chunk)
+            table[lo:hi] = neighbours_for(memory, pairs, spec, m, np.arange(lo, hi), k, rule)
+            table.flush()
+            meta["rows_done"][m] = hi
+            meta["seconds"][m] = float(meta["seconds"][m]) + time.perf_counter() - t0
+            write_json(meta_file, meta)
+            tick(hi - lo)
+        del table
+        os.replace(partial, final)
+        meta["complete"][m] = True
+        write_json(meta_file, meta)
+        tables[m] = np.load(final)
+    return tables
+
+
+# --------------------------------------------------------------------- checkpoints
+
+def _sha256(path: Path) -> str:
+    from xm.indexes.layout import sha256_file
+
+    return sha256_file(path)
+
+
+def save_checkpoint(folder: Path, model, optimizer, meta: dict[str, Any]) -> dict[str, Any]:
+    """Weights and optimizer state (each written atomically), then the JSON naming their
+    digests, written last: a reader never pairs a JSON with other weights."""
+    from safetensors.torch import save_file
+
+    from xm.indexes.layout import atomic_path, write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(weights, str(tmp), metadata={"format": FORMAT})
+    if optimizer is not None:
+        state = {}
+        for name, p in model.named_parameters():
+            s = optimizer.state.get(p)
+            if s:
+                for key in ("step", "exp_avg", "exp_avg_sq"):
+                    state[f"{name}|{key}"] = torch.as_tensor(s[key]).detach().clone().contiguous()
+        with atomic_path(folder / OPTIM) as tmp:
+            save_file(state, str(tmp), metadata={"format": FORMAT})
+        meta["optim_sha256"] = _sha256(folder / OPTIM)
+    meta["weights_sha256"] = _sha256(folder / WEIGHTS)
+    write_json(folder / META, meta)
+    return meta
+
+
+def read_meta(weights: Path) -> dict[str, Any]:
+    path = meta_path(weights)
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise XMError(f"{path}: missing (a RECO checkpoint is {weights.name} with this JSON beside it)") from exc
+    except (OSError, ValueError) as exc:
+        raise XMError(f"{path}: unreadable RECO checkpoint description ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise XMError(f"{path}: not a RECO checkpoint of format {FORMAT} (format {meta.get('format')!r})")
+    return meta
+
+
+def load_model(weights: Path, meta: dict[str, Any] | None = None):
+    """(model, meta) from a checkpoint whose weights match the digest its JSON records."""
+    from safetensors.torch import load_file
+
+    meta = meta or read_meta(weights)
+    if not weights.is_file():
+        raise XMError(f"{weights}: missing RECO weights")
+    if _sha256(weights) != meta.get("weights_sha256"):
+        raise XMError(f"{weights}: does not match the digest in {meta_path(weights).name} (a half-written or "
+                      f"replaced checkpoint); re-run `xm train reco` to finish it")
+    model = build_model(meta["dim"], meta["heads"], meta["mlp_ratio"])
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (RuntimeError, OSError) as exc:
+        raise XMError(f"{weights}: not the weights its JSON describes ({str(exc).splitlines()[0][:120]})") from exc
+    return model.eval(), meta
+
+
+def _load_optimizer(folder: Path, model, optimizer, meta: dict[str, Any]) -> None:
+    from safetensors.torch import load_file
+
+    path = folder / OPTIM
+    if not path.is_file() or _sha256(path) != meta.get("optim_sha256"):
+        raise XMError(f"{path}: missing or not the optimizer state {META} records; pass --restart to train afresh")
+    state = load_file(str(path))
+    for name, p in model.named_parameters():
+        if f"{name}|step" in state:
+            optimizer.state[p] = {key: state[f"{name}|{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
+
+
+# ------------------------------------------------------------------------ training
+
+@dataclass
+class TrainConfig:
+    index: str | Path
+    encoder: str = ""  # default: the index's coarse role
+    k: int = 10
+    epochs: int = 10
+    batch_size: int = 4096  # capped by the number of training pairs
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    pairs: str | Path | None = None  # another index's (image, caption) pairs; default the memory's own
+    out: str | Path | None = None  # default `default_dir(memory, encoder)`
+    seed: int = 0
+    dup_threshold: float = 0.95
+    exclude_same_caption: bool = False
+    heads: int = 0  # 0: width // 64
+    mlp_ratio: float = 1.0  # 1.0 gives the paper's 3.16M parameters at d = 512
+    restart: bool = False  # discard a checkpoint trained with other settings (tables are kept when they fit)
+
+
+@dataclass
+class TrainSummary:
+    out: str
+    checkpoint: str
+    encoder: str
+    pairs: int
+    memory: int
+    parameters: int
+    epochs_done: int
+    steps: int
+    resumed_from_epoch: int
+    losses: list[float] = field(default_factory=list)
+    pairs_per_s: float | None = None
+    table_seconds: dict[str, float] = field(default_factory=dict)
+    short_rows: dict[str, int] = field(default_factory=dict)  # pairs with fewer than k allowed neighbours
+    peak_rss_mb: float = 0.0
+    already_done: bool = False
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _require(index: Any, spec: str, what: str) -> None:
+    entry = index.encoder_entry(spec)
+    if entry is None:
+        raise XMError(f"{index.root}: no encoder {spec} in this index ({what}); it has {', '.join(index.manifest['encoders'])}")
+    for m in MODALITIES:
+        if not index.has_embeddings(spec, m):
+            raise XMError(f"{index.root}: RECO {what} needs {spec} {m} embeddings; add them with "
+                          f"`xm build-index --out {index.root} --add-encoder {spec}={m}`")
+    if what == "memory":
+        for m in MODALITIES:
+            if not index.has_index(spec, m):
+                raise XMError(f"{index.root}: RECO needs a {m} kNN index for {spec}; add it with "
+                              f"`xm build-index --out {index.root} --add-encoder {spec}=index-{m}`")
+
+
+def lr_at(step: int, total: int, lr: float) -> float:
+    """Cosine decay from `lr` to 0 over all steps, no warm-up (the paper states none)."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+def train_key(cfg: TrainConfig, memory: Any, pairs: Any, spec: str, batch: int, dim: int, heads: int) -> dict[str, Any]:
+    return {"memory": memory.id, "pairs": pairs.id, "encoder": spec, "k": cfg.k, "epochs": cfg.epochs, "batch_size": batch,
+            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": cfg.seed, "dim": dim, "heads": heads,
+            "mlp_ratio": cfg.mlp_ratio, "dup_threshold": cfg.dup_threshold, "exclude_same_caption": cfg.exclude_same_caption}
+
+
+def _optimizer(model, lr: float, weight_decay: float):
+    """AdamW; weight decay on the matrices only (biases, LayerNorm gains and the logit scale
+    are not decayed, as in CLIP)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def train_reco(cfg: TrainConfig, progress: Progress = _no_progress,
+               on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:
+    """Train (or resume) RECO's fusion model on an index; see the module docstring.
+
+    Resume semantics: a checkpoint is written after every epoch; re-running with the same
+    settings continues after the last finished epoch (a partly done epoch is redone from its
+    start: the order of an epoch is a function of (seed, epoch), so the result is the same
+    as an uninterrupted run's); a finished run is left as it is. Other settings in the same
+    folder are refused unless `restart`.
+    """
+    from xm.indexes.memory import open_index
+
+    memory = open_index(cfg.index)
+    spec = str(cfg.encoder or memory.roles.get("coarse") or "")
+    if not spec:
+        raise XMError(f"{memory.root}: no coarse encoder in this index; give --encoder")
+    _require(memory, spec, "memory")
+    pairs = open_index(cfg.pairs) if cfg.pairs else memory
+    _require(pairs, spec, "training pairs")
+    probe = memory.encoder_entry(spec)["probe"]
+    if pairs is not memory and not np.allclose(pairs.encoder_entry(spec)["probe"], probe, atol=2e-3):
+        raise XMError(f"{pairs.root}: its {spec} embeddings come from other weights than {memory.root}'s")
+    if cfg.k < 1 or cfg.epochs < 1 or cfg.batch_size < 2:
+        raise XMError(f"xm train reco: --k, --epochs must be at least 1 and --batch-size at least 2 "
+                      f"(got {cfg.k}, {cfg.epochs}, {cfg.batch_size})")
+    if pairs.count < 2:
+        raise XMError(f"{pairs.root}: {pairs.count} training pair(s); contrastive training needs at least 2")
+    out = Path(cfg.out) if cfg.out else default_dir(memory, spec)
+    rule = NeighbourRule(cfg.dup_threshold, cfg.exclude_same_caption)
+    dim = memory.embeddings(spec, "image").dim
+    heads = cfg.heads or max(1, dim // 64)
+    batch = min(cfg.batch_size, pairs.count)
+    key = train_key(cfg, memory, pairs, spec, batch, dim, heads)
+    n = pairs.count
+    steps_per_epoch = math.ceil(n / batch)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    meta = json.loads((out / META).read_text()) if (out / META).is_file() else None
+    if meta is not None and meta.get("train_key") != key:
+        if not cfg.restart:
+            old = meta.get("train_key") or {}
+            diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in key.items() if old.get(k) != v)
+            raise XMError(f"{out / META}: a RECO checkpoint trained with other settings ({diff}); "
+                          f"pass --restart to replace it, or --out for another folder")
+        for f in (WEIGHTS, OPTIM, META):
+            (out / f).unlink(missing_ok=True)
+        meta = None
+    if meta is not None and meta.get("complete"):
+        return TrainSummary(str(out), str(out / WEIGHTS), spec, n, memory.count, int(meta["parameters"]),
+                            int(meta["epochs_done"]), int(meta["steps"]), int(meta["epochs_done"]), list(meta["losses"]),
+                            meta.get("pairs_per_s"), meta.get("table_seconds", {}), meta.get("short_rows", {}),
+                            peak_rss_mb(), already_done=True)
+
+    check_dup_threshold(memory, spec, rule, cfg.seed)
+    tables = build_tables(memory, pairs, spec, cfg.k, rule, out, progress)
+    tmeta = json.loads((out / TABLES_META).read_text())
+    short = {m: int((tables[m] < 0).any(axis=1).sum()) for m in MODALITIES}
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(dim, heads, cfg.mlp_ratio)
+    optimizer = _optimizer(model, cfg.lr, cfg.weight_decay)
+    start_epoch, losses, step = 0, [], 0
+    if meta is not None:
+        from safetensors.torch import load_file
+
+        if _sha256(out / WEIGHTS) != meta.get("weights_sha256"):
+            raise XMError(f"{out / WEIGHTS}: does not match {META}; pass --restart to train afresh")
+        model.load_state_dict(load_file(str(out / WEIGHTS)))
+        _load_optimizer(out, model, optimizer, meta)
+        start_epoch, losses, step = int(meta["epochs_done"]), list(meta["losses"]), int(meta["steps"])
+
+    pv, pt = pairs.embeddings(spec, "image"), pairs.embeddings(spec, "text")
+    mv, mt = memory.embeddings(spec, "image"), memory.embeddings(spec, "text")
+    k = cfg.k
+    rate_pairs, rate_secs = 0, 0.0
+    tick = progress(f"train reco ({cfg.epochs} epochs)", n * cfg.epochs)
+    tick(n * start_epoch)
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        epoch_loss, seen = 0.0, 0
+        for b in range(steps_per_epoch):
+            t0 = time.perf_counter()
+            rows = np.sort(order[b * batch:(b + 1) * batch])
+            if len(rows) < 2:
+                continue
+            img_ids, txt_ids = tables["image"][rows], tables["text"][rows]
+            v = torch.from_numpy(pv.gather(rows))
+            t = torch.from_numpy(pt.gather(rows))
+            v_nb = torch.from_numpy(mt.gather(np.maximum(img_ids, 0).ravel()).reshape(len(rows), k, dim))
+            t_nb = torch.from_numpy(mv.gather(np.maximum(txt_ids, 0).ravel()).reshape(len(rows), k, dim))
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, cfg.lr)
+            loss, parts = reco_loss(model, v, t, v_nb, torch.from_numpy(img_ids >= 0), t_nb, torch.from_numpy(txt_ids >= 0))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.clamp_()
+            step += 1
+            dt = time.perf_counter() - t0
+            rate_pairs, rate_secs = rate_pairs + len(rows), rate_secs + dt
+            epoch_loss += float(loss.detach()) * len(rows)
+            seen += len(rows)
+            tick(len(rows))
+            if on_step is not None:
+                on_step({"epoch": epoch, "step": step, "steps": total_steps, "loss": float(loss.detach()),
+                         "parts": [float(p) for p in parts], "pairs_per_s": len(rows) / dt if dt > 0 else None,
+                         "logit_scale": float(model.logit_scale.detach().exp())})
+        losses.append(epoch_loss / max(1, seen))
+        meta = {"format": FORMAT, "method": "reco", "train_key": key, "index_id": memory.id, "index_root": str(memory.root),
+                "pairs_id": pairs.id, "encoder": spec, "probe": probe, "dim": dim, "heads": heads, "mlp_ratio": cfg.mlp_ratio,
+                "k": cfg.k, "rule": asdict(rule), "parameters": model.parameter_count(), "epochs": cfg.epochs,
+                "epochs_done": epoch + 1, "steps": step, "losses": losses, "complete": epoch + 1 == cfg.epochs,
+                "logit_scale": float(model.logit_scale.detach().exp()),
+                "pairs_per_s": (rate_pairs / rate_secs) if rate_secs else None,
+                "table_seconds": tmeta.get("seconds", {}), "short_rows": short,
+                "tables": {m: f"neighbours-{m}.npy" for m in MODALITIES}}
+        save_checkpoint(out, model, optimizer, meta)
+    return TrainSummary(str(out), str(out / WEIGHTS), spec, n, memory.count, model.parameter_count(), cfg.epochs, step,
+                        start_epoch, losses, (rate_pairs / rate_secs) if rate_secs else None, tmeta.get("seconds", {}),
+                        short, peak_rss_mb())
