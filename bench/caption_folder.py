@@ -1,6 +1,9 @@
 """Turn a labelled dataset split into a memory source: a folder of image links with
 same-name .txt captions made from the class names (for demos and benchmarks).
 
+A memory captioned with training labels makes every retrieval method a labelled
+nearest-neighbour classifier: results over it are a mechanics check, not zero-shot.
+
     .venv/bin/python bench/caption_folder.py --dataset eurosat --data-dir ../shared/data/eurosat \
         --split train --out /tmp/eurosat-train-captions [--limit N] [--template "a centered satellite photo of {}."]
 """
@@ -31,14 +34,15 @@ def main() -> None:
         items = [items[i] for i in np.sort(np.random.default_rng(0).choice(len(items), args.limit, replace=False))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for item in items:
+    for n, item in enumerate(items):
         stem = item.key.replace("/", "__").rsplit(".", 1)[0]
         link = out / f"{stem}{item.path.suffix}"
         if not link.exists():
             os.symlink(item.path.resolve(), link)
-        # distinct strings: exact-string de-duplication of retrieved captions must not collapse them
-        (out / f"{stem}.txt").write_text(f"{args.template.format(ds.classnames[item.label])} #{stem}")
-    print(f"{len(items)} captioned images in {out}")
+        # distinct strings (exact-duplicate captions are dropped from a pool), the label said once
+        (out / f"{stem}.txt").write_text(f"{args.template.format(ds.classnames[item.label])} (image {n})")
+    print(f"{len(items)} captioned images in {out} (captioned with their labels: a labelled nearest-neighbour "
+          "memory, not a zero-shot one)")
 
 
 if __name__ == "__main__":

@@ -278,6 +278,8 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | 
             "per_seed": per_seed,
             "images_scored": int((~first["skipped"]).sum()),
             "images_skipped": int(first["skipped"].sum()),
+            # per evaluated image (first seed), -1 where skipped: for per-image comparison of methods
+            "predictions": np.where(first["skipped"], -1, first["probs"].argmax(1)).tolist(),
             "decide_seconds": time.perf_counter() - t,
             "evidence_seconds": evidence.seconds.get(name, 0.0),
             "evidence_cached": evidence.cache_hits.get(name, False),

@@ -251,8 +251,8 @@ class CODERAdapter(CacheAdapter):
     options = TEXT_OPTIONS + ADAPTER_OPTIONS + (
         Option("alpha", 1.73, "α before the search (and without a validation set); the authors' EuroSAT start", minimum=0),
         Option("beta", 91.34, "β before the search (and without a validation set); the authors' EuroSAT start", minimum=0),
-        Option("beta_min", 1.0, "β search range, low end", minimum=0),
-        Option("beta_max", 120.0, "β search range, high end", minimum=0),
+        Option("beta_min", 1.0, "β search range, low end (log-spaced grid)", minimum=1e-6),
+        Option("beta_max", 1000.0, "β search range, high end", minimum=1e-6),
         Option("affinity", "minmax", "query-to-key affinity: cosine min-max normalised over the keys, or the cosine",
                ("minmax", "cosine")),
         Option("temperature", 1.0, "T of exp(-β (1 - minmax(a)/T))", minimum=1e-6),

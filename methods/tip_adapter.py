@@ -87,18 +87,21 @@ def cache_term(affinity: np.ndarray, onehot: np.ndarray, beta: float) -> np.ndar
 
 
 def _grid(lo: float, hi: float, n: int) -> np.ndarray:
-    return np.unique(np.linspace(lo, hi, n)) if n > 1 else np.array([(lo + hi) / 2])
+    """n points spaced evenly in log scale over [lo, hi] (α and β span orders of magnitude:
+    Tip-Adapter's β is near 5 with real CLIP, CODER's EuroSAT start 91, random weights' larger)."""
+    lo, hi = max(lo, 1e-6), max(hi, 1e-6)
+    return np.unique(np.geomspace(lo, hi, n)) if n > 1 and hi > lo else np.array([np.sqrt(lo * hi)])
 
 
 def search_alpha_beta(zs: np.ndarray, affinity: np.ndarray, onehot: np.ndarray, labels: Sequence[int],
                       alpha_range: tuple[float, float], beta_range: tuple[float, float], grid: int, rounds: int,
                       start: tuple[float, float]) -> dict[str, Any]:
-    """The (α, β) of best validation accuracy: the start point, a `grid` x `grid` grid over the
-    ranges, then `rounds - 1` finer grids around the best so far (each spanning one step of
-    the previous grid either side). Ties keep the earlier point (start first)."""
+    """The (α, β) of best validation accuracy: the start point, a `grid` x `grid` log-spaced
+    grid over the ranges, then `rounds - 1` finer grids around the best so far (each spanning
+    one step of the previous grid either side). Ties keep the earlier point (start first)."""
     t0 = time.perf_counter()
     y = np.asarray(labels, np.int64)
-    best = (-1.0, start[0], start[1])
+    best = (-1.0, float(start[0]), float(start[1]))
     evaluations = 0
 
     def evaluate(alphas: np.ndarray, betas: np.ndarray) -> None:
@@ -113,22 +116,22 @@ def search_alpha_beta(zs: np.ndarray, affinity: np.ndarray, onehot: np.ndarray, 
 
     evaluate(np.array([start[0]]), np.array([start[1]]))
     alphas, betas = _grid(*alpha_range, grid), _grid(*beta_range, grid)
-    for r in range(max(1, rounds)):
+    for _ in range(rounds):
         evaluate(alphas, betas)
-        da = (alphas[1] - alphas[0]) if len(alphas) > 1 else alpha_range[1] - alpha_range[0]
-        db = (betas[1] - betas[0]) if len(betas) > 1 else beta_range[1] - beta_range[0]
-        alphas = _grid(max(best[1] - da, 1e-6), best[1] + da, grid)
-        betas = _grid(max(best[2] - db, 1e-6), best[2] + db, grid)
-    return {"alpha": best[1], "beta": best[2], "val_accuracy": best[0], "evaluations": evaluations,
+        ra = alphas[1] / alphas[0] if len(alphas) > 1 else 2.0
+        rb = betas[1] / betas[0] if len(betas) > 1 else 2.0
+        alphas = _grid(best[1] / ra, best[1] * ra, grid)
+        betas = _grid(best[2] / rb, best[2] * rb, grid)
+    return {"alpha": round(best[1], 6), "beta": round(best[2], 6), "val_accuracy": best[0], "evaluations": evaluations,
             "search_seconds": time.perf_counter() - t0}
 
 
 ADAPTER_OPTIONS = (
     Option("augment_passes", 20, "augmented views averaged per support image (authors: 20; 0 = no augmentation)", minimum=0),
     Option("scale", 100.0, "s of the zero-shot term s·f·Wᵀ (the authors' fixed 100)", minimum=0),
-    Option("alpha_min", 0.1, "α search range, low end", minimum=0),
-    Option("alpha_max", 10.0, "α search range, high end", minimum=0),
-    Option("grid", 10, "points per axis of each search grid", minimum=1),
+    Option("alpha_min", 0.01, "α search range, low end (log-spaced grid)", minimum=1e-6),
+    Option("alpha_max", 100.0, "α search range, high end", minimum=1e-6),
+    Option("grid", 12, "points per axis of each search grid", minimum=1),
     Option("search_rounds", 3, "grid-search rounds (each finer, around the best so far)", minimum=1),
 )
 
@@ -225,8 +228,8 @@ class TipAdapter(CacheAdapter):
     options = ADAPTER_OPTIONS + (
         Option("alpha", 1.0, "α before the search (and without a validation set); Tip-Adapter's 1", minimum=0),
         Option("beta", 5.5, "β before the search (and without a validation set); Tip-Adapter's 5.5", minimum=0),
-        Option("beta_min", 0.1, "β search range, low end", minimum=0),
-        Option("beta_max", 10.0, "β search range, high end", minimum=0),
+        Option("beta_min", 0.1, "β search range, low end (log-spaced grid)", minimum=1e-6),
+        Option("beta_max", 1000.0, "β search range, high end", minimum=1e-6),
     )
 
     def keys(self, features: np.ndarray) -> np.ndarray:

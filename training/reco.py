@@ -614,7 +614,7 @@ def train_reco(cfg: TrainConfig, progress: Progress = _no_progress,
             tick(len(rows))
             if on_step is not None:
                 on_step({"epoch": epoch, "step": step, "steps": total_steps, "loss": float(loss.detach()),
-                         "parts": [float(p) for p in parts], "pairs_per_s": len(rows) / dt if dt > 0 else None,
+                         "parts": [float(p.detach()) for p in parts], "pairs_per_s": len(rows) / dt if dt > 0 else None,
                          "logit_scale": float(model.logit_scale.detach().exp())})
         losses.append(epoch_loss / max(1, seen))
         meta = {"format": FORMAT, "method": "reco", "train_key": key, "index_id": memory.id, "index_root": str(memory.root),
