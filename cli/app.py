@@ -22,6 +22,21 @@ def _register() -> None:
     from xm.cli import benchmark_cmd, build_cmd, classify_cmd, info_cmd, methods_cmd, texts_cmd, train_cmd  # noqa: F401
 
 
+INTERRUPTED = "xm: interrupted; re-run the same command to resume"
+
+
+def _from_interrupt(exc: BaseException | None) -> bool:
+    """Whether an exception was caused, however indirectly, by Ctrl-C (Typer turns a
+    KeyboardInterrupt into Exit(130) before we see it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def main() -> None:
     _register()
     try:
@@ -30,5 +45,10 @@ def main() -> None:
         print(f"xm: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print("xm: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130 or _from_interrupt(exc):
+            print(INTERRUPTED, file=sys.stderr)
+            sys.exit(130)
+        raise

@@ -11,8 +11,11 @@ from PIL import Image, UnidentifiedImageError
 
 from xm.errors import XMError
 
-# LAION and user folders hold the odd huge image; decoding one must not be refused.
-Image.MAX_IMAGE_PIXELS = 1 << 30
+# A pixel limit for untrusted images: a 128-byte PNG can declare 50000 x 50000 pixels.
+# 100 megapixels (10000 x 10000, about 0.3 GB as RGB) admits every photo a camera or LAION
+# holds; PIL refuses twice its limit, so we refuse anything over it ourselves, before decoding.
+MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -39,11 +42,18 @@ def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -
         if isinstance(source, bytes):
             source = io.BytesIO(source)
         with Image.open(source) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise XMError(f"{label}: {w}x{h} pixels is over the limit of {MAX_PIXELS // 1_000_000} megapixels (a decompression bomb?)")
             im.load()
             return to_rgb(im)
+    except XMError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise XMError(f"{label}: over the limit of {MAX_PIXELS // 1_000_000} megapixels (a decompression bomb?)") from exc
     except FileNotFoundError as exc:
         raise XMError(f"{label}: no such image file") from exc
     except IsADirectoryError as exc:
         raise XMError(f"{label}: is a directory, not an image") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError) as exc:
         raise XMError(f"{label}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc

@@ -9,6 +9,7 @@ one line saying how to supply them; nothing ever falls back to random weights.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import sys
@@ -267,7 +268,11 @@ def load_encoder(spec: EncoderSpec | str, cache_dir: str | None = None, quiet: b
                 print(f"WARNING: {spec.arch} uses RANDOM weights (spec {spec}); for tests and benchmarks only", file=sys.stderr)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed_for(spec))
-                model, _, preprocess = open_clip.create_model_and_transforms(spec.arch, pretrained=None)
+                logging.disable(logging.WARNING)  # open_clip's own "initialized randomly" line: ours is above
+                try:
+                    model, _, preprocess = open_clip.create_model_and_transforms(spec.arch, pretrained=None)
+                finally:
+                    logging.disable(logging.NOTSET)
         else:
             try:
                 model, _, preprocess = open_clip.create_model_and_transforms(

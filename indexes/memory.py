@@ -140,7 +140,11 @@ class MemoryIndex:
 
     def search(self, modality: str, queries: np.ndarray, k: int, encoder: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """kNN (inner product) of query embeddings under `encoder` (default coarse) against memory items."""
-        return self.index(modality, encoder).search(queries, k)
+        sims, ids = self.index(modality, encoder).search(queries, k)
+        if ids.size and int(ids.max()) >= self.count:  # an index from elsewhere is not trusted
+            entry = self.index_entry(str(encoder or self.roles["coarse"]), modality)
+            raise XMError(f"{self.root / entry['dir']}: returned id {int(ids.max())} for an index of {self.count} items; the shards are damaged")
+        return sims, ids
 
     @cached_property
     def store(self) -> CaptionStore:

@@ -76,10 +76,10 @@ def read_shard(path: Path):
 
     try:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:
+    except (RuntimeError, MemoryError):
         try:
             return faiss.read_index(str(path))
-        except RuntimeError as exc:
+        except (RuntimeError, MemoryError) as exc:
             raise XMError(f"{path}: damaged index shard ({str(exc).splitlines()[0][:120]})") from exc
 
 

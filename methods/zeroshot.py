@@ -28,9 +28,14 @@ def read_labels(path: str | Path) -> list[str]:
         name = line.strip()
         if not name or name.startswith("#"):
             continue
-        if name in seen:
-            raise XMError(f"{path}: duplicate label {name!r} on lines {seen[name]} and {lineno}")
-        seen[name] = lineno
+        # CLIP's tokenizer lower-cases and collapses whitespace: such labels are one class to it
+        key = " ".join(name.lower().split())
+        if key in seen:
+            first, other = seen[key]
+            what = "duplicate label" if other == name else f"labels {other!r} and {name!r} are the same to CLIP's tokenizer;"
+            raise XMError(f"{path}: {what} {name!r} on lines {first} and {lineno}" if other == name
+                          else f"{path}: {what} lines {first} and {lineno}")
+        seen[key] = (lineno, name)
         labels.append(name)
     if not labels:
         raise XMError(f"{path}: no labels (one class name per line)")

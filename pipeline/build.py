@@ -57,6 +57,7 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
         raise XMError(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+    cfg.validate()
     layout = Layout(cfg.out)
     layout.root.mkdir(parents=True, exist_ok=True)
     kind = sources.source_kind(cfg.source)

@@ -65,6 +65,30 @@ class BuildConfig:
     # the general form: ARCH:PRETRAINED=image,text,index-image,index-text (repeatable), on top of the roles
     encoders: list[str] = field(default_factory=list)
 
+    def validate(self) -> "BuildConfig":
+        """Every option checked here, once; one line naming the option."""
+        positive = {"--limit": self.limit, "--shards": self.shards, "--k": self.k, "--batch-size": self.batch_size,
+                    "--image-size": self.image_size, "--processes": self.processes, "--threads": self.threads,
+                    "--shard-size": self.shard_size, "--timeout": self.timeout}
+        for flag, value in positive.items():
+            if value is not None and value < 1:
+                raise XMError(f"{flag} {value}: must be at least 1")
+        if self.distributor not in ("multiprocessing", "pyspark"):
+            raise XMError(f"--distributor {self.distributor!r}: choose multiprocessing or pyspark")
+        from xm.pipeline.memory_sizes import parse_size
+
+        budget, available = parse_size("--max-index-memory", self.max_index_memory), parse_size("--current-memory", self.current_memory)
+        if budget >= available:
+            raise XMError(f"--current-memory {self.current_memory}: must exceed --max-index-memory {self.max_index_memory} "
+                          "(autofaiss needs room beyond the index to build it)")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise XMError(f"--out {out}: is a file, not a folder")
+        if out.is_dir() and any(out.iterdir()) and not ((out / "_work").is_dir() or (out / "manifest.json").is_file()):
+            raise XMError(f"--out {out}: a non-empty folder that is not an xm index; choose a new or empty folder")
+        self.plan()  # --encoder flags parse
+        return self
+
     def plan(self) -> dict[str, tuple[str, ...]]:
         """What each encoder contributes, coarse first. X-MoRe's roles are named defaults:
         coarse = image + text embedded and indexed (text index unless --no-text-index),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 import pyarrow.parquet as pq
 
@@ -19,6 +20,16 @@ def download(cfg: BuildConfig, layout: Layout) -> None:
     columns = pq.read_schema(layout.selection).names
     layout.download.mkdir(parents=True, exist_ok=True)
     logging.getLogger("img2dataset").setLevel(logging.WARNING)
+    # img2dataset installs a SIGINT handler that exits 0; Ctrl-C must stay an interrupt (exit 130)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        _run(img2dataset_download, cfg, layout, columns)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run(img2dataset_download, cfg: BuildConfig, layout: Layout, columns: list[str]) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     img2dataset_download(
         url_list=str(layout.selection),
         input_format="parquet",

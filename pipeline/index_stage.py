@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
     emb_dir = layout.emb_dir(slug, modality)
     out_dir = layout.index_dir(slug, modality)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".build-*"):  # left by a build killed mid-way
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
         index_path = Path(tmp) / "full.index"
         infos_path = Path(tmp) / "infos.json"

@@ -1,0 +1,130 @@
+"""Hostile input: decompression bombs, markup and escape codes in data, labels CLIP cannot
+tell apart, bad options and folders, damaged ids, Ctrl-C. One line, a non-zero exit, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY, TINY_ROLES, write_caption_folder
+from xm.encoders import load_image
+from xm.errors import XMError
+from xm.indexes import open_index
+from xm.methods.zeroshot import read_labels
+from xm.pipeline import BuildConfig, build_index
+
+
+def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A tiny PNG that declares a huge image."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _xm(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xm.cli", *args], capture_output=True, text=True, **kw)
+
+
+def _one_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode not in (0, None), r
+    errs = [l for l in r.stderr.splitlines() if l.startswith("xm: error")]
+    assert len(errs) == 1 and "Traceback" not in r.stderr, r.stderr
+    return errs[0]
+
+
+def test_decompression_bomb_is_one_counted_failure(tmp_path) -> None:
+    bomb = bomb_png()
+    assert len(bomb) < 200
+    with pytest.raises(XMError, match="over the limit of 100 megapixels"):
+        load_image(bomb, name="bomb.png")
+    src = write_caption_folder(tmp_path / "pairs", 6)
+    (src / "bomb.png").write_bytes(bomb)
+    (src / "bomb.txt").write_text("a bomb")
+    summary = build_index(BuildConfig(source=str(src), out=tmp_path / "idx", **TINY_ROLES))
+    assert summary.count == 6 and summary.failures == {"failed_to_decode": 1}
+
+
+@pytest.fixture(scope="module")
+def hostile_index(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hostile")
+    captions = ["[/bold] closing markup", "[/] bare close", "\x1b[2J\x1b]0;owned\x07 clears the screen", "plain words"] * 3
+    src = write_caption_folder(root / "pairs", 12, caption=lambda i: captions[i])
+    build_index(BuildConfig(source=str(src), out=root / "idx", **TINY_ROLES))
+    return root / "idx"
+
+
+def test_markup_and_escape_codes_in_data_are_printed_as_text(hostile_index, tmp_path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("[/bold] cat\n\x1b[31mred dog\n")
+    image = next((hostile_index.parent / "pairs").glob("*.jpg"))
+    for args in (["search", str(hostile_index), "--text", "markup", "-k", "12"],
+                 ["classify", str(image), "--labels", str(labels), "--index", str(hostile_index), "--explain",
+                  "--k-coarse", "4", "--k-fine", "4"]):
+        r = _xm(*args)
+        assert r.returncode == 0, r.stderr
+        assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+        assert "[/bold]" in r.stdout and "\\x1b" in r.stdout
+
+
+def test_labels_that_clip_cannot_tell_apart_are_refused(tmp_path) -> None:
+    f = tmp_path / "labels.txt"
+    f.write_text("Red Fox\nblue tram\nred  fox\n")
+    with pytest.raises(XMError, match=r"labels.txt: labels 'Red Fox' and 'red  fox' are the same to CLIP's tokenizer; lines 1 and 3"):
+        read_labels(f)
+
+
+def test_bad_options_and_folders_are_one_line(tmp_path) -> None:
+    src = write_caption_folder(tmp_path / "pairs", 4)
+    roles = ["--coarse", TINY, "--fine", TINY, "--inference", TINY]
+    assert "--batch-size 0: must be at least 1" in _one_error(_xm("build-index", "--source", str(src), "--out", str(tmp_path / "a"), "--batch-size", "0", *roles))
+    assert "--shards 0" in _one_error(_xm("build-index", "--source", str(src), "--out", str(tmp_path / "a"), "--shards", "0", *roles))
+    assert "--limit 0" in _one_error(_xm("build-index", "--source", str(src), "--out", str(tmp_path / "a"), "--limit", "0", *roles))
+    assert "must exceed --max-index-memory" in _one_error(_xm("build-index", "--source", str(src), "--out", str(tmp_path / "a"),
+                                                                "--max-index-memory", "4G", "--current-memory", "4G", *roles))
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    assert "is a file, not a folder" in _one_error(_xm("build-index", "--source", str(src), "--out", str(afile), *roles))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    assert "not an xm index" in _one_error(_xm("build-index", "--source", str(src), "--out", str(foreign), *roles))
+    assert (foreign / "thesis.tex").read_text() == "precious" and len(list(foreign.iterdir())) == 1
+
+
+def test_out_of_range_ids_from_a_damaged_index_are_refused(hostile_index) -> None:
+    memory = open_index(hostile_index)
+    shards = memory.index("image")
+    real = shards.search
+    shards.search = lambda q, k: (lambda d, i: (d, i + 10_000))(*real(q, k))
+    with pytest.raises(XMError, match="returned id .* for an index of 12 items"):
+        memory.search("image", np.ones((1, memory.index("image").dim), np.float32), 3)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_folder_build_exits_130_and_resumes(tmp_path) -> None:
+    src = write_caption_folder(tmp_path / "pairs", 400)
+    out = tmp_path / "idx"
+    args = [sys.executable, "-m", "xm.cli", "build-index", "--source", str(src), "--out", str(out), "--coarse", TINY,
+            "--fine", TINY, "--inference", TINY, "--shard-size", "50", "--batch-size", "8"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((out / "_work" / "done" / "embed").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.05)  # interrupt once a part is embedded
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "xm: interrupted; re-run the same command to resume" in err and "Traceback" not in err
+    done = subprocess.run(args + ["--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["count"] == 400
+    assert open_index(out).count == 400
