@@ -58,6 +58,8 @@ class Classifier:
                  state_file: str | Path | None = None) -> None:
         self.classnames = read_labels(labels) if isinstance(labels, (str, Path)) else list(labels)
         variant = get(method)
+        if variant.method.few_shot:
+            raise XMError(f"method {method}: few-shot (it needs labelled support images); use `xm benchmark --methods {method} --shots N`")
         if index is None and variant.method.needs_memory:
             raise XMError(f"method {method}: needs an index (--index, or a default index: see `xm indexes`)")
         self.memory = index if isinstance(index, MemoryIndex) or index is None else open_index(index)

@@ -35,6 +35,10 @@ def texts_cmd(
     from xm.texts import TextOptions, build_textset
 
     classnames = read_labels(labels)
+    opts = TextOptions(sources=sources, descriptions=str(descriptions) if descriptions else "", dataset=dataset,
+                       name_template=name_template, wordnet_dir=wordnet_dir, synonym_min_sim=synonym_min_sim,
+                       max_similarity=max_similarity, memory_k=memory_k, memory_search=memory_search)
+    opts.source_list("--sources")  # one line for a bad list before any encoder loads
     memory = None
     if index is not None:
         from xm.indexes import open_index
@@ -44,10 +48,6 @@ def texts_cmd(
         if memory is None:
             raise XMError("xm texts: give --model ARCH:PRETRAINED (or --index, whose inference encoder is the default)")
         model = memory.default_model()
-    opts = TextOptions(sources=sources, descriptions=str(descriptions) if descriptions else "", dataset=dataset,
-                       name_template=name_template, wordnet_dir=wordnet_dir, synonym_min_sim=synonym_min_sim,
-                       max_similarity=max_similarity, memory_k=memory_k, memory_search=memory_search)
-    opts.source_list("--sources")  # one line for a bad list before any encoder loads
     ts = build_textset(classnames, load_encoder(model), opts, memory, where="xm texts")
     ts.write(out)
     summary = {"out": str(out), "classes": len(classnames), "vector_texts": ts.count(), "ovo_texts": ts.count(("ovo",)),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from xm.errors import XMError
-from xm.methods.base import Decision, Method, Option, Queries
+from xm.methods.base import Decision, Method, Need, Option, Queries
 from xm.methods.registry import register
 from xm.methods.tip_adapter import ADAPTER_OPTIONS, CacheAdapter
 from xm.methods.zeroshot import softmax
@@ -159,6 +159,15 @@ def check_sources(method: Method) -> None:
         raise XMError(f"method {method.name}: text source 'memory' needs an index (--index)")
 
 
+def memory_needs(method: Method) -> list[Need]:
+    """The `memory` source searches the index's coarse caption kNN index."""
+    if method.opts["texts_file"] or method.ctx.memory is None:
+        return []
+    if "memory" not in text_options(method.opts, method.ctx.dataset).source_list(f"{method.name}: sources"):
+        return []
+    return [Need(method.ctx.memory.roles.get("coarse") or "(a coarse encoder)", "text", "index")]
+
+
 def threshold_for(name: str, value: float, dataset: str | None) -> float:
     if value >= 0:
         if value > 1:
@@ -178,7 +187,9 @@ class CODER(Method):
     summary = "CODER zero-shot: image-to-text-set cosines, mean(attribute, analogous) + max(name, synonym); no memory needed"
     needs_memory = False
     options = TEXT_OPTIONS + (
-        Option("rerank", False, "two-stage: rerank the top candidates by one-vs-one difference texts", evidence=False),
+        # not `rerank`: X-MoRe's `rerank` (dot | cosine) is a benchmark-protocol option set for every method
+        Option("two_stage", False, "rerank the top candidates of uncertain images by one-vs-one difference texts",
+               evidence=False),
         Option("threshold", -1.0, "rerank when p1 - p2 is below this (-1: the dataset's, EuroSAT 0.3 ...; required otherwise)",
                evidence=False),
         Option("rerank_top", 5, "candidates the rerank reorders", minimum=2),
@@ -187,17 +198,20 @@ class CODER(Method):
     def __init__(self, ctx, **options: Any) -> None:
         super().__init__(ctx, **options)
         self.check()
-        self.threshold = threshold_for(self.name, self.opts["threshold"], ctx.dataset) if self.opts["rerank"] else None
+        self.threshold = threshold_for(self.name, self.opts["threshold"], ctx.dataset) if self.opts["two_stage"] else None
         self.encoder = ctx.encoder(ctx.model)
         self.textset = load_textset(self, self.encoder)
         self.coded = encoded_texts(self.textset, self.encoder)
-        if self.opts["rerank"] and self.coded.n_pairs == 0:
+        if self.opts["two_stage"] and self.coded.n_pairs == 0:
             raise XMError(f"{self.name}: the text set has no one-vs-one difference texts to rerank with; give a "
                           f"descriptions file with a 'differences' section (docs/coder.md)")
 
     def check(self) -> None:
         check_sources(self)
         super().check()
+
+    def needs(self) -> list[Need]:
+        return memory_needs(self)
 
     def extra_key(self) -> dict[str, Any]:
         return {"texts": self.textset.digest()}
@@ -261,8 +275,12 @@ class CODERAdapter(CacheAdapter):
     def __init__(self, ctx, **options: Any) -> None:
         super().__init__(ctx, **options)
         check_sources(self)
+        super().check()
         self.textset = load_textset(self, self.encoder)
         self.coded = encoded_texts(self.textset, self.encoder)
+
+    def needs(self) -> list[Need]:
+        return memory_needs(self)
 
     def extra_key(self) -> dict[str, Any]:
         return {"texts": self.textset.digest(), **super().extra_key()}
@@ -279,5 +297,5 @@ class CODERAdapter(CacheAdapter):
         return a / self.opts["temperature"]
 
 
-register(CODER, {"coder-rerank": ({"rerank": True}, "CODER two-stage: rerank uncertain images' top 5 by one-vs-one texts")})
+register(CODER, {"coder-rerank": ({"two_stage": True}, "CODER two-stage: rerank uncertain images' top 5 by one-vs-one texts")})
 register(CODERAdapter)

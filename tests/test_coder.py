@@ -208,13 +208,13 @@ def test_adapter_search_ignores_the_test_split(splits, name) -> None:
 
 
 def test_support_augmentation_is_seeded(splits) -> None:
+    from xm.methods import tip_adapter
     from xm.methods.tip_adapter import support_features
 
     train = splits[0][:3]
     enc = _ctx().encoder(TINY)
     a, b = support_features(enc, train, 2, seed=5), support_features(enc, list(train), 2, seed=6)
-    tip_adapter_cache = __import__("xm.methods.tip_adapter", fromlist=["_FEATURES"])._FEATURES
-    tip_adapter_cache.clear()
+    tip_adapter._FEATURES.clear()  # computed again, not read from the shared cache
     again = support_features(enc, train, 2, seed=5)
     plain = support_features(enc, train, 0, seed=5)
     assert np.allclose(a, again) and not np.allclose(a, b) and not np.allclose(a, plain)
@@ -398,3 +398,48 @@ def test_texts_cli_round_trip(mined_index, tmp_path) -> None:
         read_textset(desc)
     with pytest.raises(XMError, match="no texts for class"):
         create("coder", Context(None, TINY, CLASSES + ["kite"], ["{}"]), texts_file=str(out))
+
+
+def _imagefolder(root: Path, test_labels: list[int]) -> Path:
+    """train/ val/ test/ class folders of near-duplicate images; test image i goes to class test_labels[i]."""
+    for split, n, offset in (("train", 3, 0), ("val", 3, 5000)):
+        for e in _examples(n, offset, split):
+            target = root / split / CLASSES[e.label] / f"{e.key.replace('/', '_')}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            e.load().save(target)
+    for e, y in zip(_examples(4, 9000, "test"), test_labels):
+        target = root / "test" / CLASSES[y] / f"{e.key.replace('/', '_')}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        e.load().save(target)
+    for c in CLASSES:
+        (root / "test" / c).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def test_benchmark_ignores_test_labels(tmp_path) -> None:
+    """Through the benchmark runner: shuffled test labels give identical coder and coder-rerank
+    predictions, and identical adapter fits (alpha, beta) and predictions."""
+    from xm.evaluation.datasets import load_dataset
+    from xm.evaluation.runner import BenchmarkConfig, run_benchmark
+
+    desc = tmp_path / "desc.json"
+    desc.write_text(json.dumps({"descriptors": {c: [f"feature {j} of {c}" for j in range(3)] for c in CLASSES},
+                                "differences": {a: {b: [f"{a} rather than {b}"] for b in CLASSES if b != a} for a in CLASSES}}))
+    true = [e.label for e in _examples(4, 9000, "test")]
+    shuffled = list(np.random.default_rng(3).permutation(true))
+    runs = {}
+    for tag, labels in (("true", true), ("shuffled", shuffled)):
+        data = _imagefolder(tmp_path / tag, labels)
+        ds = load_dataset("imagefolder", data, "test")
+        cfg = BenchmarkConfig(dataset="imagefolder", data_dir=data, index=None, model=TINY, seeds=[1], shots=[2],
+                              methods=["coder", "coder-rerank", "coder-adapter", "tip-adapter"], val_per_class=3,
+                              options={"descriptions": str(desc), "threshold": 1.0, "augment_passes": 0, "grid": 4,
+                                       "search_rounds": 1}, cache_dir=tmp_path / f"cache-{tag}")
+        result = run_benchmark(cfg, ds, None)
+        names = [Path(it.key).name for it in ds.items]
+        runs[tag] = {m: (dict(zip(names, r["predictions"])), [{k: v for k, v in f.items() if "seconds" not in k}
+                                                             for f in r.get("fit", [])])
+                     for m, r in result["methods"].items()}
+    assert set(runs["true"]) == {"coder", "coder-rerank", "coder-adapter@2", "tip-adapter@2"}
+    for m in runs["true"]:
+        assert runs["true"][m] == runs["shuffled"][m], m

@@ -63,6 +63,15 @@ def _build(root: Path, seed0: int) -> tuple[Path, list, list[int]]:
     return root / "idx", queries, labels
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: several torch threads on a busy 2-core machine are 20x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def memory(tmp_path_factory):
     return _build(tmp_path_factory.mktemp("reco"), 0)
@@ -70,11 +79,12 @@ def memory(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(memory, tmp_path_factory):
-    """RECO trained on the memory's own pairs (the item itself only excluded, see the e2e test)."""
+    """RECO trained on the memory's own pairs, k = DUPS, the item itself only excluded (the
+    threshold would also exclude an item's sibling near-duplicates, which are what a query
+    retrieves at test time here)."""
     index, _, _ = memory
     out = tmp_path_factory.mktemp("reco-ck") / "ck"
-    torch.manual_seed(0)
-    summary = train_reco(TrainConfig(index=index, out=out, epochs=40, batch_size=64, lr=3e-3, dup_threshold=1.01, seed=0))
+    summary = train_reco(TrainConfig(index=index, out=out, k=DUPS, epochs=40, batch_size=64, lr=3e-3, dup_threshold=1.01))
     return out, summary
 
 
@@ -289,9 +299,11 @@ def test_reco_beats_clip_on_a_labelled_memory(memory, trained) -> None:
     acc = {}
     for name in ("clip", "reco", "reco-image", "reco-text", "reco-mean"):
         kw = {"checkpoint": str(out)} if name.startswith("reco") and name != "reco-mean" else {}
+        if name.startswith("reco"):
+            kw["k"] = DUPS
         pred = _predict(create(name, ctx, **kw), queries)
         acc[name] = float(np.mean(pred == np.array(labels)))
-    # measured: clip 0.17, reco 1.00, reco-image 1.00, reco-text 0.17, reco-mean 1.00
+    # measured: clip 0.17, reco 0.92, reco-image 0.94, reco-text 0.11, reco-mean 0.83
     assert acc["reco"] >= acc["clip"] + 0.5, acc
     assert acc["reco"] >= 0.8, acc
 
