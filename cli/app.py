@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-import typer
+# libraries' own progress bars (autofaiss, embedding_reader, faiss' clustering) are noise next
+# to ours; tqdm reads this when it is first imported
+os.environ.setdefault("TQDM_DISABLE", "1")
 
-from xm.errors import XMError
+import typer  # noqa: E402
+
+from xm.errors import XMError  # noqa: E402
 
 app = typer.Typer(
     name="xm",
@@ -14,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: TEXT, INTEGER, no "<list[str]>"
 )
 
 

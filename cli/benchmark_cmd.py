@@ -27,7 +27,7 @@ def _ints(flag: str, text: str) -> list[int]:
 @app.command("benchmark")
 def benchmark_cmd(
     dataset: str = typer.Option(..., "--dataset", help="eurosat, caltech101, cifar10, oxford_pets, ... or imagefolder"),
-    data_dir: Path = typer.Option(..., "--data-dir", help="the dataset in its native layout"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="the dataset in its native layout (default: $XM_DATA/<dataset>, then $XM_HOME/data/<dataset>)"),
     index: Optional[Path] = typer.Option(None, "--index", help="an index built by xm build-index"),
     model: Optional[str] = typer.Option(None, "--model", help="inference encoder ARCH:PRETRAINED (default: the index's first inference encoder)"),
     methods: str = typer.Option("clip,captions,xmore,xmore-minmax,xmore-equal,xmore-raw,xmore-indirect", help="comma-separated (see `xm methods`)"),
@@ -44,7 +44,7 @@ def benchmark_cmd(
     descriptions: Optional[Path] = typer.Option(None, "--descriptions", help="CODER: class descriptions (DCLIP JSON)"),
     texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="CODER: text sets written by `xm texts`"),
     reco_checkpoint: Optional[Path] = typer.Option(None, "--reco-checkpoint", help="RECO: trained fusion checkpoint"),
-    opt: List[str] = typer.Option([], "--opt", help="any method option, NAME=VALUE, for every method that takes it (repeatable)"),
+    opt: List[str] = typer.Option([], "--opt", metavar="NAME=VALUE", help="any method option, NAME=VALUE, for every method that takes it (repeatable)"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="evidence cache (default ~/.cache/xm/benchmark)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for JSON per method, merged CSV and PNG chart"),
@@ -53,14 +53,19 @@ def benchmark_cmd(
     """Evaluate methods side by side on the same images, through the one method interface."""
     from xm.evaluation.datasets import load_dataset
     from xm.evaluation.runner import BenchmarkConfig, run_benchmark, write_outputs
-    from xm.indexes import open_index
+    from xm.indexes import home, open_index
     from xm.methods.protocols import protocol as get_protocol
+    from xm.methods.registry import get
 
     proto = get_protocol(protocol)
+    method_names = [m.strip() for m in methods.split(",") if m.strip()]
+    if index is None and any(get(m).method.needs_memory for m in method_names):
+        index = home.require_index(None)
+    data_dir = home.find_dataset(dataset, data_dir)
     options = method_options(opt, k_coarse=k_coarse, k_fine=k_fine, descriptions=descriptions, texts_file=texts_file,
                              checkpoint=reco_checkpoint)
     cfg = BenchmarkConfig(dataset=dataset, data_dir=data_dir, index=index, model=model, protocol=protocol,
-                          methods=[m.strip() for m in methods.split(",") if m.strip()],
+                          methods=method_names,
                           seeds=_ints("--seeds", seeds) if seeds else None, shots=_ints("--shots", shots), split=split,
                           split_file=split_file, classnames_file=classnames, templates=templates, limit=limit,
                           options=options, batch_size=batch_size)

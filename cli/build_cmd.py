@@ -8,17 +8,17 @@ from typing import List, Optional
 import typer
 
 from xm.cli.app import app
-from xm.cli.output import console, print_json, progress_bars, table
+from xm.cli.output import console, err_console, print_json, progress_bars, table
 
 
 @app.command("build-index")
 def build_index_cmd(
     source: Optional[str] = typer.Option(None, "--source", help="laion400m | laion400m-embeddings | a table of URLs+captions | a folder of images with .txt captions | an img2dataset output folder"),
-    out: Path = typer.Option(..., "--out", help="index folder to create or resume"),
+    out: Optional[Path] = typer.Option(None, "--out", help="index folder to create or resume (default: $XM_HOME/indexes/<source name>, which then becomes the default index)"),
     coarse: str = typer.Option("ViT-B-32:openai", help="encoder whose image embeddings are searched (ARCH:PRETRAINED)"),
     fine: str = typer.Option("ViT-L-14:openai", help="encoder that re-ranks captions"),
-    inference: List[str] = typer.Option(["RN50:openai"], help="encoder(s) that classify; repeat for several"),
-    encoder: List[str] = typer.Option([], "--encoder", help="general form, repeatable: ARCH:PRETRAINED=image,text,index-image,index-text (added to the roles' encoders)"),
+    inference: List[str] = typer.Option(["RN50:openai"], metavar="ARCH:PRETRAINED", help="encoder(s) that classify; repeat for several"),
+    encoder: List[str] = typer.Option([], "--encoder", metavar="ARCH:PRETRAINED=PARTS", help="general form, repeatable: ARCH:PRETRAINED=image,text,index-image,index-text (added to the roles' encoders)"),
     add_encoder: Optional[str] = typer.Option(None, "--add-encoder", help="extend the built index at --out with ARCH:PRETRAINED=parts; nothing else is rebuilt"),
     limit: Optional[int] = typer.Option(None, help="at most this many pairs from the source"),
     parts: Optional[str] = typer.Option(None, help="LAION part numbers, e.g. 0-3,7"),
@@ -38,6 +38,7 @@ def build_index_cmd(
     distributor: str = typer.Option("multiprocessing", help="img2dataset distributor: multiprocessing | pyspark"),
     batch_size: int = typer.Option(64, help="images per encoder batch"),
     no_text_index: bool = typer.Option(False, "--no-text-index", help="skip the caption kNN index"),
+    allow_file_urls: bool = typer.Option(False, "--allow-file-urls", help="let a table's file:// URLs read local files (off: an untrusted table must not read your disk)"),
     stages: Optional[str] = typer.Option(None, help="comma-separated stages to run (select,download,embed,index,store,manifest)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
@@ -46,7 +47,11 @@ def build_index_cmd(
     from xm.pipeline import STAGES, BuildConfig, build_index
     from xm.pipeline.laion import parse_parts
 
+    from xm.indexes import home
+
     if add_encoder is not None:
+        if out is None:
+            raise XMError("--add-encoder: give --out, the built index to extend")
         if source is not None:
             raise XMError("--add-encoder extends the index at --out; give no --source")
         from xm.pipeline.extend import add_encoder as extend
@@ -63,17 +68,23 @@ def build_index_cmd(
         return
     if source is None:
         raise XMError("--source: required (or --add-encoder to extend a built index)")
+    in_home = out is None
+    out = out or home.default_out(source)
     cfg = BuildConfig(
         source=source, out=out, encoders=list(encoder), coarse=coarse, fine=fine, inference=list(inference), limit=limit,
         parts=parse_parts(parts), url_col=url_col, caption_col=caption_col, metadata_root=metadata_root,
         embeddings_root=embeddings_root, shards=shards, k=k, max_index_memory=max_index_memory,
         current_memory=current_memory, image_size=image_size, processes=processes, threads=threads,
         shard_size=shard_size, timeout=timeout, distributor=distributor, batch_size=batch_size,
-        index_text=not no_text_index,
+        index_text=not no_text_index, allow_file_urls=allow_file_urls,
         stages=tuple(s.strip() for s in stages.split(",")) if stages else STAGES,
     )
     with progress_bars() as make:
         summary = build_index(cfg, progress=make)
+    for w in summary.warnings:
+        err_console.print(f"xm: warning: {w}", markup=False)
+    if in_home and summary.manifest_id:
+        home.set_default(out.name)  # the latest complete build without --out is the default index
     if as_json:
         print_json(summary.__dict__)
         return
@@ -83,5 +94,6 @@ def build_index_cmd(
     rows += [(f"failed: {reason}", n) for reason, n in sorted(summary.failures.items(), key=lambda kv: -kv[1])]
     rows += [(f"time: {stage}", f"{secs:.1f} s") for stage, secs in summary.stage_seconds.items()]
     rows += [("skipped", s) for s in summary.skipped]
+    rows += [("warning", w) for w in summary.warnings]
     rows.append(("manifest id", summary.manifest_id))
     console.print(table(f"xm build-index -> {summary.out}", ["", ""], rows))

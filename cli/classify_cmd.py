@@ -15,12 +15,12 @@ from xm.cli.output import console, err_console, print_json, table
 
 @app.command("classify")
 def classify_cmd(
-    images: List[Path] = typer.Argument(..., help="images, classified as one stream in this order"),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help="images, classified as one stream in this order"),
     labels: Path = typer.Option(..., "--labels", help="class names, one per line"),
     index: Optional[Path] = typer.Option(None, "--index", help="an index built by xm build-index"),
     method: str = typer.Option("xmore", "--method", help="a method or variant (see `xm methods`)"),
     model: Optional[str] = typer.Option(None, "--model", help="inference encoder ARCH:PRETRAINED (default: the index's first inference encoder)"),
-    template: List[str] = typer.Option(["a photo of a {}."], "--template", help="prompt template(s); several are averaged"),
+    template: List[str] = typer.Option(["a photo of a {}."], "--template", metavar="TEMPLATE", help="prompt template(s); several are averaged"),
     protocol: str = typer.Option("authors", "--protocol", help="authors | xm: X-MoRe's retrieval switches (see `xm methods`)"),
     k_coarse: Optional[int] = typer.Option(None, "--k-coarse", help="X-MoRe: captions kept from the coarse image kNN (128)"),
     k_fine: Optional[int] = typer.Option(None, "--k-fine", help="X-MoRe: captions kept after fine re-ranking (16)"),
@@ -30,7 +30,7 @@ def classify_cmd(
     reco_checkpoint: Optional[Path] = typer.Option(None, "--reco-checkpoint", help="RECO: trained fusion checkpoint"),
     descriptions: Optional[Path] = typer.Option(None, "--descriptions", help="CODER: class descriptions (DCLIP JSON)"),
     texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="CODER: text sets written by `xm texts`"),
-    opt: List[str] = typer.Option([], "--opt", help="any method option, NAME=VALUE (repeatable; see `xm methods`)"),
+    opt: List[str] = typer.Option([], "--opt", metavar="NAME=VALUE", help="any method option, NAME=VALUE (repeatable; see `xm methods`)"),
     state: Optional[Path] = typer.Option(None, "--state", help="JSON file continuing the stream across invocations"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="images encoded together (order is kept)"),
     explain: bool = typer.Option(False, "--explain", help="show what the method used (captions, texts) and their votes"),
@@ -39,7 +39,11 @@ def classify_cmd(
 ) -> None:
     """Classify images with any method over a built index (default: X-MoRe, the authors' protocol)."""
     from xm.classify import Classifier
+    from xm.indexes import home
+    from xm.methods.registry import get
 
+    if index is None and get(method).method.needs_memory:
+        index = home.require_index(None)
     options = method_options(opt, k_coarse=k_coarse, k_fine=k_fine, ensemble=ensemble, retrieval=retrieval,
                              mode=reco_mode, checkpoint=reco_checkpoint, descriptions=descriptions, texts_file=texts_file)
     clf = Classifier(index, labels, method=method, model=model, templates=template, protocol_name=protocol,

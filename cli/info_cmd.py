@@ -75,3 +75,29 @@ def search_cmd(
     console.print(table(f"{k} nearest in {index} ({modality} index)", ["rank", "id", "similarity", "caption", "url"], [
         (r + 1, h["id"], h["similarity"], h["caption"], h["url"]) for r, h in enumerate(hits)
     ]))
+
+
+@app.command("indexes")
+def indexes_cmd(
+    default: Optional[str] = typer.Option(None, "--default", help="make this index (a name listed here) the default"),
+    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+) -> None:
+    """The indexes in your xm folder ($XM_HOME/indexes) and which one is the default."""
+    from xm.indexes import home
+    from xm.indexes.manifest import read_manifest
+
+    if default is not None:
+        home.set_default(default)
+    current = home.default_index()
+    rows = []
+    for path in home.list_indexes():
+        m = read_manifest(path)
+        rows.append({"name": path.name, "default": path == current, "items": m["count"], "created": m["created"],
+                     "source": f"{m['source']['kind']}: {m['source']['source']}", "path": str(path)})
+    if as_json:
+        print_json({"home": str(home.home()), "indexes": rows})
+        return
+    console.print(table(f"indexes in {home.indexes_dir()}", ["", "name", "items", "created", "source"],
+                        [("*" if r["default"] else "", r["name"], r["items"], r["created"], r["source"]) for r in rows]))
+    if not rows:
+        console.print("none yet: `xm build-index --source ...` without --out builds one here and makes it the default")

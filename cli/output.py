@@ -61,7 +61,14 @@ class _RateColumn(ProgressColumn):
 
 @contextmanager
 def progress_bars() -> Iterator[Callable[[str, int | None], Callable[[int], None]]]:
-    """A factory of progress bars on stderr: `tick = make(label, total); tick(n)`."""
+    """A factory of progress bars on stderr: `tick = make(label, total); tick(n)`.
+
+    On a terminal, live bars with count, rate and ETA; otherwise (a log file, CI) plain
+    lines, one per task at most every PLAIN_EVERY seconds and when it completes."""
+    if not err_console.is_terminal:
+        with _plain_progress() as make:
+            yield make
+        return
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -74,7 +81,45 @@ def progress_bars() -> Iterator[Callable[[str, int | None], Callable[[int], None
     ) as prog:
 
         def make(label: str, total: int | None) -> Callable[[int], None]:
-            task = prog.add_task(label, total=total)
+            task = prog.add_task(safe_text(label).plain, total=total)
             return lambda n: prog.advance(task, n)
 
         yield make
+
+
+PLAIN_EVERY = 10.0
+
+
+@contextmanager
+def _plain_progress() -> Iterator[Callable[[str, int | None], Callable[[int], None]]]:
+    import time
+
+    tasks: list[dict[str, Any]] = []
+
+    def line(t: dict[str, Any]) -> None:
+        elapsed = time.monotonic() - t["start"]
+        rate = t["done"] / elapsed if elapsed > 0 else 0.0
+        total = t["total"]
+        eta = f", ETA {(total - t['done']) / rate:,.0f} s" if total and rate > 0 and t["done"] < total else ""
+        count = f"{t['done']:,}/{total:,} ({100 * t['done'] / total:.0f}%)" if total else f"{t['done']:,}"
+        sys.stderr.write(f"xm: {t['label']}: {count}, {rate:,.1f}/s, {elapsed:,.0f} s{eta}\n")
+        sys.stderr.flush()
+        t["last"] = time.monotonic()
+
+    def make(label: str, total: int | None) -> Callable[[int], None]:
+        t = {"label": safe_text(label).plain, "total": total, "done": 0, "start": time.monotonic(), "last": 0.0}
+        tasks.append(t)
+
+        def tick(n: int) -> None:
+            t["done"] += n
+            if (total and t["done"] >= total) or time.monotonic() - t["last"] >= PLAIN_EVERY:
+                line(t)
+
+        return tick
+
+    try:
+        yield make
+    finally:
+        for t in tasks:
+            if t["done"] and not (t["total"] and t["done"] >= t["total"]):
+                line(t)

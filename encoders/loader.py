@@ -184,7 +184,8 @@ class Encoder:
         """Normalised text embeddings; captions are batched by token length (see `_encode_tokens`)."""
         return self.encode_texts_with_norms(texts, batch_size)[0]
 
-    def encode_texts_with_norms(self, texts: Sequence[str], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    def encode_texts_with_norms(self, texts: Sequence[str], batch_size: int = 256,
+                                on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(normalised text embeddings, their norms before normalisation): the norms are what
         X-MoRe's raw-dot re-ranking needs, stored at build time so nothing is re-encoded."""
         import torch
@@ -204,6 +205,8 @@ class Encoder:
                     out = np.empty((len(texts), feats.shape[1]), np.float32)
                 out[idx.numpy()] = feats
                 norms[idx.numpy()] = raw.norm(dim=-1).numpy()
+                if on_batch is not None:
+                    on_batch(len(idx))
         return out, norms
 
     def _encode_tokens(self, tokens: Any) -> Any:

@@ -1,5 +1,6 @@
 """The artefact format of an xm index and its readers: shards, embeddings, caption store, manifest."""
 
+from xm.indexes import home
 from xm.indexes.embeddings import EmbeddingMatrix
 from xm.indexes.layout import Layout
 from xm.indexes.manifest import read_manifest
@@ -7,4 +8,4 @@ from xm.indexes.memory import MemoryIndex, open_index
 from xm.indexes.shards import ShardedIndex
 from xm.indexes.store import CaptionStore
 
-__all__ = ["CaptionStore", "EmbeddingMatrix", "Layout", "MemoryIndex", "ShardedIndex", "open_index", "read_manifest"]
+__all__ = ["home", "CaptionStore", "EmbeddingMatrix", "Layout", "MemoryIndex", "ShardedIndex", "open_index", "read_manifest"]

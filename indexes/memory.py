@@ -34,6 +34,24 @@ class MemoryIndex:
         self._matrices: dict[tuple[str, str], EmbeddingMatrix] = {}
         self._indexes: dict[str, ShardedIndex] = {}
         self._norms: dict[tuple[str, str], np.ndarray] = {}
+        if verify:
+            self.check_counts()
+
+    def check_counts(self) -> None:
+        """The manifest's counts against the files themselves (`xm info --verify`): parts, every
+        embedding part, every kNN index. A re-hashed manifest with an edited count fails here."""
+        rows = sum(p["rows"] for p in self.manifest["parts"])
+        if rows != self.count:
+            raise XMError(f"{self.layout.manifest}: parts hold {rows} rows, the manifest says count {self.count}")
+        for spec, entry in self.manifest["encoders"].items():
+            for modality in entry["embedded"]:
+                for part in self.manifest["parts"]:
+                    f = self.layout.emb_file(entry["slug"], modality, part["name"])
+                    n = np.load(f, mmap_mode="r").shape[0]
+                    if n != part["rows"]:
+                        raise XMError(f"{f}: {n} rows, the manifest says {part['rows']}")
+        for entry in self.manifest["indexes"]:
+            self.index(entry["modality"], entry["encoder"])  # refuses shards that disagree with the count
 
     def __repr__(self) -> str:
         return f"MemoryIndex({self.root}, {self.count} items, id {self.id})"
@@ -132,7 +150,9 @@ class MemoryIndex:
                               f"`xm build-index --out {self.root} --add-encoder {spec}=index-{modality}`")
             folder = self.root / entry["dir"]
             files = [folder / s["file"] for s in entry["shards"]]
-            idx = ShardedIndex(files, [s["id_offset"] for s in entry["shards"]], entry.get("params", ""))
+            # IVF shards store global ids (their id range); Flat/HNSW local ones plus an offset
+            ranges = [tuple(s["id_range"]) if s["id_offset"] == 0 else (0, s["ntotal"]) for s in entry["shards"]]
+            idx = ShardedIndex(files, [s["id_offset"] for s in entry["shards"]], entry.get("params", ""), ranges)
             if idx.ntotal != self.count:
                 raise XMError(f"{folder}: shards hold {idx.ntotal} vectors, manifest says {self.count}")
             self._indexes[key] = idx

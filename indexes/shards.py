@@ -83,6 +83,45 @@ def read_shard(path: Path):
             raise XMError(f"{path}: damaged index shard ({str(exc).splitlines()[0][:120]})") from exc
 
 
+# Checking every stored id is O(n); above this many per shard only the list layout is checked
+# (sizes and offsets against the file), and ids are checked on each search's results instead.
+ID_CHECK_LIMIT = 5_000_000
+
+
+def validate_shard(index, path: Path, id_range: tuple[int, int] | None = None) -> None:
+    """Refuse, in one line, a shard whose inverted lists do not fit its own file (a crafted or
+    damaged shard: faiss reads memory-mapped lists without bound checks) or whose stored ids
+    fall outside its id range. Cheap: O(number of lists), plus the ids up to ID_CHECK_LIMIT."""
+    import faiss
+
+    if not _is_ivf(index):
+        return
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    entry = 8 + lists.code_size  # an id and a code per vector
+    total = 0
+    for i in range(lists.nlist):
+        n = lists.list_size(i)
+        if isinstance(lists, faiss.OnDiskInvertedLists):
+            li = lists.lists.at(i)
+            if li.size > li.capacity or li.offset + li.capacity * entry > lists.totsize:
+                raise XMError(f"{path}: inverted list {i} ({li.size} vectors at byte {li.offset}) lies outside the file; "
+                              "the shard is damaged")
+        if n < 0 or n > index.ntotal:
+            raise XMError(f"{path}: inverted list {i} claims {n} vectors in a shard of {index.ntotal}; the shard is damaged")
+        total += n
+    if total != index.ntotal:
+        raise XMError(f"{path}: inverted lists hold {total} vectors, the shard says {index.ntotal}; the shard is damaged")
+    if id_range is not None and index.ntotal <= ID_CHECK_LIMIT:
+        lo, hi = id_range
+        for i in range(lists.nlist):
+            n = lists.list_size(i)
+            if n:
+                ids = np.asarray(faiss.rev_swig_ptr(lists.get_ids(i), n))
+                if ids.min() < lo or ids.max() >= hi:
+                    raise XMError(f"{path}: stores ids outside its range {lo}..{hi - 1}; the shard is damaged")
+
+
 def set_params(index, params: str) -> None:
     import faiss
 
@@ -93,8 +132,11 @@ def set_params(index, params: str) -> None:
 class ShardedIndex:
     """Search over all shards of one (encoder, modality) index; results carry global ids."""
 
-    def __init__(self, files: Sequence[Path], offsets: Sequence[int], params: str = "") -> None:
+    def __init__(self, files: Sequence[Path], offsets: Sequence[int], params: str = "",
+                 id_ranges: Sequence[tuple[int, int]] | None = None) -> None:
         self.shards = [read_shard(f) for f in files]
+        for i, (f, shard) in enumerate(zip(files, self.shards)):
+            validate_shard(shard, Path(f), tuple(id_ranges[i]) if id_ranges else None)
         self.offsets = list(offsets)
         self.params = params
         for s in self.shards:

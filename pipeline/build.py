@@ -8,9 +8,13 @@ matches the row count) and redoes only what a kill interrupted.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -36,6 +40,7 @@ class BuildSummary:
     failures: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     manifest_id: str | None = None
 
 
@@ -59,7 +64,26 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
         raise XMError(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
     cfg.validate()
     layout = Layout(cfg.out)
+    fresh = not layout.root.exists()
     layout.root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_stages(cfg, layout, progress)
+    except BaseException:
+        # a first run that failed before writing anything leaves no empty --out behind
+        if fresh and not any(p.is_file() for p in layout.root.rglob("*")):
+            shutil.rmtree(layout.root, ignore_errors=True)
+        raise
+
+
+def _pause_point(stage: str) -> None:
+    """Fault-injection for tests and debugging: XM_PAUSE_AT=<stage> waits at the stage's start
+    (so that a signal can be sent there), XM_PAUSE_SECONDS long (default 30)."""
+    if os.environ.get("XM_PAUSE_AT") == stage:
+        print(f"xm: paused at stage {stage} (XM_PAUSE_AT)", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get("XM_PAUSE_SECONDS", "30")))
+
+
+def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress) -> BuildSummary:
     kind = sources.source_kind(cfg.source)
     summary = BuildSummary(out=str(layout.root), source_kind=kind)
     encoders_needed = "embed" in cfg.stages or "manifest" in cfg.stages
@@ -67,6 +91,7 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
     def timed(stage: str, fn: Callable[[], Any]) -> Any:
         if stage not in cfg.stages:
             return None
+        _pause_point(stage)
         t0 = time.perf_counter()
         result = fn()
         summary.stage_seconds[stage] = round(time.perf_counter() - t0, 3)
@@ -79,6 +104,8 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
 
             timed("download", lambda: download(cfg, layout))
         _add_failures(summary, sources.download_failures(layout.download))
+    elif kind == "img2dataset":  # an existing img2dataset folder: its own download failures count too
+        _add_failures(summary, sources.download_failures(Path(cfg.source)))
 
     plan = cfg.plan()
     encoders = {spec: load_encoder(spec, cache_dir=cfg.cache_dir) for spec in plan} if encoders_needed else {}
@@ -91,9 +118,13 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
         todo = [p for p in parts if read_marker(layout, p.name) is None]
         if len(todo) < len(parts):
             summary.skipped.append(f"embed: {len(parts) - len(todo)} part(s) already done")
-        tick = progress("embed", None)
+        sizes = [p.size for p in todo]
+        total = sum(sizes) if None not in sizes else None
+        texts = sum(1 for parts in plan.values() if "text" in parts)
+        images = progress("embed images", total)
+        captions = progress(f"embed captions ({texts} encoder{'s' if texts != 1 else ''})", total * texts if total else None)
         for part in todo:
-            embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=tick)
+            embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=images, on_captions=captions)
 
     timed("embed", embed)
     markers = _embedded_parts(layout)
@@ -101,6 +132,10 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
         _add_failures(summary, m["failures"])
     done = [m for m in markers if m["rows"] > 0]
     summary.count = sum(m["rows"] for m in done)
+    empty = sum(m.get("empty_captions", 0) for m in done)
+    if empty:
+        summary.warnings.append(f"{empty} of {summary.count} items have an empty caption"
+                                + (" (no .txt beside the image)" if kind == "images" else ""))
     later = set(cfg.stages) & {"index", "store", "manifest"}
     if later and summary.count == 0:
         raise XMError(f"{cfg.source}: no usable image-text pairs embedded (failures: {dict(summary.failures) or 'none'})")
@@ -204,6 +239,7 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
         "encoders": enc_entries,
         "parts": [{"name": m["part"], "rows": m["rows"]} for m in done],
         "indexes": indexes,
-        "stats": {"failures": summary.failures, "selected": summary.selected},
+        "stats": {"failures": summary.failures, "selected": summary.selected,
+                  "empty_captions": sum(m.get("empty_captions", 0) for m in done)},
     }
     return write_manifest(layout, body, files)

@@ -44,6 +44,7 @@ class BuildConfig:
     metadata_root: str | None = None  # LAION metadata parquet folder or base URL
     embeddings_root: str | None = None  # LAION precomputed embeddings folder or base URL
     nsfw_filter: bool = True
+    allow_file_urls: bool = False  # file:// URLs in a table read the local disk: off unless asked
     # download (img2dataset)
     image_size: int = 256
     processes: int = 2

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 
 from xm.indexes.layout import Layout
 from xm.pipeline.config import BuildConfig
+from xm.pipeline.quiet import stdout_to_stderr
 
 # Columns img2dataset reads itself, or that the store derives; the rest travel along.
 _OWN = {"url", "caption"}
@@ -20,16 +21,21 @@ def download(cfg: BuildConfig, layout: Layout) -> None:
     columns = pq.read_schema(layout.selection).names
     layout.download.mkdir(parents=True, exist_ok=True)
     logging.getLogger("img2dataset").setLevel(logging.WARNING)
-    # img2dataset installs a SIGINT handler that exits 0; Ctrl-C must stay an interrupt (exit 130)
+    # img2dataset installs a SIGINT handler that cleans its temporary folder and exits 0:
+    # Ctrl-C must stay an interrupt (exit 130), during the download and after it
     previous = signal.getsignal(signal.SIGINT)
     try:
-        _run(img2dataset_download, cfg, layout, columns)
+        with stdout_to_stderr():  # its progress must not mix with `--json` on stdout
+            _run(img2dataset_download, cfg, layout, columns)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+        raise KeyboardInterrupt from exc
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
 def _run(img2dataset_download, cfg: BuildConfig, layout: Layout, columns: list[str]) -> None:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     img2dataset_download(
         url_list=str(layout.selection),
         input_format="parquet",

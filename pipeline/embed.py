@@ -98,9 +98,10 @@ def _save_npy(path, array: np.ndarray, dtype: Any = np.float16) -> None:
             np.save(f, np.asarray(array).astype(dtype))
 
 
-def write_text_embeddings(layout: Layout, enc: Encoder, part: str, captions: list[str]) -> None:
+def write_text_embeddings(layout: Layout, enc: Encoder, part: str, captions: list[str],
+                          on_batch: Callable[[int], None] | None = None) -> None:
     """One part's caption embeddings and their norms under `enc`."""
-    text, norms = enc.encode_texts_with_norms(captions)
+    text, norms = enc.encode_texts_with_norms(captions, on_batch=on_batch)
     _save_npy(layout.norm_file(enc.spec.slug, "text", part), norms, np.float32)
     _save_npy(layout.emb_file(enc.spec.slug, "text", part), text)
 
@@ -112,6 +113,7 @@ def embed_part(
     layout: Layout,
     batch_size: int,
     on_rows: Callable[[int], None] = lambda n: None,
+    on_captions: Callable[[int], None] = lambda n: None,
 ) -> dict[str, Any]:
     """Embed one part as `plan` says (the first encoder also writes the metadata); return its
     marker (rows kept, failures by reason)."""
@@ -151,13 +153,15 @@ def embed_part(
     marker = {"part": part.name, "rows": len(kept), "failures": dict(failures)}
     if kept:
         captions = [s.caption for s in kept]
+        marker["empty_captions"] = sum(1 for c in captions if not c.strip())
         for spec, parts in plan.items():
             enc = encoders[spec]
             if "text" in parts:
                 if spec == first and precomputed_text is not None:
                     _save_npy(layout.emb_file(enc.spec.slug, "text", part.name), np.asarray(precomputed_text))
+                    on_captions(len(captions))
                 else:
-                    write_text_embeddings(layout, enc, part.name, captions)
+                    write_text_embeddings(layout, enc, part.name, captions, on_batch=on_captions)
             if "image" in parts:
                 _save_npy(layout.emb_file(enc.spec.slug, "image", part.name), np.asarray(images[spec]))
         with atomic_path(layout.metadata_file(encoders[first].spec.slug, part.name)) as tmp:

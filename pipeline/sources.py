@@ -10,6 +10,7 @@ Kinds:
 
 from __future__ import annotations
 
+import itertools
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class Part:
     samples: Callable[[], Iterator[Sample]]
     # LAION precomputed parts bring their own coarse embeddings
     precomputed: dict[str, Path] | None = None
+    size: int | None = None  # samples in the part, where known without reading it (progress totals)
 
 
 def source_kind(source: str) -> str:
@@ -135,10 +137,28 @@ def select(cfg: BuildConfig, layout: Layout, kind: str) -> int:
         table = _read_table(Path(cfg.source), cfg.url_col, cfg.caption_col)
     if cfg.limit:
         table = table.slice(0, cfg.limit)
+    if kind == "table":
+        _check_schemes(Path(cfg.source), table, cfg.allow_file_urls)
     pin_params(params_file, params, "selection")  # only once a selection exists to resume
     with atomic_path(layout.selection) as tmp:
         pq.write_table(table, tmp)
     return table.num_rows
+
+
+def _check_schemes(path: Path, table: pa.Table, allow_file: bool) -> None:
+    """An untrusted table must not read the local disk into the memory: http(s) only."""
+    import pyarrow.compute as pc
+
+    urls = pc.utf8_lower(pc.cast(table["url"], pa.string()))
+    ok = pc.starts_with(urls, "http://")
+    for scheme in ["https"] + (["file"] if allow_file else []):
+        ok = pc.or_kleene(ok, pc.starts_with(urls, f"{scheme}://"))
+    bad = pc.invert(pc.fill_null(ok, False))
+    n = pc.sum(bad).as_py() or 0
+    if n:
+        example = table["url"].filter(bad)[0].as_py()
+        raise XMError(f"{path}: {n} URL(s) are not http(s) (e.g. {str(example)[:80]!r}); only http and https are fetched"
+                      + ("" if allow_file else " unless --allow-file-urls"))
 
 
 # ---------------------------------------------------------------- parts
@@ -182,12 +202,46 @@ def _files_dir_samples(path: Path) -> Iterator[Sample]:
 def img2dataset_parts(folder: Path) -> list[Part]:
     tars = sorted(folder.glob("*.tar"))
     if tars:
-        return [Part(name=t.stem, samples=lambda t=t: _tar_samples(t)) for t in tars]
+        return [Part(name=t.stem, samples=lambda t=t: _tar_samples(t), size=_shard_successes(t.with_suffix(".parquet")))
+                for t in tars]
     dirs = sorted(d for d in folder.iterdir() if d.is_dir() and d.name.isdigit())
+    if not dirs:
+        for fmt, pattern in (("tfrecord", "*.tfrecord"), ("parquet", "*.parquet")):
+            if any(f for f in folder.glob(pattern) if not f.name.startswith("_")):
+                raise XMError(f"{folder}: an img2dataset folder in its {fmt!r} output format, which xm does not read; "
+                              "download with --output_format webdataset (or files)")
     return [Part(name=d.name, samples=lambda d=d: _files_dir_samples(d)) for d in dirs]
 
 
-def _folder_parts(folder: Path, part_size: int) -> list[Part]:
+def _shard_successes(sidecar: Path) -> int | None:
+    """Samples img2dataset wrote into a shard, from its parquet sidecar (None if unknown)."""
+    try:
+        status = pq.read_table(sidecar, columns=["status"]).column("status").to_pylist()
+    except (OSError, KeyError, pa.ArrowInvalid):
+        return None
+    return sum(1 for s in status if s == "success")
+
+
+def limit_parts(parts: list[Part], limit: int | None) -> list[Part]:
+    """The first `limit` samples over the parts in order (later parts dropped, the last cut)."""
+    if limit is None:
+        return parts
+    out, left = [], limit
+    for part in parts:
+        if left <= 0:
+            break
+        n = sum(1 for _ in part.samples())
+        if n <= left:
+            out.append(Part(part.name, part.samples, part.precomputed, n))
+        else:
+            out.append(Part(part.name, lambda p=part, k=left: itertools.islice(p.samples(), k), part.precomputed, left))
+            left = 0
+            continue
+        left -= n
+    return out
+
+
+def _folder_parts(folder: Path, part_size: int, limit: int | None = None) -> list[Part]:
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise XMError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -199,8 +253,9 @@ def _folder_parts(folder: Path, part_size: int) -> list[Part]:
             rel = img.relative_to(folder).as_posix()
             yield Sample(key=rel, caption=caption, url=None, image_path=str(img))
 
+    images = images[:limit] if limit else images
     chunks = [images[i : i + part_size] for i in range(0, len(images), part_size)]
-    return [Part(name=part_name(i), samples=lambda c=c: samples(c)) for i, c in enumerate(chunks)]
+    return [Part(name=part_name(i), samples=lambda c=c: samples(c), size=len(c)) for i, c in enumerate(chunks)]
 
 
 def _laion_embedding_parts(cfg: BuildConfig, layout: Layout) -> list[Part]:
@@ -232,12 +287,15 @@ def _laion_embedding_parts(cfg: BuildConfig, layout: Layout) -> list[Part]:
 
 
 def parts_for(cfg: BuildConfig, layout: Layout, kind: str) -> list[Part]:
+    """The source's parts; `--limit` applies to every kind (for downloads, at select)."""
     if kind in ("laion400m", "table"):
         return img2dataset_parts(layout.download)
     if kind == "img2dataset":
-        return img2dataset_parts(Path(cfg.source))
+        return limit_parts(img2dataset_parts(Path(cfg.source)), cfg.limit)
     if kind == "images":
-        return _folder_parts(Path(cfg.source), cfg.shard_size)
+        return _folder_parts(Path(cfg.source), cfg.shard_size, cfg.limit)
+    if cfg.limit is not None:
+        raise XMError("--limit: LAION's precomputed embedding parts are taken whole; choose how many with --parts")
     return _laion_embedding_parts(cfg, layout)
 
 

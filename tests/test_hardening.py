@@ -4,6 +4,7 @@ tell apart, bad options and folders, damaged ids, Ctrl-C. One line, a non-zero e
 from __future__ import annotations
 
 import json
+import re
 import signal
 import struct
 import subprocess
@@ -128,3 +129,80 @@ def test_ctrl_c_during_a_folder_build_exits_130_and_resumes(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1])["count"] == 400
     assert open_index(out).count == 400
+
+
+def _crafted(index: Path, tmp: Path, edit) -> Path:
+    """A copy of `index` whose image shard was edited by `edit(bytearray)` and re-hashed in the
+    manifest, as anyone re-publishing an index could: only structural checks can catch it."""
+    import hashlib
+    import shutil
+
+    copy = tmp / f"crafted-{len(list(tmp.iterdir()))}"
+    shutil.copytree(index, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    entry = next(e for e in m["indexes"] if e["modality"] == "image")
+    shard = copy / entry["dir"] / entry["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    edit(data)
+    shard.write_bytes(bytes(data))
+    rel = shard.relative_to(copy).as_posix()
+    m["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (copy / "manifest.json").write_text(json.dumps(m))
+    return copy
+
+
+def _ivf_layout(data: bytearray) -> tuple[int, int, int, list[int]]:
+    """(offset of the first list size, nlist, code size, sizes) of faiss's 'ilar' inverted lists."""
+    at = data.index(b"ilar")
+    nlist, code_size = struct.unpack_from("<QQ", data, at + 4)
+    kind = bytes(data[at + 20 : at + 24])
+    assert kind == b"full", kind
+    first = at + 24 + 8  # after the vector's length
+    return first, nlist, code_size, list(struct.unpack_from(f"<{nlist}Q", data, first))
+
+
+@pytest.fixture(scope="module")
+def ivf_index(tmp_path_factory) -> Path:
+    """A memory big enough for autofaiss to choose an IVF index (the kind crafted shards attack)."""
+    root = tmp_path_factory.mktemp("ivf")
+    src = write_caption_folder(root / "pairs", 1200)
+    build_index(BuildConfig(source=str(src), out=root / "idx", index_text=False, **TINY_ROLES))
+    m = json.loads((root / "idx" / "manifest.json").read_text())
+    assert "IVF" in m["indexes"][0]["key"], m["indexes"][0]["key"]
+    return root / "idx"
+
+
+@pytest.mark.slow
+def test_crafted_shards_are_refused_in_one_line(ivf_index, tmp_path) -> None:
+    def huge_list(data: bytearray) -> None:
+        first, _, _, _ = _ivf_layout(data)
+        struct.pack_into("<Q", data, first, 1 << 40)
+
+    def other_lists(data: bytearray) -> None:
+        at = data.index(b"ilar")
+        data[at : at + 4] = b"ilod"
+
+    def foreign_id(data: bytearray) -> None:
+        first, nlist, code_size, sizes = _ivf_layout(data)
+        lists = first + 8 * nlist
+        j = next(i for i, n in enumerate(sizes) if n)
+        start = lists + sum(n * (code_size + 8) for n in sizes[:j])
+        struct.pack_into("<q", data, start + sizes[j] * code_size, 10**9)
+
+    for edit, expect in ((huge_list, "lies outside the file|claims"), (other_lists, "damaged"), (foreign_id, "stores ids outside")):
+        crafted = _crafted(ivf_index, tmp_path, edit)
+        assert _xm("info", str(crafted), "--verify").returncode == 0  # the checksums agree: only structure can tell
+        err = _one_error(_xm("search", str(crafted), "--text", "caption", "-k", "5"))
+        assert re.search(expect, err) and "shard-000.index" in err, err
+
+
+def test_verify_checks_counts_against_the_files(hostile_index, tmp_path) -> None:
+    import hashlib
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(hostile_index, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["count"] = 11
+    (copy / "manifest.json").write_text(json.dumps(m))
+    assert "parts hold 12 rows, the manifest says count 11" in _one_error(_xm("info", str(copy), "--verify"))
