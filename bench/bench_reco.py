@@ -8,8 +8,7 @@
     python bench/bench_reco.py embed --encoder ViT-B-32:random --out /tmp/xm-reco-bench
     # end to end on EuroSAT: memories of training images captioned with class prompts,
     # trained with `xm train reco`, scored on the test split
-    python bench/bench_reco.py e2e --emb /tmp/xm-reco-bench/ViT-B-32_random --sizes 1000,4000,10000 \
-        --epochs 10 --batch-size 128 --lr 1e-3 --work /tmp/xm-reco-e2e
+    python bench/bench_reco.py e2e --emb /tmp/xm-reco-bench/ViT-B-32_random --sizes 1000,4000,10000 --epochs 10 --batch-size 128 --lr 1e-3 --work /tmp/xm-reco-e2e
 
 A memory captioned with the dataset's own training labels is a labelled nearest-neighbour
 setting, not zero-shot: these figures measure whether the fusion learns to use what it

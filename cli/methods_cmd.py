@@ -17,7 +17,7 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="print as JSO
     vs = variants()
     if as_json:
         print_json({name: {"method": v.method.name, "preset": v.preset, "summary": v.summary,
-                           "needs_memory": v.method.needs_memory, "trains": v.method.trains, "few_shot": v.method.few_shot,
+                           "needs_memory": v.method.needs_memory, "trains": v.method.trains_for(v.method.resolve_options(v.preset)), "few_shot": v.method.few_shot,
                            "stream": v.method.stream,
                            "options": {o.name: {"default": o.default, "help": o.help, "choices": o.choices} for o in v.method.options}}
                     for name, v in vs.items()} | {"_protocols": PROTOCOLS})
@@ -25,7 +25,7 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="print as JSO
     console.print(table("methods (variants are option presets of one method)", ["name", "method", "preset", "needs", "kind", "summary"], [
         (name, v.method.name, ", ".join(f"{k}={val}" for k, val in v.preset.items()),
          "index" if v.method.needs_memory else "encoder only",
-         ", ".join(k for k, on in (("trained (xm train)", v.method.trains), ("few-shot (fit)", v.method.few_shot),
+         ", ".join(k for k, on in (("trained (xm train)", v.method.trains_for(v.method.resolve_options(v.preset))), ("few-shot (fit)", v.method.few_shot),
                                    ("stream-dependent", v.method.stream)) if on) or "zero-shot",
          v.summary) for name, v in vs.items()]))
     seen = set()

@@ -188,6 +188,11 @@ class Method:
         self.opts = self.resolve_options(options)
 
     @classmethod
+    def trains_for(cls, options: dict[str, Any]) -> bool:
+        """Whether this method, with these options, needs `xm train` first (RECO's mean fusion does not)."""
+        return cls.trains
+
+    @classmethod
     def resolve_options(cls, given: dict[str, Any]) -> dict[str, Any]:
         known = {o.name: o for o in cls.options}
         unknown = sorted(set(given) - set(known))

@@ -46,6 +46,10 @@ class Reco(Method):
         Option("encoder", "", "the frozen CLIP E (default: the index's coarse role)"),
     )
 
+    @classmethod
+    def trains_for(cls, options: dict) -> bool:
+        return options.get("fusion", "transformer") == "transformer"
+
     def __init__(self, ctx, **options: Any) -> None:
         super().__init__(ctx, **options)
         o = self.opts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
@@ -48,8 +49,11 @@ def jpeg_bytes(img: Image.Image, fmt: str = "JPEG") -> bytes:
 
 class _Handler(BaseHTTPRequestHandler):
     routes: dict[str, bytes] = {}
+    delay: float = 0.0  # seconds per response (a slow server, to interrupt a download mid-way)
 
     def do_GET(self) -> None:  # noqa: N802
+        if self.delay:
+            time.sleep(self.delay)
         body = self.routes.get(self.path)
         if body is None:
             self.send_error(404)
@@ -64,11 +68,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def image_server() -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(base URL on 127.0.0.1, routes dict to fill with path -> bytes)."""
+def _serve(delay: float) -> Iterator[tuple[str, dict[str, bytes]]]:
     routes: dict[str, bytes] = {}
-    handler = type("Handler", (_Handler,), {"routes": routes})
+    handler = type("Handler", (_Handler,), {"routes": routes, "delay": delay})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -77,6 +79,18 @@ def image_server() -> Iterator[tuple[str, dict[str, bytes]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def image_server() -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(base URL on 127.0.0.1, routes dict to fill with path -> bytes)."""
+    yield from _serve(0.0)
+
+
+@pytest.fixture
+def slow_image_server() -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The same, answering each request after 0.2 s."""
+    yield from _serve(0.2)
 
 
 def write_caption_folder(folder: Path, n: int, caption=lambda i: f"caption number {i}") -> Path:
