@@ -56,7 +56,7 @@ def search_cmd(
     index: Path = typer.Argument(..., help="index folder"),
     image: Optional[Path] = typer.Option(None, "--image", help="query image"),
     text: Optional[str] = typer.Option(None, "--text", help="query text"),
-    k: int = typer.Option(10, "-k", "--k", help="number of results"),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="number of results"),
     modality: str = typer.Option("image", help="which memory index to search: image | text"),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="indexed encoder to search with (default: the coarse role)"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines output"),
@@ -67,6 +67,8 @@ def search_cmd(
 
     if (image is None) == (text is None):
         raise XMError("xm search: give exactly one of --image or --text")
+    if modality not in ("image", "text"):
+        raise XMError(f"--modality {modality!r}: choose image or text")
     hits = search_memory(index, image=image, text=text, k=k, modality=modality, encoder=encoder)
     if as_json:
         for h in hits:

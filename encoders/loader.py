@@ -281,8 +281,9 @@ def load_encoder(spec: EncoderSpec | str, cache_dir: str | None = None, quiet: b
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     spec.arch, pretrained=spec.pretrained, cache_dir=cache_dir
                 )
-            except (RuntimeError, OSError, ValueError, KeyError) as exc:
-                raise XMError(f"encoder {spec}: could not load weights from {spec.pretrained}: {str(exc).splitlines()[0]}") from exc
+            except Exception as exc:  # torch.load and state-dict loading raise many types for a bad file
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise XMError(f"encoder {spec}: could not load weights from {spec.pretrained} ({type(exc).__name__}: {first})") from exc
         encoder = Encoder(spec, model, preprocess, open_clip.get_tokenizer(spec.arch))
         _loaded[key] = encoder
         return encoder

@@ -62,7 +62,8 @@ class Option:
                     raise ValueError(value)
                 value = self.type(value)
         except (TypeError, ValueError) as exc:
-            raise XMError(f"{flag}: {value!r} is not a {self.type.__name__}") from exc
+            name = self.type.__name__
+            raise XMError(f"{flag}: {value!r} is not {'an' if name[0] in 'aeiou' else 'a'} {name}") from exc
         if self.choices is not None and value not in self.choices:
             raise XMError(f"{flag}: {value!r}; choose from {', '.join(map(str, self.choices))}")
         if self.minimum is not None and value < self.minimum:

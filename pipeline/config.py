@@ -15,16 +15,16 @@ STAGES = ("select", "download", "embed", "index", "store", "manifest")
 ENCODER_PARTS = ("image", "text", "index-image", "index-text")
 
 
-def parse_encoder_flag(text: str) -> tuple[str, tuple[str, ...]]:
+def parse_encoder_flag(text: str, flag: str = "--encoder") -> tuple[str, tuple[str, ...]]:
     """`ARCH:PRETRAINED=image,text,index-image,index-text` -> (spec, parts); an index implies its embeddings."""
     spec, sep, rest = text.partition("=")
     spec = spec.strip()
     if not sep or not spec:
-        raise XMError(f"--encoder {text!r}: expected ARCH:PRETRAINED={','.join(ENCODER_PARTS)} (any of them)")
+        raise XMError(f"{flag} {text!r}: expected ARCH:PRETRAINED={','.join(ENCODER_PARTS)} (any of them)")
     parts = [p.strip() for p in rest.split(",") if p.strip()]
     bad = [p for p in parts if p not in ENCODER_PARTS]
     if bad or not parts:
-        raise XMError(f"--encoder {text!r}: unknown part(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(ENCODER_PARTS)}")
+        raise XMError(f"{flag} {text!r}: unknown part(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(ENCODER_PARTS)}")
     wanted = set(parts) | {p.removeprefix("index-") for p in parts if p.startswith("index-")}
     return spec, tuple(p for p in ENCODER_PARTS if p in wanted)
 

@@ -64,7 +64,7 @@ def add_encoder(out: str, flag: str, cfg: BuildConfig | None = None,
                 progress: Callable[[str, int | None], Callable[[int], None]] = lambda label, total: (lambda n: None)) -> AddSummary:
     layout = Layout(out)
     manifest = read_manifest(out)
-    spec, parts = parse_encoder_flag(flag)
+    spec, parts = parse_encoder_flag(flag, "--add-encoder")
     cfg = cfg or BuildConfig(source="", out=layout.root)
     enc = load_encoder(spec, cache_dir=cfg.cache_dir)
     prior = manifest["encoders"].get(spec)

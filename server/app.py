@@ -319,6 +319,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(204, b"", "text/plain", {"Allow": "GET, POST, OPTIONS", **headers})
 
     def _other(self) -> None:
+        self.close_connection = True  # the body, if any, is not read
         self._error(405, f"method {self.command} not allowed", {"Allow": "GET, POST, OPTIONS"})
 
     do_PUT = do_DELETE = do_PATCH = _other  # noqa: N815

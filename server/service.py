@@ -598,7 +598,9 @@ class Service:
         if len(raw) > self.limits.max_images:
             raise RequestError(413, f"images: {len(raw)}, over the limit of {self.limits.max_images} per request")
         explain = _bool(body, "explain", True)
-        stream = body.get("stream", stream_header)
+        stream = body.get("stream")
+        if stream is None:
+            stream = stream_header
         if stream is True:
             stream = "s-" + secrets.token_urlsafe(12)
         if stream is not None and (not isinstance(stream, str) or not STREAM_ID.match(stream)):
@@ -651,7 +653,7 @@ def _jpeg_bytes(path: Path) -> bytes:
     from xm.encoders import load_image
 
     buf = io.BytesIO()
-    load_image(path).save(buf, format="JPEG", quality=90)
+    load_image(path).save(buf, format="JPEG")  # PIL's default quality, as clip back encodes them
     return buf.getvalue()
 
 
