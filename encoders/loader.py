@@ -110,6 +110,16 @@ def _cached_weights(arch: str, tag: str, cache_dir: str | None) -> str | None:
     return None
 
 
+def availability_problem(spec: EncoderSpec | str, cache_dir: str | None = None) -> str | None:
+    """Why `spec` cannot be loaded here (one line), or None; loads nothing."""
+    _register_configs()
+    try:
+        _check_available(EncoderSpec.parse(spec) if isinstance(spec, str) else spec, cache_dir)
+    except XMError as exc:
+        return str(exc)
+    return None
+
+
 def _check_available(spec: EncoderSpec, cache_dir: str | None) -> None:
     import open_clip
 

@@ -97,6 +97,9 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress) -> BuildSu
         summary.stage_seconds[stage] = round(time.perf_counter() - t0, 3)
         return result
 
+    plan = cfg.plan()
+    if encoders_needed:
+        _preflight(cfg, kind, plan)
     if sources.needs_download(kind):
         summary.selected = timed("select", lambda: sources.select(cfg, layout, kind))
         if "download" in cfg.stages:
@@ -107,7 +110,6 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress) -> BuildSu
     elif kind == "img2dataset":  # an existing img2dataset folder: its own download failures count too
         _add_failures(summary, sources.download_failures(Path(cfg.source)))
 
-    plan = cfg.plan()
     encoders = {spec: load_encoder(spec, cache_dir=cfg.cache_dir) for spec in plan} if encoders_needed else {}
     # pinned once they load: a first run that fails on an unavailable encoder may be retried with another
     pin_params(layout.work / "encoders.json", {"coarse": cfg.coarse, "fine": cfg.fine, "inference": list(cfg.inference),
@@ -171,6 +173,23 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress) -> BuildSu
     timed("manifest", manifest)
     write_json(layout.work / "last_build.json", summary.__dict__)
     return summary
+
+
+def _preflight(cfg: BuildConfig, kind: str, plan: dict[str, tuple[str, ...]]) -> None:
+    """Everything that cannot be had here, said at once in one line, before any download or
+    work (offline: LAION's metadata and the encoders' weights)."""
+    from xm.encoders import availability_problem
+    from xm.pipeline import laion
+
+    problems = [p for spec in plan if (p := availability_problem(spec, cfg.cache_dir))]
+    if kind == "laion400m" and laion.offline() and not cfg.metadata_root:
+        problems.insert(0, "LAION-400M metadata: XM_OFFLINE is set and no --metadata-root; download the 32 metadata "
+                           "parquet parts on a connected machine and pass --metadata-root FOLDER")
+    if kind == "laion400m-embeddings" and laion.offline() and not cfg.embeddings_root:
+        problems.insert(0, "LAION-400M embeddings: XM_OFFLINE is set and no --embeddings-root; download the images/ texts/ "
+                           "metadata/ parts on a connected machine and pass --embeddings-root FOLDER")
+    if problems:
+        raise XMError("; ".join(problems))
 
 
 def _add_failures(summary: BuildSummary, counts: dict[str, int]) -> None:

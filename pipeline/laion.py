@@ -7,6 +7,7 @@ a folder holding the same file names).
 
 from __future__ import annotations
 
+import os
 import shutil
 import urllib.error
 import urllib.request
@@ -50,10 +51,17 @@ def parse_parts(text: str | None) -> list[int] | None:
     return sorted(set(out))
 
 
+def offline() -> bool:
+    """XM_OFFLINE=1: xm downloads nothing (a machine without a network, or a test)."""
+    return os.environ.get("XM_OFFLINE", "") not in ("", "0")
+
+
 def fetch(root: str, rel: str, dest: Path, what: str, flag: str) -> Path:
     """A file from a local folder or a URL root, copied to `dest` (resumable: kept if present)."""
     if dest.is_file():
         return dest
+    if "://" in root and offline():
+        raise XMError(f"{what}: not on disk and XM_OFFLINE is set; download {rel} on a connected machine and pass {flag} FOLDER")
     if "://" not in root:
         src = Path(root) / rel
         alt = Path(root) / Path(rel).name  # a flat folder of parts works too

@@ -251,15 +251,15 @@ def test_classify_equals_cli_json(memory, server) -> None:
     assert _approx_equal(multi, got)
 
 
-def _approx_equal(a, b) -> bool:
+def _approx_equal(a, b, rel: float = 1e-6) -> bool:
     if isinstance(a, dict):
         assert set(a) == set(b), (set(a) ^ set(b))
-        return all(_approx_equal(a[k], b[k]) for k in a)
+        return all(_approx_equal(a[k], b[k], rel) for k in a)
     if isinstance(a, list):
         assert len(a) == len(b)
-        return all(_approx_equal(x, y) for x, y in zip(a, b))
+        return all(_approx_equal(x, y, rel) for x, y in zip(a, b))
     if isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+        assert a == pytest.approx(b, rel=rel, abs=1e-9)
         return True
     assert a == b
     return True
@@ -337,7 +337,7 @@ def test_bad_requests_are_4xx_json(memory, server) -> None:
         ("classify with labels of the wrong type", "POST", "/classify", cls(labels=[1, 2]), {}, 400, "labels"),
         ("classify with an unknown method", "POST", "/classify", cls(method="nope"), {}, 400, "unknown"),
         ("classify with an unknown option", "POST", "/classify", cls(k_cosmic=3), {}, 400, "does not take"),
-        ("classify with an option of the wrong type", "POST", "/classify", cls(k_fine="many"), {}, 400, "not a int"),
+        ("classify with an option of the wrong type", "POST", "/classify", cls(k_fine="many"), {}, 400, "k_fine"),
         ("classify with a server file as option", "POST", "/classify", cls(method="reco", checkpoint="/etc/passwd"), {}, 403, "file on the server"),
         ("classify with a foreign encoder", "POST", "/classify", cls(model="ViT-L-14:openai"), {}, 400, "not an encoder"),
         ("classify with an option over the limit", "POST", "/classify", cls(overfetch=10**9), {}, 400, "limit"),
@@ -393,8 +393,9 @@ def test_remote_memory_classifies_as_local(memory, server, monkeypatch, tmp_path
     assert remote.roles == Classifier(index, CLASSES).memory.roles and remote.count == N_QUERIES * 3 + 12
     local = list(Classifier(index, CLASSES, options=OPTS).run(queries, explain=True))
     got = list(Classifier(remote, CLASSES, options=OPTS).run(queries, explain=True))
-    for a, b in zip(local, got):
-        assert _approx_equal({k: v for k, v in b.items() if k != "timings"}, {k: v for k, v in a.items() if k != "timings"})
+    for a, b in zip(local, got):  # caption embeddings computed here, in other batches than the build's: float noise
+        assert _approx_equal({k: v for k, v in b.items() if k != "timings"}, {k: v for k, v in a.items() if k != "timings"},
+                             rel=1e-3)
     remote.close()
     assert list((tmp_path / "cache" / "remote-captions").glob("*.npz"))  # the caption embeddings are cached on disk
     # a clip back that is not xm's must be told its encoder
