@@ -144,12 +144,15 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress) -> BuildSu
     coarse_slug = _slug(cfg.coarse)
 
     def index() -> None:
-        for spec, modality in _indexed(plan):
+        todo = _indexed(plan)
+        tick = progress(f"index ({len(todo)} kNN index{'es' if len(todo) != 1 else ''}, autofaiss)", len(todo))
+        for spec, modality in todo:
             slug = _slug(spec)
             if index_is_current(layout, slug, modality, summary.count, cfg.shards):
                 summary.skipped.append(f"index/{slug}/{modality}: current")
-                continue
-            build_modality_index(cfg, layout, slug, modality, summary.count)
+            else:
+                build_modality_index(cfg, layout, slug, modality, summary.count)
+            tick(1)
 
     timed("index", index)
 

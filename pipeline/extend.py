@@ -10,7 +10,6 @@ the files it already listed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY, TINY_ROLES, write_caption_folder
+from conftest import TINY, TINY_ROLES, jpeg_bytes, make_image, write_caption_folder
 from xm.encoders import load_image
 from xm.errors import XMError
 from xm.indexes import open_index
@@ -197,7 +197,6 @@ def test_crafted_shards_are_refused_in_one_line(ivf_index, tmp_path) -> None:
 
 
 def test_verify_checks_counts_against_the_files(hostile_index, tmp_path) -> None:
-    import hashlib
     import shutil
 
     copy = tmp_path / "edited"
@@ -206,3 +205,36 @@ def test_verify_checks_counts_against_the_files(hostile_index, tmp_path) -> None
     m["count"] = 11
     (copy / "manifest.json").write_text(json.dumps(m))
     assert "parts hold 12 rows, the manifest says count 11" in _one_error(_xm("info", str(copy), "--verify"))
+
+
+def test_img2dataset_folders_other_formats_named_and_failures_counted(tmp_path) -> None:
+    import io
+    import tarfile
+
+    parquet_format = tmp_path / "pq"
+    parquet_format.mkdir()
+    (parquet_format / "00000_stats.json").write_text(json.dumps({"status_dict": {"success": 3}}))
+    (parquet_format / "00000.parquet").write_bytes(b"PAR1")
+    with pytest.raises(XMError, match="'parquet' output format, which xm does not read"):
+        build_index(BuildConfig(source=str(parquet_format), out=tmp_path / "o1", **TINY_ROLES))
+
+    webdataset = tmp_path / "wds"
+    webdataset.mkdir()
+    with tarfile.open(webdataset / "00000.tar", "w") as tar:
+        for i in range(4):
+            for ext, data in (("jpg", jpeg_bytes(make_image(i))), ("txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (webdataset / "00000_stats.json").write_text(json.dumps({"status_dict": {"success": 4, "404 Not Found": 2}}))
+    summary = build_index(BuildConfig(source=str(webdataset), out=tmp_path / "o2", limit=3, **TINY_ROLES))
+    assert summary.count == 3 and summary.failures == {"404 Not Found": 2}
+    assert open_index(tmp_path / "o2").manifest["source"]["limit"] == 3
+
+
+def test_a_folder_without_captions_is_warned_about(tmp_path) -> None:
+    src = write_caption_folder(tmp_path / "pairs", 5)
+    for txt in list(src.glob("*.txt"))[:2]:
+        txt.unlink()
+    summary = build_index(BuildConfig(source=str(src), out=tmp_path / "idx", **TINY_ROLES))
+    assert summary.warnings == ["2 of 5 items have an empty caption (no .txt beside the image)"]
