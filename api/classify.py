@@ -62,6 +62,10 @@ class Classifier:
             raise XMError(f"method {method}: few-shot (it needs labelled support images); use `xm benchmark --methods {method} --shots N`")
         if index is None and variant.method.needs_memory:
             raise XMError(f"method {method}: needs an index (--index, or a default index: see `xm indexes`)")
+        if isinstance(index, str) and index.lower().startswith(("http://", "https://")):
+            from xm.server.remote import RemoteMemory  # a clip-retrieval-compatible back, the authors' setting
+
+            index = RemoteMemory.from_url(index)
         self.memory = index if isinstance(index, MemoryIndex) or index is None else open_index(index)
         self.model = model or (self.memory.default_model() if self.memory is not None else None)
         if self.model is None:

@@ -26,8 +26,11 @@ import numpy as np
 INFERENCE, COARSE, FINE = "RN50:random", "ViT-B-32:random", "ViT-L-14:random"
 
 
-def synthetic_index(root: Path, n: int, part_rows: int = 25_000) -> Path:
-    """Embedding parts + metadata written as the embed stage would, then the real later stages."""
+def synthetic_index(root: Path, n: int, part_rows: int = 25_000,
+                    encoders: tuple[str, str, str] | None = None) -> Path:
+    """Embedding parts + metadata written as the embed stage would, then the real later stages;
+    `encoders` = (coarse, fine, inference), default the real-size ones above."""
+    coarse, fine, inference = encoders or (COARSE, FINE, INFERENCE)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -37,7 +40,7 @@ def synthetic_index(root: Path, n: int, part_rows: int = 25_000) -> Path:
 
     layout = Layout(root)
     rng = np.random.default_rng(0)
-    dims = {spec: load_encoder(spec, quiet=True).dim for spec in (COARSE, FINE, INFERENCE)}
+    dims = {spec: load_encoder(spec, quiet=True).dim for spec in (coarse, fine, inference)}
     src = root.parent / "empty-source"
     src.mkdir(exist_ok=True)
     for p, lo in enumerate(range(0, n, part_rows)):
@@ -45,7 +48,7 @@ def synthetic_index(root: Path, n: int, part_rows: int = 25_000) -> Path:
         name = part_name(p)
         for spec, d in dims.items():
             slug = EncoderSpec.parse(spec).slug
-            mods = ("image", "text") if spec == COARSE else ("text",)
+            mods = ("image", "text") if spec == coarse else ("text",)
             for mod in mods:
                 x = rng.standard_normal((m, d)).astype(np.float32)
                 norms = np.linalg.norm(x, axis=1)
@@ -57,14 +60,14 @@ def synthetic_index(root: Path, n: int, part_rows: int = 25_000) -> Path:
                     norm_path = layout.norm_file(slug, "text", name)
                     norm_path.parent.mkdir(parents=True, exist_ok=True)
                     np.save(norm_path, norms.astype(np.float32))
-        meta = layout.metadata_file(EncoderSpec.parse(COARSE).slug, name)
+        meta = layout.metadata_file(EncoderSpec.parse(coarse).slug, name)
         meta.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"image_path": [f"{lo + j}" for j in range(m)],
                                  "caption": [f"synthetic caption {lo + j}" for j in range(m)],
                                  "url": [None] * m, "source_id": [f"{lo + j}" for j in range(m)]}), meta)
         write_json(layout.done_marker("embed", name), {"part": name, "rows": m, "failures": {}})
 
-    build_index(BuildConfig(source=str(src), out=root, coarse=COARSE, fine=FINE, inference=[INFERENCE],
+    build_index(BuildConfig(source=str(src), out=root, coarse=coarse, fine=fine, inference=[inference],
                             stages=("index", "store", "manifest"), max_index_memory="1G"))
     return root
 

@@ -25,7 +25,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # imported here so that each command module can import `app`
-    from xm.cli import benchmark_cmd, build_cmd, classify_cmd, info_cmd, methods_cmd, texts_cmd, train_cmd  # noqa: F401
+    from xm.cli import benchmark_cmd, build_cmd, classify_cmd, export_cmd, info_cmd, methods_cmd, serve_cmd, texts_cmd, train_cmd  # noqa: F401
 
 
 INTERRUPTED = "xm: interrupted; re-run the same command to resume"

@@ -17,7 +17,7 @@ from xm.cli.output import console, err_console, print_json, table
 def classify_cmd(
     images: List[Path] = typer.Argument(..., metavar="IMAGE", help="images, classified as one stream in this order"),
     labels: Path = typer.Option(..., "--labels", help="class names, one per line"),
-    index: Optional[Path] = typer.Option(None, "--index", help="an index built by xm build-index"),
+    index: Optional[str] = typer.Option(None, "--index", help="an index built by xm build-index, or http://HOST:PORT/?indice_name=NAME (a clip-retrieval back)"),
     method: str = typer.Option("xmore", "--method", help="a method or variant (see `xm methods`)"),
     model: Optional[str] = typer.Option(None, "--model", help="inference encoder ARCH:PRETRAINED (default: the index's first inference encoder)"),
     template: List[str] = typer.Option(["a photo of a {}."], "--template", metavar="TEMPLATE", help="prompt template(s); several are averaged"),

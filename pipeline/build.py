@@ -185,10 +185,10 @@ def _preflight(cfg: BuildConfig, kind: str, plan: dict[str, tuple[str, ...]]) ->
     from xm.pipeline import laion
 
     problems = [p for spec in plan if (p := availability_problem(spec, cfg.cache_dir))]
-    if kind == "laion400m" and laion.offline() and not cfg.metadata_root:
+    if kind == "laion400m" and laion.offline() and not laion.usable_offline(cfg.metadata_root):
         problems.insert(0, "LAION-400M metadata: XM_OFFLINE is set and no --metadata-root; download the 32 metadata "
                            "parquet parts on a connected machine and pass --metadata-root FOLDER")
-    if kind == "laion400m-embeddings" and laion.offline() and not cfg.embeddings_root:
+    if kind == "laion400m-embeddings" and laion.offline() and not laion.usable_offline(cfg.embeddings_root):
         problems.insert(0, "LAION-400M embeddings: XM_OFFLINE is set and no --embeddings-root; download the images/ texts/ "
                            "metadata/ parts on a connected machine and pass --embeddings-root FOLDER")
     if problems:

@@ -52,15 +52,27 @@ def parse_parts(text: str | None) -> list[int] | None:
 
 
 def offline() -> bool:
-    """XM_OFFLINE=1: xm downloads nothing (a machine without a network, or a test)."""
+    """XM_OFFLINE=1: xm contacts no host but this machine (no network, or a test)."""
     return os.environ.get("XM_OFFLINE", "") not in ("", "0")
+
+
+def usable_offline(root: str | None) -> bool:
+    """Whether a --metadata-root / --embeddings-root can be read without the network."""
+    return root is not None and ("://" not in root or is_loopback(root))
+
+
+def is_loopback(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    host = (urlparse(url).hostname or "").lower()
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def fetch(root: str, rel: str, dest: Path, what: str, flag: str) -> Path:
     """A file from a local folder or a URL root, copied to `dest` (resumable: kept if present)."""
     if dest.is_file():
         return dest
-    if "://" in root and offline():
+    if "://" in root and offline() and not is_loopback(root):
         raise XMError(f"{what}: not on disk and XM_OFFLINE is set; download {rel} on a connected machine and pass {flag} FOLDER")
     if "://" not in root:
         src = Path(root) / rel

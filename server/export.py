@@ -16,7 +16,6 @@ aesthetic embeddings, the safety models) and TorchScript, which open_clip models
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

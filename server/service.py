@@ -19,7 +19,7 @@ import threading
 import time
 import urllib.request
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -585,7 +585,6 @@ class Service:
     def classify(self, body: Any, stream_header: str | None = None) -> tuple[Any, dict[str, str]]:
         """POST /classify: what `xm classify --json` prints for each image (explanation included)."""
         from xm.classify import result_rows
-        from xm.methods.base import Queries
 
         if not isinstance(body, dict):
             raise RequestError(400, "expected a JSON object (or multipart form fields)")

@@ -4,6 +4,7 @@ code, and a clear error line naming the problem, for every one of them."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ pytestmark = pytest.mark.slow
 def _corpus():
     spec = importlib.util.spec_from_file_location("hostile_corpus", Path(__file__).parents[1] / "bench" / "hostile_corpus.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
