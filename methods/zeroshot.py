@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from xm.errors import XMError
+from xm.userfiles import read_text
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
@@ -15,14 +16,7 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 def read_labels(path: str | Path) -> list[str]:
     """One class name per line; UTF-8 (BOM tolerated), CRLF, blank lines and `#` comments skipped."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError as exc:
-        raise XMError(f"{path}: label file not found") from exc
-    except (OSError, IsADirectoryError) as exc:
-        raise XMError(f"{path}: unreadable label file ({exc.strerror or exc})") from exc
-    except UnicodeDecodeError as exc:
-        raise XMError(f"{path}: label file is not UTF-8 text (byte {exc.start})") from exc
+    text = read_text(path, "label file")
     labels, seen = [], {}
     for lineno, line in enumerate(text.splitlines(), 1):
         name = line.strip()

@@ -19,12 +19,12 @@ match the label names ignoring case, underscores and surrounding spaces.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from xm.errors import XMError
+from xm.userfiles import read_json
 
 SECTIONS = ("descriptors", "analogous", "differences")
 
@@ -56,14 +56,7 @@ def _strings(path: Path, where: str, value: Any) -> list[str]:
 def read_descriptions(path: str | Path, classnames: Sequence[str]) -> Descriptions:
     """Read a DCLIP-format or sectioned descriptions file for the label set `classnames`."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except FileNotFoundError as exc:
-        raise XMError(f"{path}: descriptions file not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise XMError(f"{path}: unreadable descriptions file ({exc})") from exc
-    except ValueError as exc:
-        raise XMError(f"{path}: descriptions file is not JSON ({exc})") from exc
+    data = read_json(path, "descriptions file")
     if not isinstance(data, dict) or not data:
         raise XMError(f"{path}: descriptions must be a JSON object, class -> list of sentences (DCLIP format)")
     if all(isinstance(v, list) for v in data.values()):

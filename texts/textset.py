@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from xm.errors import XMError
+from xm.userfiles import read_json
 
 FORMAT = "xm-texts/1"
 MAX_KINDS = ("name", "synonym")  # max over these ...
@@ -134,14 +135,7 @@ _TEXT_KEYS = {"text", "kind", "source", "versus"}
 def read_textset(path: str | Path) -> TextSet:
     """Read a text set written by `xm texts` (and perhaps edited by hand); one line per problem."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except FileNotFoundError as exc:
-        raise XMError(f"{path}: text-set file not found (write one with `xm texts`)") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise XMError(f"{path}: unreadable text-set file ({exc})") from exc
-    except ValueError as exc:
-        raise XMError(f"{path}: not JSON ({exc})") from exc
+    data = read_json(path, "text-set file", " (write one with `xm texts`)")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise XMError(f"{path}: not an xm text set (expected \"format\": \"{FORMAT}\"; `xm texts` writes one)")
     texts_raw = data.get("texts")
