@@ -45,7 +45,7 @@ def benchmark_cmd(
     texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="CODER: text sets written by `xm texts`"),
     reco_checkpoint: Optional[Path] = typer.Option(None, "--reco-checkpoint", help="RECO: trained fusion checkpoint"),
     opt: List[str] = typer.Option([], "--opt", metavar="NAME=VALUE", help="any method option, NAME=VALUE, for every method that takes it (repeatable)"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per evidence batch (every method shares one pass)"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="evidence cache (default ~/.cache/xm/benchmark)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for JSON per method, merged CSV and PNG chart"),
     as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),

@@ -13,7 +13,9 @@ from xm.errors import XMError
 
 # A pixel limit for untrusted images: a 128-byte PNG can declare 50000 x 50000 pixels.
 # 100 megapixels (10000 x 10000, about 0.3 GB as RGB) admits every photo a camera or LAION
-# holds; PIL refuses twice its limit, so we refuse anything over it ourselves, before decoding.
+# holds: decoding and preprocessing one raised peak RSS by 0.4 GB over a loaded ViT-B-32
+# (1.78 GB against 1.39 GB, measured here), where a 20000 x 20000 image took 3.1 GB. PIL only
+# refuses twice its limit, so we refuse anything over it ourselves, before decoding.
 MAX_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

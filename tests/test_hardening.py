@@ -239,3 +239,15 @@ def test_a_folder_without_captions_is_warned_about(tmp_path) -> None:
         txt.unlink()
     summary = build_index(BuildConfig(source=str(src), out=tmp_path / "idx", **TINY_ROLES))
     assert summary.warnings == ["2 of 5 items have an empty caption (no .txt beside the image)"]
+
+
+def test_a_killed_index_builds_leftovers_are_swept(tmp_path) -> None:
+    src = write_caption_folder(tmp_path / "pairs", 6)
+    build_index(BuildConfig(source=str(src), out=tmp_path / "idx", **TINY_ROLES))
+    folder = next((tmp_path / "idx" / "index").glob("*/image"))
+    stale = folder / ".build-killed"
+    stale.mkdir()
+    (stale / "full.index").write_bytes(b"half an index")
+    (folder / "build.json").unlink()  # so that the index stage runs again
+    build_index(BuildConfig(source=str(src), out=tmp_path / "idx", stages=("index", "manifest"), **TINY_ROLES))
+    assert not stale.exists() and open_index(tmp_path / "idx", verify=True).count == 6
