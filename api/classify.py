@@ -55,7 +55,10 @@ class Classifier:
     def __init__(self, index: str | Path | MemoryIndex | None, labels: str | Path | Sequence[str], method: str = "xmore",
                  model: str | None = None, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
                  protocol_name: str = DEFAULT_PROTOCOL, options: dict[str, Any] | None = None,
-                 state_file: str | Path | None = None) -> None:
+                 state_file: str | Path | None = None, precision: str | None = None) -> None:
+        from xm.encoders import check_precision
+
+        precision = check_precision(precision)  # fp32 | bf16 | int8, checked before any work
         self.classnames = read_labels(labels) if isinstance(labels, (str, Path)) else list(labels)
         variant = get(method)
         if variant.method.few_shot:
@@ -71,7 +74,7 @@ class Classifier:
         if self.model is None:
             raise XMError("--model: required when there is no index to take the inference encoder from")
         templates = check_templates(list(templates))
-        self.ctx = Context(self.memory, self.model, self.classnames, templates)
+        self.ctx = Context(self.memory, self.model, self.classnames, templates, precision=precision)
         # the protocol sets retrieval switches; the command's own options win over it
         opts = {**protocol(protocol_name)["method"], **(options or {})}
         explicit = options or {}

@@ -49,6 +49,7 @@ def benchmark_cmd(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="evidence cache (default ~/.cache/xm/benchmark)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for JSON per method, merged CSV and PNG chart"),
     as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Evaluate methods side by side on the same images, through the one method interface."""
     from xm.evaluation.datasets import load_dataset
@@ -68,7 +69,7 @@ def benchmark_cmd(
                           methods=method_names,
                           seeds=_ints("--seeds", seeds) if seeds else None, shots=_ints("--shots", shots), split=split,
                           split_file=split_file, classnames_file=classnames, templates=templates, limit=limit,
-                          options=options, batch_size=batch_size)
+                          options=options, batch_size=batch_size, precision=precision)
     if cache_dir is not None:
         cfg.cache_dir = cache_dir
     ds = load_dataset(dataset, data_dir, split, split_file, classnames, names=proto["classnames"])

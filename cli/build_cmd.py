@@ -40,6 +40,8 @@ def build_index_cmd(
     no_text_index: bool = typer.Option(False, "--no-text-index", help="skip the caption kNN index"),
     allow_file_urls: bool = typer.Option(False, "--allow-file-urls", help="let a table's file:// URLs read local files (off: an untrusted table must not read your disk)"),
     stages: Optional[str] = typer.Option(None, help="comma-separated stages to run (select,download,embed,index,store,manifest)"),
+    refine_k_factor: int = typer.Option(4, "--refine-k-factor", help="a kNN query of k re-scores the top k*F candidates of a compressed index exactly with the stored float16 embeddings (0: off)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision while embedding: fp32 | bf16 | int8 (recorded in the manifest)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Download, embed and index image-text pairs into a resumable, sharded xm index."""
@@ -57,7 +59,8 @@ def build_index_cmd(
         from xm.pipeline.extend import add_encoder as extend
 
         cfg = BuildConfig(source="", out=out, shards=shards, k=k, max_index_memory=max_index_memory,
-                          current_memory=current_memory, batch_size=batch_size)
+                          current_memory=current_memory, batch_size=batch_size, precision=precision,
+                          refine_k_factor=refine_k_factor)
         with progress_bars() as make:
             added = extend(str(out), add_encoder, cfg, progress=make)
         if as_json:
@@ -76,7 +79,8 @@ def build_index_cmd(
         embeddings_root=embeddings_root, shards=shards, k=k, max_index_memory=max_index_memory,
         current_memory=current_memory, image_size=image_size, processes=processes, threads=threads,
         shard_size=shard_size, timeout=timeout, distributor=distributor, batch_size=batch_size,
-        index_text=not no_text_index, allow_file_urls=allow_file_urls,
+        index_text=not no_text_index, allow_file_urls=allow_file_urls, precision=precision,
+        refine_k_factor=refine_k_factor,
         stages=tuple(s.strip() for s in stages.split(",")) if stages else STAGES,
     )
     with progress_bars() as make:

@@ -36,6 +36,7 @@ def classify_cmd(
     explain: bool = typer.Option(False, "--explain", help="show what the method used (captions, texts) and their votes"),
     timings: bool = typer.Option(False, "--timings", help="show where each query's time went (batch average per image)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per image"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Classify images with any method over a built index (default: X-MoRe, the authors' protocol)."""
     from xm.classify import Classifier
@@ -47,7 +48,7 @@ def classify_cmd(
     options = method_options(opt, k_coarse=k_coarse, k_fine=k_fine, ensemble=ensemble, retrieval=retrieval,
                              mode=reco_mode, checkpoint=reco_checkpoint, descriptions=descriptions, texts_file=texts_file)
     clf = Classifier(index, labels, method=method, model=model, templates=template, protocol_name=protocol,
-                     options=options, state_file=state)
+                     options=options, state_file=state, precision=precision)
     failed = skipped = 0
     for result in clf.run(images, batch_size=batch_size, explain=explain):
         if "error" in result:

@@ -42,7 +42,9 @@ def info_cmd(
          ", ".join(e.get("norms", [])), f"embeddings/{e['slug']}") for spec, e in m["encoders"].items()
     ]))
     console.print(table("kNN indexes", ["encoder", "modality", "faiss key", "search params", "shards", "vectors"], [
-        (e["encoder"], e["modality"], e["key"], e["params"], len(e["shards"]), sum(s["ntotal"] for s in e["shards"]))
+        (e["encoder"], e["modality"], e["key"],
+         e["params"] + (f", refine x{e['refine_k_factor']}" if e.get("refine_k_factor") else ""),
+         len(e["shards"]), sum(s["ntotal"] for s in e["shards"]))
         for e in m["indexes"]
     ]))
     fails = m.get("stats", {}).get("failures") or {}
@@ -60,6 +62,7 @@ def search_cmd(
     modality: str = typer.Option("image", help="which memory index to search: image | text"),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="indexed encoder to search with (default: the coarse role)"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines output"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Nearest memory items to an image or a text: id, similarity, caption, url."""
     from xm.errors import XMError
@@ -69,7 +72,8 @@ def search_cmd(
         raise XMError("xm search: give exactly one of --image or --text")
     if modality not in ("image", "text"):
         raise XMError(f"--modality {modality!r}: choose image or text")
-    hits = search_memory(index, image=image, text=text, k=k, modality=modality, encoder=encoder)
+    hits = search_memory(index, image=image, text=text, k=k, modality=modality, encoder=encoder,
+                         precision=precision)
     if as_json:
         for h in hits:
             print_json(h)

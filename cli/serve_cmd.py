@@ -45,6 +45,7 @@ def serve_cmd(
     max_results: int = typer.Option(10_000, "--max-results", help="largest num_images / num_result_ids / ids per request"),
     request_timeout: float = typer.Option(60.0, "--request-timeout", help="seconds a request may wait (socket reads, a worker, an encoder)"),
     access_log: bool = typer.Option(False, "--access-log", help="one stderr line per request (paths only, never query strings)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Serve indexes over HTTP the way clip-retrieval's `clip back` does, plus /classify and a web page."""
     from xm.server.app import ServeConfig, make_server, read_token
@@ -55,7 +56,7 @@ def serve_cmd(
         token=read_token(token_file) if token_file else None, insecure_no_auth=insecure_no_auth,
         allow_url_fetch=allow_url_fetch, inline_images=inline_images,
         columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
-        cors_origins=list(cors_origin), access_log=access_log,
+        cors_origins=list(cors_origin), access_log=access_log, precision=precision,
         limits=Limits(max_body_bytes=max_body_mb << 20, max_pixels=int(max_megapixels * 1e6), max_results=max_results,
                       request_timeout_s=request_timeout),
     )

@@ -27,6 +27,16 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _configs_registered = False
 _cache_lock = threading.Lock()
 _loaded: dict[str, "Encoder"] = {}
+# Inference precisions (`--precision`): fp32 eager is the default and the reference. bf16 is
+# open_clip's own low-precision conversion (Conv/Linear/attention weights in bf16, LayerNorm in
+# fp32) run under CPU autocast; int8 is torch's dynamic quantization of the nn.Linear layers
+# (weights int8, activations quantized per batch), the rest fp32. Measured in bench/bench_precision.py.
+PRECISIONS = ("fp32", "bf16", "int8")
+DEFAULT_PRECISION = "fp32"
+# The stated agreement with fp32 eager: every embedding's cosine to its fp32 embedding is at
+# least this, asserted on a fixed set in tests/test_precision.py (tiny encoders) and checked
+# per real-size encoder by bench/bench_precision.py.
+MIN_COSINE = {"bf16": 0.999, "int8": 0.995}
 # The probe text's embedding identifies the weights: an index built with other
 # weights under the same name is caught at load time, cheaply.
 PROBE_TEXT = "a photo of a dog."
@@ -145,28 +155,60 @@ def _check_available(spec: EncoderSpec, cache_dir: str | None) -> None:
         )
 
 
-class Encoder:
-    """A loaded CLIP model: normalised image and text embeddings as float32 numpy arrays."""
+def check_precision(precision: str | None, flag: str = "--precision") -> str:
+    """The one validation of an inference precision: the name, or one line naming the choices."""
+    value = DEFAULT_PRECISION if precision is None else str(precision).strip().lower()
+    if value not in PRECISIONS:
+        raise XMError(f"{flag} {precision!r}: unknown precision; choose from {', '.join(PRECISIONS)}")
+    return value
 
-    def __init__(self, spec: EncoderSpec, model: Any, preprocess: Callable, tokenizer: Callable) -> None:
+
+class Encoder:
+    """A loaded CLIP model: normalised image and text embeddings as float32 numpy arrays.
+
+    `precision` is how the forward passes run (see PRECISIONS); the weights fingerprint
+    (`probe`) is always computed in fp32 before any conversion, so an index built at one
+    precision accepts the same weights at another.
+    """
+
+    def __init__(self, spec: EncoderSpec, model: Any, preprocess: Callable, tokenizer: Callable,
+                 precision: str = DEFAULT_PRECISION) -> None:
         import torch
 
         self.spec = spec
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = tokenizer
+        self.precision = "fp32"
         self.logit_scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else 100.0
         self._truncatable = _has_causal_eot_text(model)
         with torch.inference_mode():
-            self.dim = int(self.encode_texts([PROBE_TEXT]).shape[1])
+            probe = self.encode_texts([PROBE_TEXT])
+        self.dim = int(probe.shape[1])
+        self._probe = [round(float(v), 5) for v in probe[0, :8]]
         self.image_size = getattr(getattr(model, "visual", None), "image_size", None)
+        self.precision = check_precision(precision)
+        if self.precision != "fp32":
+            self.model = _convert(self.model, self.precision)
 
     def __repr__(self) -> str:
-        return f"Encoder({self.spec}, dim={self.dim})"
+        return f"Encoder({self.spec}, dim={self.dim}, {self.precision})"
 
     def probe(self) -> list[float]:
-        """The first 8 dims of the probe text's embedding: a cheap weights fingerprint."""
-        return [round(float(v), 5) for v in self.encode_texts([PROBE_TEXT])[0, :8]]
+        """The first 8 dims of the probe text's embedding (fp32, whatever the precision): a cheap weights fingerprint."""
+        return list(self._probe)
+
+    def _running(self) -> Any:
+        """The context every forward pass runs in: inference mode, plus bf16 autocast for bf16."""
+        import contextlib
+
+        import torch
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.precision == "bf16":
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        return stack
 
     def fingerprint_matches(self, probe: Sequence[float], tol: float = 2e-3) -> bool:
         return bool(np.allclose(self.probe(), np.asarray(probe, dtype=np.float64), atol=tol))
@@ -175,8 +217,9 @@ class Encoder:
         """Image embeddings of an already preprocessed batch (N,3,H,W tensor)."""
         import torch
 
-        with torch.inference_mode():
+        with self._running():
             feats = self.model.encode_image(pixels)
+        with torch.inference_mode():
             feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.numpy()
 
@@ -206,7 +249,7 @@ class Encoder:
         order = torch.argsort((tokens != 0).sum(1), stable=True) if self._truncatable else torch.arange(len(texts))
         out = np.empty((len(texts), 0), np.float32)
         norms = np.empty(len(texts), np.float32)
-        with torch.inference_mode():
+        with self._running():
             for i in range(0, len(texts), batch_size):
                 idx = order[i : i + batch_size]
                 raw = self._encode_tokens(tokens[idx]).float()
@@ -243,6 +286,36 @@ class Encoder:
         return x
 
 
+def _convert(model: Any, precision: str) -> Any:
+    """The model converted for `precision` (in place where torch allows)."""
+    import torch
+
+    if precision == "bf16":
+        from open_clip.model import convert_weights_to_lp
+
+        convert_weights_to_lp(model, dtype=torch.bfloat16)
+        return model
+    if precision == "int8":
+        import warnings
+
+        from open_clip.modified_resnet import AttentionPool2d
+
+        # RN50's attention pool reads its projections' `.weight` directly: those stay fp32
+        pooled = {f"{name}.{child}" if name else child for name, mod in model.named_modules()
+                  if isinstance(mod, AttentionPool2d) for child, _ in mod.named_children()}
+        linears = {name for name, mod in model.named_modules() if type(mod) is torch.nn.Linear and name not in pooled}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+            from torch.ao.quantization import quantize_dynamic
+
+            model = quantize_dynamic(model, linears, dtype=torch.qint8)
+        for mod in model.modules():  # open_clip's get_cast_dtype reads this off a quantized c_fc
+            if type(mod).__name__ == "Linear" and type(mod).__module__.startswith("torch.ao.nn.quantized"):
+                mod.int8_original_dtype = torch.float32
+        return model.eval()
+    return model
+
+
 def _has_causal_eot_text(model: Any) -> bool:
     """open_clip's CLIP text tower: causal mask, pooled at the EOT token (padding id 0)."""
     import torch
@@ -258,19 +331,29 @@ def _seed_for(spec: EncoderSpec) -> int:
     return int.from_bytes(hashlib.sha256(spec.arch.encode()).digest()[:4], "little")
 
 
-def load_encoder(spec: EncoderSpec | str, cache_dir: str | None = None, quiet: bool = False) -> Encoder:
-    """Load (once per process) the CLIP model named by `spec`.
+def load_encoder(spec: EncoderSpec | str, cache_dir: str | None = None, quiet: bool = False,
+                 precision: str | None = DEFAULT_PRECISION) -> Encoder:
+    """Load (once per process and precision) the CLIP model named by `spec`.
 
     `random` weights are seeded by the architecture name, so the same spec gives the
     same model in every process: an index built with `ViT-B-32:random` is searched
-    with exactly the encoder that built it.
+    with exactly the encoder that built it. `precision` (fp32 | bf16 | int8) is how its
+    forward passes run; the weights and their fingerprint are the same at every precision.
     """
+    precision = check_precision(precision)
     if isinstance(spec, str):
         spec = EncoderSpec.parse(spec)
-    key = f"{spec}|{cache_dir}"
+    key = f"{spec}|{cache_dir}|{precision}"
     with _cache_lock:
         if key in _loaded:
             return _loaded[key]
+        base = _loaded.get(f"{spec}|{cache_dir}|fp32")
+        if base is not None:  # the fp32 model is loaded already: convert a copy of it
+            import copy
+
+            encoder = Encoder(spec, copy.deepcopy(base.model), base.preprocess, base.tokenizer, precision)
+            _loaded[key] = encoder
+            return encoder
         _register_configs()
         _check_available(spec, cache_dir)
         import open_clip
@@ -294,6 +377,6 @@ def load_encoder(spec: EncoderSpec | str, cache_dir: str | None = None, quiet: b
             except Exception as exc:  # torch.load and state-dict loading raise many types for a bad file
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 raise XMError(f"encoder {spec}: could not load weights from {spec.pretrained} ({type(exc).__name__}: {first})") from exc
-        encoder = Encoder(spec, model, preprocess, open_clip.get_tokenizer(spec.arch))
+        encoder = Encoder(spec, model, preprocess, open_clip.get_tokenizer(spec.arch), precision)
         _loaded[key] = encoder
         return encoder

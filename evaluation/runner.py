@@ -21,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -56,6 +57,7 @@ class BenchmarkConfig:
     shots: list[int] = field(default_factory=lambda: [16])  # few-shot methods only
     val_per_class: int = 16
     batch_size: int = 32
+    precision: str = "fp32"  # encoder inference precision (xm.encoders.PRECISIONS)
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xm" / "benchmark")
 
 
@@ -136,8 +138,7 @@ class EvidencePass:
             if feats_known:
                 # features cached: images are decoded only if a method asks for an encoder not yet seen
                 sel = np.arange(lo, lo + len(batch))
-                queries = Queries(_LazyImages(self.ds, batch))
-                queries._features.update({k: v[sel] for k, v in self.features.items()})
+                queries = Queries(_LazyImages(self.ds, batch), features={k: v[sel] for k, v in self.features.items()})
                 ok = batch
             else:
                 images, ok = [], []
@@ -154,7 +155,7 @@ class EvidencePass:
                     t = time.perf_counter()
                     chunks[name].append(m.evidence(queries))
                     spent[name] += time.perf_counter() - t
-                for k, v in queries._features.items():
+                for k, v in queries.computed().items():
                     feature_chunks.setdefault(k, []).append(v)
             tick(len(batch))
         self.readable = np.asarray(readable, np.int64)
@@ -168,28 +169,20 @@ class EvidencePass:
         return out
 
 
-class _LazyImages(list):
-    """Decodes the batch's images only when a method needs pixels (features are cached)."""
+class _LazyImages(Sequence):
+    """A batch's images, decoded only when a method needs pixels (its features are cached)."""
 
     def __init__(self, ds: DatasetSplit, rows: list[int]) -> None:
-        super().__init__()
-        self.ds, self.rows, self.loaded = ds, rows, False
-
-    def _load(self) -> None:
-        if not self.loaded:
-            self.extend(self.ds.items[i].image() for i in self.rows)
-            self.loaded = True
-
-    def __iter__(self):  # type: ignore[override]
-        self._load()
-        return super().__iter__()
-
-    def __getitem__(self, i):  # type: ignore[override]
-        self._load()
-        return super().__getitem__(i)
+        self.ds, self.rows = ds, rows
+        self._images: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if self._images is None:
+            self._images = [self.ds.items[r].image() for r in self.rows]
+        return self._images[i]
 
 
 def _stream_scores(method: Method, ev: dict[str, np.ndarray], labels: np.ndarray, seed: int) -> tuple[dict[str, float], dict]:
@@ -245,7 +238,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | 
     model = cfg.model or (memory.default_model() if memory is not None else None)
     if model is None:
         raise XMError("--model: required without an index")
-    ctx = Context(memory, model, ds.classnames, templates, dataset=ds.dataset)
+    ctx = Context(memory, model, ds.classnames, templates, dataset=ds.dataset, precision=cfg.precision)
     takes = {o.name for n in cfg.methods for o in get(n).method.options}
     unknown = sorted(set(cfg.options) - takes)
     if unknown:

@@ -20,6 +20,23 @@ from xm.indexes.store import CaptionStore
 CHECKSUM_AT_LOAD_BYTES = 256 << 20
 
 
+def rescore(queries: np.ndarray, ids: np.ndarray, matrix: EmbeddingMatrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The refine step: candidates of an approximate (IVF-PQ) search re-scored exactly against the
+    embeddings on disk (memory-mapped float16), the best k kept per query, ties by id."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    n, m = ids.shape
+    valid = ids >= 0
+    uniq, inverse = np.unique(ids[valid], return_inverse=True)
+    vecs = matrix.gather(uniq)
+    sims = np.full((n, m), -np.inf, np.float32)
+    rows = np.nonzero(valid)[0]
+    sims[valid] = np.einsum("ij,ij->i", vecs[inverse], q[rows])
+    keep = min(k, m)
+    order = np.lexsort((np.where(valid, ids, np.iinfo(np.int64).max), -sims), axis=1)[:, :keep]
+    out_ids = np.take_along_axis(np.where(valid, ids, -1), order, 1)
+    return np.take_along_axis(sims, order, 1), out_ids
+
+
 class MemoryIndex:
     """A built xm index: kNN over the coarse encoder, captions, and caption embeddings."""
 
@@ -159,11 +176,22 @@ class MemoryIndex:
         return self._indexes[key]
 
     def search(self, modality: str, queries: np.ndarray, k: int, encoder: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """kNN (inner product) of query embeddings under `encoder` (default coarse) against memory items."""
-        sims, ids = self.index(modality, encoder).search(queries, k)
+        """kNN (inner product) of query embeddings under `encoder` (default coarse) against memory items.
+
+        An index entry with `refine_k_factor` F > 1 (a compressed index) fetches k*F candidates
+        and re-scores them exactly with the stored embeddings (`rescore`): its similarities are
+        then exact inner products with the float16 embeddings."""
+        spec = str(encoder or self.roles["coarse"])
+        entry = self.index_entry(spec, modality) or {}
+        factor = int(entry.get("refine_k_factor", 0) or 0)
+        refine = factor > 1 and self.has_embeddings(spec, modality)
+        fetch = min(k * factor, self.count) if refine else k
+        sims, ids = self.index(modality, spec).search(queries, max(k, fetch))
         if ids.size and int(ids.max()) >= self.count:  # an index from elsewhere is not trusted
-            entry = self.index_entry(str(encoder or self.roles["coarse"]), modality)
             raise XMError(f"{self.root / entry['dir']}: returned id {int(ids.max())} for an index of {self.count} items; the shards are damaged")
+        if refine:
+            q = np.asarray(queries, dtype=np.float32)
+            sims, ids = rescore(q[None] if q.ndim == 1 else q, ids, self.embeddings(spec, modality), k)
         return sims, ids
 
     @cached_property

@@ -94,24 +94,48 @@ class Need:
 
 
 class Queries:
-    """A batch of decoded query images whose features are computed once per encoder,
-    whichever methods ask for them (a benchmark runs several methods over one pass)."""
+    """A batch of decoded query images whose features are computed once per encoder (and
+    precision), whichever methods ask for them (a benchmark runs several methods over one
+    pass); each image is preprocessed once for all encoders whose preprocessing is equal."""
 
-    def __init__(self, images: Sequence[Any], timings: Any = None) -> None:
-        self.images = list(images)
+    def __init__(self, images: Sequence[Any], timings: Any = None, features: dict[str, np.ndarray] | None = None) -> None:
+        # a Sequence is kept as it is: a lazy one is decoded only if a method needs pixels
+        self.images = images if isinstance(images, Sequence) else list(images)
         self.timings = timings  # a methods.retrieval.Timings, or None: where methods add step times
-        self._features: dict[str, np.ndarray] = {}
+        self._features: dict[str, np.ndarray] = dict(features or {})  # known already (a benchmark's cache)
+        self._pixels: dict[str, Any] = {}
+
+    def computed(self) -> dict[str, np.ndarray]:
+        """The features computed (or given) so far, by encoder and precision."""
+        return dict(self._features)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def features(self, encoder: Any) -> np.ndarray:
-        """Normalised image embeddings (n x d, float32) under `encoder`."""
-        key = str(encoder.spec)
-        if key not in self._features:
+    def pixels(self, preprocess: Any) -> Any:
+        """The images as one preprocessed (n,3,H,W) batch, made once per distinct preprocessing
+        (torchvision transforms print their parameters: equal repr, equal output)."""
+        import torch
+
+        key = repr(preprocess)
+        if key not in self._pixels:
             t = time.perf_counter()
-            self._features[key] = encoder.encode_images(self.images)
-            self.add_time(f"encode {key}", time.perf_counter() - t)
+            self._pixels[key] = torch.stack([preprocess(im) for im in self.images])
+            self.add_time("preprocess", time.perf_counter() - t)
+        return self._pixels[key]
+
+    def features(self, encoder: Any, batch_size: int = 64) -> np.ndarray:
+        """Normalised image embeddings (n x d, float32) under `encoder`."""
+        key = f"{encoder.spec}|{getattr(encoder, 'precision', 'fp32')}"
+        if key not in self._features:
+            if not self.images:
+                self._features[key] = np.zeros((0, encoder.dim), np.float32)
+                return self._features[key]
+            pixels = self.pixels(encoder.preprocess)
+            t = time.perf_counter()
+            self._features[key] = np.concatenate([encoder.encode_pixels(pixels[i : i + batch_size])
+                                                  for i in range(0, len(pixels), batch_size)])
+            self.add_time(f"encode {encoder.spec}", time.perf_counter() - t)
         return self._features[key]
 
     def add_time(self, step: str, seconds: float) -> None:
@@ -154,7 +178,10 @@ class Context:
     none), the inference encoder, the class names and the prompt templates."""
 
     def __init__(self, memory: Any, model: str, classnames: Sequence[str], templates: Sequence[str],
-                 dataset: str | None = None, cache_dir: str | None = None) -> None:
+                 dataset: str | None = None, cache_dir: str | None = None, precision: str | None = None) -> None:
+        from xm.encoders import check_precision
+
+        self.precision = check_precision(precision)  # how every encoder of the methods runs
         self.memory = memory
         self.model = str(model)
         self.classnames = list(classnames)
@@ -165,11 +192,14 @@ class Context:
     def encoder(self, spec: str) -> Any:
         from xm.encoders import load_encoder
 
-        return load_encoder(spec, cache_dir=self.cache_dir)
+        return load_encoder(spec, cache_dir=self.cache_dir, precision=self.precision)
 
     def key(self) -> dict[str, Any]:
-        return {"index": getattr(self.memory, "id", None), "model": self.model, "classnames": self.classnames,
-                "templates": self.templates, "dataset": self.dataset}
+        key = {"index": getattr(self.memory, "id", None), "model": self.model, "classnames": self.classnames,
+               "templates": self.templates, "dataset": self.dataset}
+        if self.precision != "fp32":  # fp32 keys stay those of the evidence cached before precisions existed
+            key["precision"] = self.precision
+        return key
 
 
 class Method:

@@ -152,11 +152,15 @@ class Retriever:
 
 
 def search_memory(index: str | Path | MemoryIndex, image: Path | None = None, text: str | None = None, k: int = 10,
-                  modality: str = "image", encoder: str | None = None) -> list[dict[str, Any]]:
-    """Nearest memory items to an image or text under an indexed encoder (default: coarse)."""
+                  modality: str = "image", encoder: str | None = None, precision: str | None = None) -> list[dict[str, Any]]:
+    """Nearest memory items to an image or text under an indexed encoder (default: coarse),
+    the query embedded at `precision` (fp32 | bf16 | int8)."""
+    from xm.encoders import check_precision
+
+    precision = check_precision(precision)  # before the index is opened: a bad flag fails first
     memory = index if isinstance(index, MemoryIndex) else open_index(index)
     spec = encoder or memory.roles["coarse"]
-    enc = load_encoder(spec)
+    enc = load_encoder(spec, precision=precision)
     memory.check_encoder(enc, "coarse" if spec == memory.roles.get("coarse") else "inference")
     if image is not None:
         query = enc.encode_images([load_image(image)])

@@ -110,10 +110,13 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress) -> BuildSu
     elif kind == "img2dataset":  # an existing img2dataset folder: its own download failures count too
         _add_failures(summary, sources.download_failures(Path(cfg.source)))
 
-    encoders = {spec: load_encoder(spec, cache_dir=cfg.cache_dir) for spec in plan} if encoders_needed else {}
+    encoders = ({spec: load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision) for spec in plan}
+                if encoders_needed else {})
     # pinned once they load: a first run that fails on an unavailable encoder may be retried with another
     pin_params(layout.work / "encoders.json", {"coarse": cfg.coarse, "fine": cfg.fine, "inference": list(cfg.inference),
                                                **({"encoders": list(cfg.encoders)} if cfg.encoders else {})}, "encoders")
+    if encoders_needed:  # every part is embedded at one precision, the one the manifest records
+        pin_params(layout.work / "precision.json", {"precision": cfg.precision}, "--precision")
 
     def embed() -> None:
         parts = sources.parts_for(cfg, layout, kind)
@@ -213,7 +216,7 @@ def _slug(spec: str) -> str:
 def encoder_entry(enc: Any, embedded: list[str], norms: list[str]) -> dict[str, Any]:
     """The manifest's record of one encoder: who it is (weights probe) and what it contributed."""
     return {"slug": enc.spec.slug, "dim": enc.dim, "logit_scale": enc.logit_scale, "probe": enc.probe(),
-            "embedded": embedded, "norms": norms}
+            "embedded": embedded, "norms": norms, "precision": getattr(enc, "precision", "fp32")}
 
 
 def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[dict[str, Any], list]:
@@ -227,6 +230,8 @@ def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[d
         raise XMError(f"{info_path}: index holds {info['count']} rows but {count} are embedded; run the index stage")
     folder = layout.index_dir(slug, modality)
     entry = {k: info[k] for k in ("key", "params", "metric", "dim", "shards", "k_target")}
+    if info.get("refine_k_factor", 0) > 1:  # a search parameter MemoryIndex.search applies
+        entry["refine_k_factor"] = int(info["refine_k_factor"])
     entry |= {"encoder": spec, "modality": modality, "dir": layout.rel(folder)}
     return entry, [folder / sh["file"] for sh in info["shards"]]
 

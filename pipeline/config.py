@@ -54,12 +54,16 @@ class BuildConfig:
     distributor: str = "multiprocessing"
     # embed
     batch_size: int = 64
+    precision: str = "fp32"  # how the encoders run while embedding (xm.encoders.PRECISIONS); in the manifest
     # index (autofaiss)
     shards: int = 1
     k: int = 128
     max_index_memory: str = "4G"
     current_memory: str = "16G"
     max_query_time_ms: float = 10.0
+    # the refine step (bench/bench_knn.py): a query of k re-scores the top k*F candidates of a
+    # compressed (IVF-PQ, HNSW-PQ) index exactly against the float16 embeddings on disk; 0 or 1: off
+    refine_k_factor: int = 4
     index_text: bool = True
     stages: tuple[str, ...] = STAGES
     cache_dir: str | None = None
@@ -74,6 +78,11 @@ class BuildConfig:
         for flag, value in positive.items():
             if value is not None and value < 1:
                 raise XMError(f"{flag} {value}: must be at least 1")
+        if not isinstance(self.refine_k_factor, int) or not 0 <= self.refine_k_factor <= 64:
+            raise XMError(f"--refine-k-factor {self.refine_k_factor}: must be an integer from 0 (off) to 64")
+        from xm.encoders import check_precision
+
+        self.precision = check_precision(self.precision)
         if self.distributor not in ("multiprocessing", "pyspark"):
             raise XMError(f"--distributor {self.distributor!r}: choose multiprocessing or pyspark")
         from xm.pipeline.memory_sizes import parse_size

@@ -87,6 +87,8 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
         "params": params,
         "requested_shards": cfg.shards,
         "k_target": cfg.k,
+        # exact re-scoring over the embeddings on disk; pointless for an exact (Flat) index
+        "refine_k_factor": 0 if key.startswith("Flat") or key.endswith(",Flat") else int(cfg.refine_k_factor),
         "shards": [s.__dict__ for s in shards],
         "autofaiss": autofaiss_infos,
     }

@@ -61,6 +61,7 @@ class ServeConfig:
     access_log: bool = False
     batch_items: int = 32
     batch_wait_ms: float = 4.0
+    precision: str = "fp32"  # fp32 | bf16 | int8: how every encoder runs (see xm.encoders.PRECISIONS)
 
 
 def is_loopback(host: str) -> bool:
@@ -146,7 +147,8 @@ def make_server(cfg: ServeConfig, service: Service | None = None) -> XMServer:
     check_config(cfg)
     if service is None:
         service = Service(cfg.indexes, cfg.limits, allow_url_fetch=cfg.allow_url_fetch, inline_images=cfg.inline_images,
-                          columns=cfg.columns, batch_items=cfg.batch_items, batch_wait_s=cfg.batch_wait_ms / 1e3)
+                          columns=cfg.columns, batch_items=cfg.batch_items, batch_wait_s=cfg.batch_wait_ms / 1e3,
+                          precision=cfg.precision)
     try:
         return XMServer(cfg, service)
     except OSError as exc:

@@ -172,7 +172,7 @@ class _LockedStore:
 class ServedIndex:
     """One memory as clip back serves one indice: its coarse encoder embeds the queries."""
 
-    def __init__(self, name: str, path: Path, columns: Sequence[str] | None = None) -> None:
+    def __init__(self, name: str, path: Path, columns: Sequence[str] | None = None, precision: str = "fp32") -> None:
         import pyarrow.parquet as pq
 
         from xm.encoders import load_encoder
@@ -183,7 +183,7 @@ class ServedIndex:
         self.memory = open_index(path)
         m = self.memory
         self.spec = m.roles["coarse"]
-        self.encoder = load_encoder(self.spec, quiet=True)
+        self.encoder = load_encoder(self.spec, quiet=True, precision=precision)
         m.check_encoder(self.encoder, "coarse")
         self.modalities = [mod for mod in ("image", "text") if m.has_index(self.spec, mod)]
         for mod in self.modalities:  # load now: shards, embeddings, norms are then read-only
@@ -261,7 +261,10 @@ def connected_dedup(emb: np.ndarray, threshold: float = DEDUP_THRESHOLD) -> np.n
 class Service:
     def __init__(self, indexes: Sequence[tuple[str, Path]], limits: Limits | None = None, allow_url_fetch: bool = False,
                  inline_images: bool = False, columns: Sequence[str] | None = None, batch_items: int = 32,
-                 batch_wait_s: float = 0.004) -> None:
+                 batch_wait_s: float = 0.004, precision: str | None = None) -> None:
+        from xm.encoders import check_precision
+
+        self.precision = check_precision(precision)  # every encoder the server runs
         self.limits = limits or Limits()
         self.allow_url_fetch = allow_url_fetch
         self.inline_images = inline_images
@@ -271,7 +274,7 @@ class Service:
         for name, path in indexes:
             if name in self.indices:
                 raise XMError(f"indice name {name!r} is given twice; name them NAME=PATH")
-            self.indices[name] = ServedIndex(name, path, columns)
+            self.indices[name] = ServedIndex(name, path, columns, self.precision)
         if not self.indices:
             raise XMError("xm serve: give at least one index")
         self._lock = threading.Lock()
@@ -291,7 +294,7 @@ class Service:
         return self.indices[name]
 
     def batcher(self, encoder: Any, kind: str) -> Batcher:
-        key = (str(encoder.spec), kind)
+        key = (f"{encoder.spec}|{getattr(encoder, 'precision', 'fp32')}", kind)
         with self._lock:
             b = self._batchers.get(key)
             if b is None:
@@ -555,7 +558,7 @@ class Service:
             if clf is None:
                 try:
                     clf = Classifier(served.memory, labels, method=method, model=model, templates=templates,
-                                     protocol_name=protocol, options=options)
+                                     protocol_name=protocol, options=options, precision=self.precision)
                 except XMError as exc:
                     raise RequestError(400, str(exc)) from exc
                 clf.evidence_lock = None if type(clf.method).__name__ in ("XMoRe", "ZeroShotCLIP") else threading.Lock()
@@ -637,8 +640,8 @@ class BatchedQueries:
         from xm.methods.base import Queries
 
         class _Batched(Queries):
-            def features(self, encoder: Any) -> np.ndarray:
-                key = str(encoder.spec)
+            def features(self, encoder: Any, batch_size: int = 64) -> np.ndarray:
+                key = f"{encoder.spec}|{getattr(encoder, 'precision', 'fp32')}"
                 if key not in self._features:
                     t = time.perf_counter()
                     self._features[key] = service.encode(encoder, "image", self.images)

@@ -39,6 +39,15 @@ class FakeEncoder:
     def encode_images(self, images, batch_size: int = 64):
         return np.stack([self._unit(im) for im in images])
 
+    # the Encoder interface `Queries` uses: "pixels" are the image vectors themselves
+    def preprocess(self, image):
+        import torch
+
+        return torch.tensor(np.asarray(image, np.float32))
+
+    def encode_pixels(self, pixels):
+        return np.stack([self._unit(p.numpy()) for p in pixels])
+
 
 class FakeContext(Context):
     def __init__(self, encoder, classnames, dataset=None) -> None:
