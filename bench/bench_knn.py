@@ -28,7 +28,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vectors", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--key", default="IVF4096,PQ64", help="faiss index_factory key (inner product)")
+    ap.add_argument("--key", default="IVF4096,PQ64",
+                    help="faiss index_factory key (inner product); autofaiss chose OPQ128_640,IVF16384_HNSW32,PQ128x8 at 1M/200M")
     ap.add_argument("--train", type=int, default=100_000, help="training vectors")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--k", type=int, default=128)
@@ -85,6 +86,8 @@ def main() -> None:
         curve = []
         for nprobe in [int(v) for v in args.nprobe.split(",")]:
             ivf.nprobe = nprobe
+            if "HNSW" in args.key:  # an HNSW coarse quantizer must look at least as far as nprobe lists
+                faiss.ParameterSpace().set_index_parameters(index, f"quantizer_efSearch={2 * nprobe}")
             for factor in [int(v) for v in args.refine.split(",")]:
                 best = float("inf")
                 for _ in range(args.repeats):
