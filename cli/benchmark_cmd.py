@@ -89,12 +89,16 @@ def show_benchmark(result: dict) -> None:
         return f"{100 * r['metrics'][k]:.2f} ± {100 * r['std'][k]:.2f}" if k in r["metrics"] else "-"
 
     rows = [(name, cell(r, "acc1"), cell(r, "acc5"), cell(r, "mean_per_class_recall"),
-             r["images_scored"], f"{r['evidence_seconds']:.1f}" + (" (cached)" if r["evidence_cached"] else ""), r["description"])
+             r["images_scored"], f"{r['evidence_seconds']:.1f}" + (" (cached)" if r["evidence_cached"] else ""))
             for name, r in result["methods"].items()]
     console.print(table(
         f"{result['dataset']} · {result['split']} ({result['split_source']}) · {result['images_evaluated']} images · "
         f"protocol {result['protocol']} · seeds {result['seeds']} · {result['model']} · index {result['index_manifest_id']}",
-        ["method", "top-1 %", "top-5 %", "mean per-class recall %", "scored", "evidence s", ""], rows))
+        ["method", "top-1 %", "top-5 %", "mean per-class recall %", "scored", "evidence s*"], rows))
+    console.print("* an encoder's forward passes count for the first method that asks for its features; "
+                  "the others reuse them", markup=False)
+    console.print(table("methods", ["method", "what it is"],
+                        [(name, r["description"]) for name, r in result["methods"].items()]))
     diag = result["diagnostics"]
     if diag:
         ent = diag["mean_entropy"]

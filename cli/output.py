@@ -21,8 +21,9 @@ from rich.progress import (
 from rich.text import Text
 from rich.table import Table
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+# off a terminal (a log file, a pipe) rich would wrap tables at 80 columns: give them room
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
 def print_json(data: Any) -> None:
