@@ -223,8 +223,8 @@ def e2e(a: argparse.Namespace) -> None:
         train_s = time.perf_counter() - t0
         memory = open_index(idx)
         ctx = Context(memory, a.encoder, classnames, templates, dataset="eurosat")
-        q = Queries([None] * len(test))
-        q._features[str(enc.spec)] = test  # the test images' embeddings, encoded once (`embed`)
+        # the test images' embeddings, encoded once (`embed`)
+        q = Queries([None] * len(test), features={Queries.feature_key(enc): test})
         acc = {}
         for name in ("clip", "reco", "reco-image", "reco-text", "reco-mean"):
             m = create(name, ctx, **({"checkpoint": summary["out"]} if name in ("reco", "reco-image", "reco-text") else {}))

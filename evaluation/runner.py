@@ -203,9 +203,19 @@ def _stream_scores(method: Method, ev: dict[str, np.ndarray], labels: np.ndarray
                      "components": {k: v[np.argsort(order)] for k, v in decision.components.items()}}
 
 
-def _support(cfg: BenchmarkConfig, ds: DatasetSplit, shots: int, seed: int) -> Support:
-    """`shots` train images per class (seeded), and a validation set that is not the test split."""
+def _fit_splits(cfg: BenchmarkConfig, ds: DatasetSplit) -> tuple[DatasetSplit, DatasetSplit | None]:
+    """The train split and the validation split (None where the dataset has none), read once per run."""
     train = load_dataset(ds.dataset, cfg.data_dir, "train", cfg.split_file, cfg.classnames_file)
+    try:
+        val = load_dataset(ds.dataset, cfg.data_dir, "validation" if ds.dataset == "eurosat" else "val",
+                           cfg.split_file, cfg.classnames_file)
+    except XMError:
+        val = None
+    return train, val
+
+
+def _support(cfg: BenchmarkConfig, train: DatasetSplit, val_split: DatasetSplit | None, shots: int, seed: int) -> Support:
+    """`shots` train images per class (seeded), and a validation set that is not the test split."""
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[int]] = {}
     for i, item in enumerate(train.items):
@@ -213,14 +223,12 @@ def _support(cfg: BenchmarkConfig, ds: DatasetSplit, shots: int, seed: int) -> S
     chosen = {c: rng.permutation(ix)[:shots].tolist() for c, ix in by_class.items()}
     examples = lambda split, ix: [Example(split.items[i].image, split.items[i].label, split.items[i].key) for i in ix]
     support = [e for c in sorted(chosen) for e in examples(train, chosen[c])]
-    try:
-        val_split = load_dataset(ds.dataset, cfg.data_dir, "validation" if ds.dataset == "eurosat" else "val",
-                                 cfg.split_file, cfg.classnames_file)
-        pool = {}
+    if val_split is not None:
+        pool: dict[int, list[int]] = {}
         for i, item in enumerate(val_split.items):
             pool.setdefault(item.label, []).append(i)
         val = [e for c in sorted(pool) for e in examples(val_split, rng.permutation(pool[c])[: cfg.val_per_class].tolist())]
-    except XMError:  # no validation split: train images outside the support set
+    else:  # no validation split: train images outside the support set
         used = {i for ix in chosen.values() for i in ix}
         val = [e for c in sorted(by_class) for e in
                examples(train, [i for i in rng.permutation(by_class[c]).tolist() if i not in used][: cfg.val_per_class])]
@@ -283,13 +291,14 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | 
 
     for name, m in plain.items():
         score(name, m, evs[name], seeds)
+    splits = _fit_splits(cfg, ds) if few else None
     for name in few:
         for shots in cfg.shots:
             fits, per_seed_runs = [], []
             for seed in seeds:
                 m = create(name, ctx, strict=False, **opts)
                 t = time.perf_counter()
-                fitted = m.fit(_support(cfg, ds, shots, seed))
+                fitted = m.fit(_support(cfg, *splits, shots, seed))
                 fits.append({"seed": seed, "fit_seconds": time.perf_counter() - t, **fitted})
                 ev = evidence.run({f"{name}@{shots}#{seed}": m}, label=f"{name} {shots}-shot seed {seed}")
                 per_seed_runs.append((m, next(iter(ev.values())), seed))

@@ -124,19 +124,28 @@ class Queries:
             self.add_time("preprocess", time.perf_counter() - t)
         return self._pixels[key]
 
+    @staticmethod
+    def feature_key(encoder: Any) -> str:
+        """The key features are known under: the encoder and the precision it runs at."""
+        return f"{encoder.spec}|{getattr(encoder, 'precision', 'fp32')}"
+
     def features(self, encoder: Any, batch_size: int = 64) -> np.ndarray:
         """Normalised image embeddings (n x d, float32) under `encoder`."""
-        key = f"{encoder.spec}|{getattr(encoder, 'precision', 'fp32')}"
+        key = self.feature_key(encoder)
         if key not in self._features:
             if not self.images:
                 self._features[key] = np.zeros((0, encoder.dim), np.float32)
-                return self._features[key]
-            pixels = self.pixels(encoder.preprocess)
-            t = time.perf_counter()
-            self._features[key] = np.concatenate([encoder.encode_pixels(pixels[i : i + batch_size])
-                                                  for i in range(0, len(pixels), batch_size)])
-            self.add_time(f"encode {encoder.spec}", time.perf_counter() - t)
+            else:
+                self._features[key] = self._encode(encoder, batch_size)
         return self._features[key]
+
+    def _encode(self, encoder: Any, batch_size: int) -> np.ndarray:
+        """The forward passes (a server overrides this to batch across requests)."""
+        pixels = self.pixels(encoder.preprocess)
+        t = time.perf_counter()
+        out = np.concatenate([encoder.encode_pixels(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        self.add_time(f"encode {encoder.spec}", time.perf_counter() - t)
+        return out
 
     def add_time(self, step: str, seconds: float) -> None:
         if self.timings is not None:

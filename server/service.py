@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from xm.errors import XMError
+from xm.methods.base import Queries
 from xm.server.batching import Batcher
 from xm.server.metrics import Metrics
 
@@ -294,7 +295,7 @@ class Service:
         return self.indices[name]
 
     def batcher(self, encoder: Any, kind: str) -> Batcher:
-        key = (f"{encoder.spec}|{getattr(encoder, 'precision', 'fp32')}", kind)
+        key = (Queries.feature_key(encoder), kind)
         with self._lock:
             b = self._batchers.get(key)
             if b is None:
@@ -633,22 +634,18 @@ class Service:
         return (rows[0] if single else rows), headers
 
 
-class BatchedQueries:
+class BatchedQueries(Queries):
     """`Queries` whose image features come from the shared, cross-request encoder batchers."""
 
-    def __new__(cls, service: Service, images: Sequence[Any]):  # a Queries subclass built lazily (import cost)
-        from xm.methods.base import Queries
+    def __init__(self, service: Service, images: Sequence[Any]) -> None:
+        super().__init__(images)
+        self.service = service
 
-        class _Batched(Queries):
-            def features(self, encoder: Any, batch_size: int = 64) -> np.ndarray:
-                key = f"{encoder.spec}|{getattr(encoder, 'precision', 'fp32')}"
-                if key not in self._features:
-                    t = time.perf_counter()
-                    self._features[key] = service.encode(encoder, "image", self.images)
-                    self.add_time(f"encode {key}", time.perf_counter() - t)
-                return self._features[key]
-
-        return _Batched(images)
+    def _encode(self, encoder: Any, batch_size: int) -> np.ndarray:
+        t = time.perf_counter()
+        out = self.service.encode(encoder, "image", self.images)
+        self.add_time(f"encode {encoder.spec}", time.perf_counter() - t)
+        return out
 
 
 def _jpeg_bytes(path: Path) -> bytes:
