@@ -12,7 +12,7 @@ from xm.errors import XMError
 from xm.indexes.embeddings import EmbeddingMatrix
 from xm.indexes.layout import Layout
 from xm.indexes.manifest import read_manifest, verify_files
-from xm.indexes.shards import ShardedIndex
+from xm.indexes.shards import ShardedIndex, top_k
 from xm.indexes.store import CaptionStore
 
 # Checksumming every file at load is cheap for small indexes but a full read of a large
@@ -31,10 +31,7 @@ def rescore(queries: np.ndarray, ids: np.ndarray, matrix: EmbeddingMatrix, k: in
     sims = np.full((n, m), -np.inf, np.float32)
     rows = np.nonzero(valid)[0]
     sims[valid] = np.einsum("ij,ij->i", vecs[inverse], q[rows])
-    keep = min(k, m)
-    order = np.lexsort((np.where(valid, ids, np.iinfo(np.int64).max), -sims), axis=1)[:, :keep]
-    out_ids = np.take_along_axis(np.where(valid, ids, -1), order, 1)
-    return np.take_along_axis(sims, order, 1), out_ids
+    return top_k(sims, np.where(valid, ids, -1), k)
 
 
 class MemoryIndex:

@@ -159,13 +159,12 @@ class ShardedIndex:
         ids = np.concatenate(all_i, axis=1)
         if len(self.shards) == 1:
             return d, ids
-        # sort by similarity (desc), ties by id, like a single index scanning ids in order
-        order = _topk_order(d, ids, k)
-        return np.take_along_axis(d, order, 1), np.take_along_axis(ids, order, 1)
+        return top_k(d, ids, k)
 
 
-def _topk_order(d: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    out = np.empty((d.shape[0], min(k, d.shape[1])), dtype=np.int64)
-    for r in range(d.shape[0]):
-        out[r] = np.lexsort((ids[r], -d[r]))[: out.shape[1]]
-    return out
+def top_k(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best (similarity descending, ties by id ascending, missing ids -1 last),
+    as one index scanning ids in order would rank them."""
+    keep = min(k, sims.shape[1])
+    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -sims), axis=1)[:, :keep]
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
