@@ -37,9 +37,9 @@ def info_cmd(
         *[("inference", s) for s in m["roles"]["inference"]],
     ]))
     indexed = {(e["encoder"], e["modality"]) for e in m["indexes"]}
-    console.print(table("encoders", ["encoder", "dim", "embedded", "indexed", "norms", "folder"], [
+    console.print(table("encoders", ["encoder", "dim", "embedded", "indexed", "norms", "stored as", "folder"], [
         (spec, e["dim"], ", ".join(e["embedded"]), ", ".join(mod for mod in ("image", "text") if (spec, mod) in indexed),
-         ", ".join(e.get("norms", [])), f"embeddings/{e['slug']}") for spec, e in m["encoders"].items()
+         ", ".join(e.get("norms", [])), _stored_as(e), f"embeddings/{e['slug']}") for spec, e in m["encoders"].items()
     ]))
     console.print(table("kNN indexes", ["encoder", "modality", "faiss key", "search params", "shards", "vectors"], [
         (e["encoder"], e["modality"], e["key"],
@@ -107,3 +107,11 @@ def indexes_cmd(
                         [("*" if r["default"] else "", r["name"], r["items"], r["created"], r["source"]) for r in rows]))
     if not rows:
         console.print("none yet: `xm build-index --source ...` without --out builds one here and makes it the default")
+
+
+def _stored_as(entry: dict) -> str:
+    """float16, or the codec of each compressed modality; and where precomputed arrays came from."""
+    codecs = entry.get("codecs", {})
+    kinds = [f"{m}: {codecs[m]} codes" if m in codecs else f"{m}: float16" for m in entry["embedded"]]
+    sources = entry.get("precomputed", {})
+    return ", ".join(kinds) + (f" (from {', '.join(sources.values())})" if sources else "")

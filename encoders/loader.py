@@ -194,6 +194,18 @@ class Encoder:
     def __repr__(self) -> str:
         return f"Encoder({self.spec}, dim={self.dim}, {self.precision})"
 
+    device = "cpu"
+
+    def to(self, device: str) -> "Encoder":
+        """Run the forward passes on `device` (e.g. `cuda:0`, the GPU a Spark task was given);
+        inputs go there and embeddings come back as CPU numpy arrays either way."""
+        if device != self.device:
+            if self.precision == "int8" and device != "cpu":
+                raise XMError(f"encoder {self.spec}: --precision int8 (torch dynamic quantization) runs on the CPU only, not {device}")
+            self.model = self.model.to(device)
+            self.device = device
+        return self
+
     def probe(self) -> list[float]:
         """The first 8 dims of the probe text's embedding (fp32, whatever the precision): a cheap weights fingerprint."""
         return list(self._probe)
@@ -207,10 +219,14 @@ class Encoder:
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
         if self.precision == "bf16":
-            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            stack.enter_context(torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16))
         return stack
 
-    def fingerprint_matches(self, probe: Sequence[float], tol: float = 2e-3) -> bool:
+    def fingerprint_matches(self, probe: Sequence[float] | None, tol: float = 2e-3) -> bool:
+        """Whether `probe` is these weights' fingerprint; None (an index whose embeddings came
+        precomputed, the encoder never loaded) is not verifiable and is not held against it."""
+        if probe is None:
+            return True
         return bool(np.allclose(self.probe(), np.asarray(probe, dtype=np.float64), atol=tol))
 
     def encode_pixels(self, pixels: Any) -> np.ndarray:
@@ -218,10 +234,10 @@ class Encoder:
         import torch
 
         with self._running():
-            feats = self.model.encode_image(pixels)
+            feats = self.model.encode_image(pixels.to(self.device))
         with torch.inference_mode():
             feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-        return feats.numpy()
+        return feats.cpu().numpy()
 
     def encode_images(self, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
         """Image embeddings of PIL images (already RGB; see `load_image`)."""
@@ -252,7 +268,7 @@ class Encoder:
         with self._running():
             for i in range(0, len(texts), batch_size):
                 idx = order[i : i + batch_size]
-                raw = self._encode_tokens(tokens[idx]).float()
+                raw = self._encode_tokens(tokens[idx].to(self.device)).float().cpu()
                 feats = torch.nn.functional.normalize(raw, dim=-1).numpy()
                 if out.shape[1] == 0:
                     out = np.empty((len(texts), feats.shape[1]), np.float32)

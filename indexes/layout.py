@@ -7,12 +7,22 @@
           text_emb/text_emb_<part>.npy
           text_norm/text_norm_<part>.npy     float32 norm of each caption embedding before
                                              normalisation (X-MoRe's raw-dot re-ranking)
+          text_code/text_code_<part>.npy     instead of text_emb/ for an encoder built with
+          text_code/codec.faiss              `--text-codec SPEC=CODEC`: uint8 codes (n, code_size)
+                                             of a FAISS standalone codec (SQ8, PQ64, OPQ32,PQ32...)
+                                             trained once on a deterministic sample of the float16
+                                             parts, stored with faiss.write_index; read through
+                                             `embeddings.CodedEmbeddingMatrix` (sa_decode). The
+                                             manifest's encoder entry says `"codecs": {"text": ...}`;
+                                             (img_code/ likewise for images; norms stay float32)
           metadata/metadata_<part>.parquet   (first encoder only: image_path, caption, url, ...)
       index/<encoder-slug>/<modality>/shard-<i>.index   FAISS shards, global ids
       index/<encoder-slug>/<modality>/build.json        autofaiss' choice and the shard id ranges
       store/part-<part>.parquet              caption store, small row groups
       store/caption_hash.npy                 int64 hash of each caption, by global id
-      _work/                                 resumable stage state (select, download, markers)
+      _work/                                 resumable stage state (select, download, markers;
+                                             done/compress-<slug>-<modality>/: the codec's record
+                                             and one marker per coded part)
 
 The manifest declares, per encoder, which modalities are embedded and which are indexed.
 Format 1 (index/<modality>/, coarse encoder only, no norms) is still read: see
@@ -71,7 +81,12 @@ class Layout:
 
     @property
     def selection(self) -> Path:
-        return self.work / "select" / "urls.parquet"
+        """The URL list img2dataset reads: a folder of parquet files, each a whole number of
+        download shards (its driver reads each file whole, so none may be LAION-sized)."""
+        return self.work / "select" / "urls"
+
+    def selection_files(self) -> list[Path]:
+        return sorted(self.selection.glob("part-*.parquet")) if self.selection.is_dir() else []
 
     def done_dir(self, stage: str) -> Path:
         return self.work / "done" / stage
@@ -88,6 +103,19 @@ class Layout:
 
     def emb_dir(self, slug: str, modality: str) -> Path:
         return self.embeddings(slug) / ("img_emb" if modality == "image" else "text_emb")
+
+    def code_dir(self, slug: str, modality: str) -> Path:
+        return self.embeddings(slug) / ("img_code" if modality == "image" else "text_code")
+
+    def code_file(self, slug: str, modality: str, part: str) -> Path:
+        kind = self.code_dir(slug, modality).name
+        return self.code_dir(slug, modality) / f"{kind}_{part}.npy"
+
+    def codec_file(self, slug: str, modality: str) -> Path:
+        return self.code_dir(slug, modality) / "codec.faiss"
+
+    def compress_done_dir(self, slug: str, modality: str) -> Path:
+        return self.done_dir(f"compress-{slug}-{modality}")
 
     def norm_file(self, slug: str, modality: str, part: str) -> Path:
         kind = "img_norm" if modality == "image" else "text_norm"

@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from xm.errors import XMError
 from xm.indexes.layout import FORMAT, FORMAT_V1, Layout, sha256_file, write_json
@@ -25,24 +26,42 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def file_entries(layout: Layout, paths: list[Path], known: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+Hasher = Callable[[list[Path]], list[str]]
+
+
+def _sha256_files(paths: list[Path]) -> list[str]:
+    return [sha256_file(p) for p in paths]
+
+
+def file_entries(layout: Layout, paths: list[Path], known: dict[str, dict[str, Any]] | None = None,
+                 hasher: Hasher | None = None) -> dict[str, dict[str, Any]]:
     """Size and sha256 of each file; `known` entries (an earlier manifest's) are reused for
-    files whose size and modification time are unchanged since that manifest was written."""
+    files whose size and modification time are unchanged since that manifest was written.
+    `hasher` checksums the rest (here by default; a distributed build spreads it over tasks)."""
     known = known or {}
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[str, Path, os.stat_result]] = []
     for p in sorted(set(paths)):
         rel, st = layout.rel(p), p.stat()
         prior = known.get(rel)
         if prior and prior["bytes"] == st.st_size and prior.get("mtime_ns") == st.st_mtime_ns:
             out[rel] = prior
         else:
-            out[rel] = {"bytes": st.st_size, "sha256": sha256_file(p), "mtime_ns": st.st_mtime_ns}
-    return out
+            todo.append((rel, p, st))
+    for (rel, _, st), digest in zip(todo, (hasher or _sha256_files)([p for _, p, _ in todo])):
+        out[rel] = {"bytes": st.st_size, "sha256": digest, "mtime_ns": st.st_mtime_ns}
+    return dict(sorted(out.items()))
 
 
 def write_manifest(layout: Layout, body: dict[str, Any], files: list[Path],
-                   known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    entries = file_entries(layout, files, known)
+                   known: dict[str, dict[str, Any]] | None = None, hasher: Hasher | None = None,
+                   keep_if_same: bool = False) -> dict[str, Any]:
+    """Write the manifest (last, atomically). With `keep_if_same`, an existing manifest that
+    already says exactly this (same files, same body) is left as it is: a rerun changes nothing."""
+    before = _read_existing(layout) if keep_if_same or known is None else None
+    if known is None and before is not None:
+        known = before.get("files")
+    entries = file_entries(layout, files, known, hasher)
     manifest = {
         "format": FORMAT,
         # the id names the content: it hashes each file's size and checksum, not its mtime
@@ -52,8 +71,18 @@ def write_manifest(layout: Layout, body: dict[str, Any], files: list[Path],
         "versions": package_versions(),
         "files": entries,
     }
+    if keep_if_same and before is not None and {**before, "created": manifest["created"]} == manifest:
+        return before
     write_json(layout.manifest, manifest)
     return manifest
+
+
+def _read_existing(layout: Layout) -> dict[str, Any] | None:
+    try:
+        data = json.loads(layout.manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:

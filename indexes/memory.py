@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from xm.errors import XMError
-from xm.indexes.embeddings import EmbeddingMatrix
+from xm.indexes.embeddings import CodedEmbeddingMatrix, EmbeddingMatrix
 from xm.indexes.layout import Layout
 from xm.indexes.manifest import read_manifest, verify_files
 from xm.indexes.shards import ShardedIndex, top_k
@@ -60,7 +60,8 @@ class MemoryIndex:
         for spec, entry in self.manifest["encoders"].items():
             for modality in entry["embedded"]:
                 for part in self.manifest["parts"]:
-                    f = self.layout.emb_file(entry["slug"], modality, part["name"])
+                    coded = modality in entry.get("codecs", {})
+                    f = (self.layout.code_file if coded else self.layout.emb_file)(entry["slug"], modality, part["name"])
                     n = np.load(f, mmap_mode="r").shape[0]
                     if n != part["rows"]:
                         raise XMError(f"{f}: {n} rows, the manifest says {part['rows']}")
@@ -132,8 +133,13 @@ class MemoryIndex:
             if entry is None or modality not in entry["embedded"]:
                 raise XMError(f"{self.root}: no {modality} embeddings for encoder {spec} in this index; "
                               f"add them with `xm build-index --out {self.root} --add-encoder {spec}={modality}`")
-            files = [self.layout.emb_file(entry["slug"], modality, p) for p in self.parts]
-            matrix = EmbeddingMatrix(files)
+            codec = entry.get("codecs", {}).get(modality)
+            if codec:  # compressed (`--text-codec`): the same gather, decoded rows
+                files = [self.layout.code_file(entry["slug"], modality, p) for p in self.parts]
+                matrix: EmbeddingMatrix = CodedEmbeddingMatrix(files, self.layout.codec_file(entry["slug"], modality))
+            else:
+                files = [self.layout.emb_file(entry["slug"], modality, p) for p in self.parts]
+                matrix = EmbeddingMatrix(files)
             if len(matrix) != self.count:
                 raise XMError(f"{self.layout.emb_dir(entry['slug'], modality)}: {len(matrix)} rows, manifest says {self.count}")
             self._matrices[key] = matrix
@@ -177,7 +183,8 @@ class MemoryIndex:
 
         An index entry with `refine_k_factor` F > 1 (a compressed index) fetches k*F candidates
         and re-scores them exactly with the stored embeddings (`rescore`): its similarities are
-        then exact inner products with the float16 embeddings."""
+        then exact inner products with the float16 embeddings (with the decoded rows, for
+        embeddings stored as codes: `--image-codec`)."""
         spec = str(encoder or self.roles["coarse"])
         entry = self.index_entry(spec, modality) or {}
         factor = int(entry.get("refine_k_factor", 0) or 0)
@@ -201,12 +208,14 @@ class MemoryIndex:
         return self.store.hashes  # type: ignore[return-value]
 
     def check_encoder(self, encoder: Any, role: str) -> None:
-        """Refuse an encoder whose name or weights differ from the one that built this index."""
+        """Refuse an encoder whose name or weights differ from the one that built this index.
+        An entry with no probe (`probe: null`: embeddings taken precomputed from the source, the
+        encoder never loaded) cannot be verified and is accepted by name."""
         expected = self.roles.get(role) if role in ("coarse", "fine") else None
         if expected is not None and str(encoder.spec) != expected:
             raise XMError(f"{self.layout.manifest}: built with {role} encoder {expected}, not {encoder.spec}")
         entry = self.encoder_entry(str(encoder.spec))
-        if entry is not None and not encoder.fingerprint_matches(entry["probe"]):
+        if entry is not None and entry.get("probe") is not None and not encoder.fingerprint_matches(entry["probe"]):
             raise XMError(
                 f"{self.layout.manifest}: encoder {encoder.spec} has other weights than the ones that built this index"
             )

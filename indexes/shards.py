@@ -5,10 +5,16 @@ trained quantizer and codebooks and their stored ids are already global, so the
 union of the shards' candidates (same probed lists, same codes, same distances) is
 exactly what the unsplit index scores; the merge keeps the top k by similarity.
 Flat/HNSW shards store local ids and carry an `id_offset`.
+
+Shards are searched in parallel threads: faiss releases the GIL during a search, so shards
+on one machine overlap; each shard's answer is the same as searched alone, and the merge
+does not depend on which finished first.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -122,6 +128,27 @@ def validate_shard(index, path: Path, id_range: tuple[int, int] | None = None) -
                     raise XMError(f"{path}: stores ids outside its range {lo}..{hi - 1}; the shard is damaged")
 
 
+def ivf_id_span(index, path: Path) -> tuple[int, int]:
+    """(lowest, highest + 1) of the ids an IVF shard stores, refusing a shard whose ids do not
+    fill that range exactly once per vector by count (a shard of a split by id range must).
+    Reads every stored id once (8 bytes a vector), list by list."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    lo, hi = np.iinfo(np.int64).max, -1
+    for i in range(lists.nlist):
+        n = lists.list_size(i)
+        if n:
+            ids = np.asarray(faiss.rev_swig_ptr(lists.get_ids(i), n))
+            lo, hi = min(lo, int(ids.min())), max(hi, int(ids.max()))
+    if hi < 0:
+        raise XMError(f"{path}: an empty shard")
+    if hi + 1 - lo != index.ntotal:
+        raise XMError(f"{path}: stores {index.ntotal} vectors with ids {lo}..{hi}; not one contiguous id range")
+    return lo, hi + 1
+
+
 def set_params(index, params: str) -> None:
     import faiss
 
@@ -143,18 +170,31 @@ class ShardedIndex:
             set_params(s, params)
         self.ntotal = sum(s.ntotal for s in self.shards)
         self.dim = self.shards[0].d if self.shards else 0
+        # one thread per shard, up to the cores: more would only queue behind faiss's own threads
+        self._pool = ThreadPoolExecutor(max(1, min(len(self.shards), os.cpu_count() or 1)), thread_name_prefix="xm-shard") \
+            if len(self.shards) > 1 else None
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, global ids), each (n, k); missing results are id -1, similarity -inf."""
+    def _search_one(self, shard, offset: int, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        d, i = shard.search(q, k)
+        return np.where(i < 0, -np.inf, d).astype(np.float32), np.where(i < 0, -1, i + offset)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def search(self, queries: np.ndarray, k: int, parallel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, global ids), each (n, k); missing results are id -1, similarity -inf.
+        `parallel=False` searches the shards one after another (the same answer; for tests)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
-        all_d, all_i = [], []
-        for shard, offset in zip(self.shards, self.offsets):
-            d, i = shard.search(q, k)
-            d = np.where(i < 0, -np.inf, d).astype(np.float32)
-            all_d.append(d)
-            all_i.append(np.where(i < 0, -1, i + offset))
+        if parallel and self._pool is not None:
+            futures = [self._pool.submit(self._search_one, s, o, q, k) for s, o in zip(self.shards, self.offsets)]
+            results = [f.result() for f in futures]  # in shard order, whatever order they finished in
+        else:
+            results = [self._search_one(s, o, q, k) for s, o in zip(self.shards, self.offsets)]
+        all_d, all_i = [r[0] for r in results], [r[1] for r in results]
         d = np.concatenate(all_d, axis=1)
         ids = np.concatenate(all_i, axis=1)
         if len(self.shards) == 1:

@@ -7,6 +7,7 @@ matches the row count) and redoes only what a kill interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,20 +16,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from xm.encoders import load_encoder
 from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, write_json
 from xm.indexes.manifest import write_manifest
-from xm.indexes.store import write_store_part
-from xm.pipeline import sources
+from xm.pipeline import compress, sources
 from xm.pipeline.config import STAGES, BuildConfig, pin_params
-from xm.pipeline.embed import embed_part, read_marker
+from xm.pipeline.embed import embed_part, read_marker, unloaded_encoder_entry
 from xm.pipeline.index_stage import build_modality_index, index_is_current
+from xm.pipeline.tasks import LocalRunner, Runner, SparkRunner, embed_task, hasher_for, load_plan_encoders, store_task
 
 
 @dataclass
@@ -42,6 +41,7 @@ class BuildSummary:
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     manifest_id: str | None = None
+    ran_on: str = "this machine"  # or the Spark master and its task slots
 
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
@@ -67,7 +67,8 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
     fresh = not layout.root.exists()
     layout.root.mkdir(parents=True, exist_ok=True)
     try:
-        return _run_stages(cfg, layout, progress)
+        with _runner(cfg, layout) as runner:
+            return _run_stages(cfg, layout, progress, runner)
     except BaseException:
         # a first run that failed before writing anything leaves no empty --out behind
         if fresh and not any(p.is_file() for p in layout.root.rglob("*")):
@@ -83,9 +84,23 @@ def _pause_point(stage: str) -> None:
         time.sleep(float(os.environ.get("XM_PAUSE_SECONDS", "30")))
 
 
-def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress) -> BuildSummary:
+@contextlib.contextmanager
+def _runner(cfg: BuildConfig, layout: Layout) -> Iterator[Runner]:
+    """Where the stages' units of work run: here, or as tasks on the build's one Spark session
+    (created before img2dataset and autofaiss look for it; every executor checked first)."""
+    if cfg.distributor != "pyspark":
+        yield LocalRunner()
+        return
+    from xm.pipeline.spark import preflight, spark_session
+
+    with spark_session(cfg.spark_master, cfg.spark_conf, f"xm build-index {layout.root.name}") as spark:
+        slots = preflight(spark, layout.root)
+        yield SparkRunner(spark, f"Spark {spark.sparkContext.master} ({slots} task slots)")
+
+
+def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Runner) -> BuildSummary:
     kind = sources.source_kind(cfg.source)
-    summary = BuildSummary(out=str(layout.root), source_kind=kind)
+    summary = BuildSummary(out=str(layout.root), source_kind=kind, ran_on=runner.name)
     encoders_needed = "embed" in cfg.stages or "manifest" in cfg.stages
 
     def timed(stage: str, fn: Callable[[], Any]) -> Any:
@@ -110,8 +125,7 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress) -> BuildSu
     elif kind == "img2dataset":  # an existing img2dataset folder: its own download failures count too
         _add_failures(summary, sources.download_failures(Path(cfg.source)))
 
-    encoders = ({spec: load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision) for spec in plan}
-                if encoders_needed else {})
+    encoders = load_plan_encoders(cfg, plan) if encoders_needed else {}
     # pinned once they load: a first run that fails on an unavailable encoder may be retried with another
     pin_params(layout.work / "encoders.json", {"coarse": cfg.coarse, "fine": cfg.fine, "inference": list(cfg.inference),
                                                **({"encoders": list(cfg.encoders)} if cfg.encoders else {})}, "encoders")
@@ -128,8 +142,12 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress) -> BuildSu
         texts = sum(1 for parts in plan.values() if "text" in parts)
         images = progress("embed images", total)
         captions = progress(f"embed captions ({texts} encoder{'s' if texts != 1 else ''})", total * texts if total else None)
-        for part in todo:
-            embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=images, on_captions=captions)
+        if isinstance(runner, LocalRunner):  # here: progress by rows, the encoders loaded once above
+            for part in todo:
+                embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=images, on_captions=captions)
+        else:
+            jobs = [{"config": cfg.to_dict(), "part": p.name} for p in todo]
+            runner.map(embed_task, jobs, "xm embed", on_done=progress(f"embed ({len(jobs)} parts as Spark tasks)", len(jobs)))
 
     timed("embed", embed)
     markers = _embedded_parts(layout)
@@ -158,27 +176,46 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress) -> BuildSu
             tick(1)
 
     timed("index", index)
+    # after the index stage (kNN indexes are built from the float16 parts): codes + codec
+    timed("compress", lambda: summary.skipped.extend(
+        compress.run_stage(layout, cfg.codecs(), [(m["part"], m["rows"]) for m in done], progress, runner)))
 
     def store() -> None:
-        tick = progress("store", summary.count)
-        hashes, first = [], 0
-        for m in done:
-            meta = pq.read_table(layout.metadata_file(coarse_slug, m["part"]))
-            hashes.append(write_store_part(meta, first, layout.store_part(m["part"])))
-            first += meta.num_rows
-            tick(meta.num_rows)
+        record = {"parts": [[m["part"], m["rows"]] for m in done]}
+        if _store_is_current(layout, record):
+            summary.skipped.append("store: current")
+            return
+        firsts = np.concatenate([[0], np.cumsum([m["rows"] for m in done])]).astype(int)
+        jobs = [{"out": str(layout.root), "slug": coarse_slug, "part": m["part"], "first": int(first)}
+                for m, first in zip(done, firsts)]
+        hashes = runner.map(store_task, jobs, "xm store", on_done=progress("store", len(jobs)))
         with atomic_path(layout.caption_hash) as tmp:
             with open(tmp, "wb") as f:
-                np.save(f, np.concatenate(hashes) if hashes else np.zeros(0, np.int64))
+                np.save(f, np.frombuffer(b"".join(hashes), dtype=np.int64))
+        write_json(_store_record(layout), record)
 
     timed("store", store)
 
     def manifest() -> None:
-        summary.manifest_id = _write_manifest(cfg, layout, kind, done, encoders, plan, summary)["id"]
+        written = _write_manifest(cfg, layout, kind, done, encoders, plan, summary, hasher_for(runner))
+        summary.manifest_id = written["id"]
+        compress.drop_superseded(layout, written)  # float16 parts of compressed roles: only once no manifest lists them
 
     timed("manifest", manifest)
     write_json(layout.work / "last_build.json", summary.__dict__)
     return summary
+
+
+def _store_record(layout: Layout) -> Path:
+    return layout.work / "done" / "store.json"
+
+
+def _store_is_current(layout: Layout, record: dict[str, Any]) -> bool:
+    """The store was written for exactly these parts and every file of it is still there."""
+    path = _store_record(layout)
+    if not path.is_file() or json.loads(path.read_text()) != record or not layout.caption_hash.is_file():
+        return False
+    return all(layout.store_part(name).is_file() for name, _ in record["parts"])
 
 
 def _preflight(cfg: BuildConfig, kind: str, plan: dict[str, tuple[str, ...]]) -> None:
@@ -187,7 +224,9 @@ def _preflight(cfg: BuildConfig, kind: str, plan: dict[str, tuple[str, ...]]) ->
     from xm.encoders import availability_problem
     from xm.pipeline import laion
 
-    problems = [p for spec in plan if (p := availability_problem(spec, cfg.cache_dir))]
+    # an encoder whose every embedding the source provides is never loaded: its weights need not exist
+    problems = [p for spec in sources.encoders_to_load(cfg, plan) if (p := availability_problem(spec, cfg.cache_dir))]
+    problems[:0] = sources.source_problems(cfg, kind, plan)
     if kind == "laion400m" and laion.offline() and not laion.usable_offline(cfg.metadata_root):
         problems.insert(0, "LAION-400M metadata: XM_OFFLINE is set and no --metadata-root; download the 32 metadata "
                            "parquet parts on a connected machine and pass --metadata-root FOLDER")
@@ -213,10 +252,12 @@ def _slug(spec: str) -> str:
     return EncoderSpec.parse(spec).slug
 
 
-def encoder_entry(enc: Any, embedded: list[str], norms: list[str]) -> dict[str, Any]:
-    """The manifest's record of one encoder: who it is (weights probe) and what it contributed."""
+def encoder_entry(enc: Any, embedded: list[str], norms: list[str], codecs: dict[str, str] | None = None) -> dict[str, Any]:
+    """The manifest's record of one encoder: who it is (weights probe) and what it contributed
+    (`codecs`: modalities stored as codes of a FAISS codec instead of float16, `--text-codec`)."""
     return {"slug": enc.spec.slug, "dim": enc.dim, "logit_scale": enc.logit_scale, "probe": enc.probe(),
-            "embedded": embedded, "norms": norms, "precision": getattr(enc, "precision", "fp32")}
+            "embedded": embedded, "norms": norms, "precision": getattr(enc, "precision", "fp32"),
+            **({"codecs": dict(codecs)} if codecs else {})}
 
 
 def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[dict[str, Any], list]:
@@ -237,18 +278,26 @@ def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[d
 
 
 def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict], encoders: dict,
-                    plan: dict[str, tuple[str, ...]], summary: BuildSummary) -> dict:
+                    plan: dict[str, tuple[str, ...]], summary: BuildSummary,
+                    hasher: Callable[[list[Path]], list[str]] | None = None) -> dict:
     files = []
     enc_entries = {}
     first = next(iter(plan))
     for spec, parts in plan.items():
-        enc = encoders[spec]
+        slug = _slug(spec)
         embedded = [m for m in ("image", "text") if m in parts]
-        norms = ["text"] if "text" in parts and all(layout.norm_file(enc.spec.slug, "text", m["part"]).is_file() for m in done) else []
-        enc_entries[spec] = encoder_entry(enc, embedded, norms)
+        # precomputed caption arrays are unit-norm already and bring no norms
+        norms = ["text"] if "text" in parts and all(layout.norm_file(slug, "text", m["part"]).is_file() for m in done) else []
+        enc_entries[spec] = (encoder_entry(encoders[spec], embedded, norms) if spec in encoders else
+                             unloaded_encoder_entry(layout, spec, embedded, norms, [m["part"] for m in done],
+                                                    sources.OPENAI_LOGIT_SCALE))
+        enc_entries[spec].update(sources.precomputed_record(cfg, spec, embedded))  # which source array is which
+        codecs = compress.finished_codecs(layout, spec, slug, cfg.codecs().get(spec, {}), [m["part"] for m in done])
+        if codecs:  # codes + codec instead of float16 parts (pipeline/compress.py)
+            enc_entries[spec]["codecs"] = codecs
         for modality in embedded:
-            files += [layout.emb_file(enc.spec.slug, modality, m["part"]) for m in done]
-        files += [layout.norm_file(enc.spec.slug, "text", m["part"]) for m in done] if norms else []
+            files += compress.embedding_files(layout, slug, modality, [m["part"] for m in done], codecs.get(modality))
+        files += [layout.norm_file(slug, "text", m["part"]) for m in done] if norms else []
     files += [layout.metadata_file(_slug(first), m["part"]) for m in done]
     indexes = []
     for spec, modality in _indexed(plan):
@@ -269,4 +318,4 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
         "stats": {"failures": summary.failures, "selected": summary.selected,
                   "empty_captions": sum(m.get("empty_captions", 0) for m in done)},
     }
-    return write_manifest(layout, body, files)
+    return write_manifest(layout, body, files, hasher=hasher, keep_if_same=True)

@@ -10,7 +10,7 @@ from typing import Any
 from xm.errors import XMError
 from xm.indexes.layout import write_json
 
-STAGES = ("select", "download", "embed", "index", "store", "manifest")
+STAGES = ("select", "download", "embed", "index", "compress", "store", "manifest")
 # what one encoder can contribute to an index: embeddings of a modality, a kNN index over them
 ENCODER_PARTS = ("image", "text", "index-image", "index-text")
 
@@ -52,6 +52,10 @@ class BuildConfig:
     shard_size: int = 10_000
     timeout: int = 10
     distributor: str = "multiprocessing"
+    # Spark (--distributor pyspark): master URL (local[N], local[N,F], spark://, yarn, k8s://) and
+    # key=value settings; none under spark-submit, whose session is used as it is
+    spark_master: str | None = None
+    spark_conf: list[str] = field(default_factory=list)
     # embed
     batch_size: int = 64
     precision: str = "fp32"  # how the encoders run while embedding (xm.encoders.PRECISIONS); in the manifest
@@ -69,6 +73,9 @@ class BuildConfig:
     cache_dir: str | None = None
     # the general form: ARCH:PRETRAINED=image,text,index-image,index-text (repeatable), on top of the roles
     encoders: list[str] = field(default_factory=list)
+    # compressed caption embeddings (pipeline/compress.py): SPEC=CODEC, a FAISS codec string (SQ8, PQ64, ...)
+    text_codecs: list[str] = field(default_factory=list)
+    image_codecs: list[str] = field(default_factory=list)  # the same for image embeddings (the refine step's)
 
     def validate(self) -> "BuildConfig":
         """Every option checked here, once; one line naming the option."""
@@ -85,6 +92,12 @@ class BuildConfig:
         self.precision = check_precision(self.precision)
         if self.distributor not in ("multiprocessing", "pyspark"):
             raise XMError(f"--distributor {self.distributor!r}: choose multiprocessing or pyspark")
+        if self.distributor == "pyspark":
+            from xm.pipeline.spark import check_spark_options
+
+            check_spark_options(self.spark_master, self.spark_conf)
+        elif self.spark_master or self.spark_conf:
+            raise XMError(f"{'--spark-master' if self.spark_master else '--spark-conf'}: only with --distributor pyspark")
         from xm.pipeline.memory_sizes import parse_size
 
         budget, available = parse_size("--max-index-memory", self.max_index_memory), parse_size("--current-memory", self.current_memory)
@@ -97,19 +110,44 @@ class BuildConfig:
         if out.is_dir() and any(out.iterdir()) and not ((out / "_work").is_dir() or (out / "manifest.json").is_file()):
             raise XMError(f"--out {out}: a non-empty folder that is not an xm index; choose a new or empty folder")
         self.plan()  # --encoder flags parse
+        self.codecs()  # --text-codec/--image-codec flags parse, name an encoder with that modality and a FAISS codec
         return self
 
     def plan(self) -> dict[str, tuple[str, ...]]:
         """What each encoder contributes, coarse first. X-MoRe's roles are named defaults:
         coarse = image + text embedded and indexed (text index unless --no-text-index),
-        fine and inference = caption embeddings; `--encoder` adds to that."""
+        fine and inference = caption embeddings; `--encoder` adds to that. A source's
+        precomputed arrays of a planned encoder are stored too (a copy: DataComp's l14_img
+        gives the fine encoder image embeddings, RECO's memory)."""
+        from xm.pipeline.sources import provided_arrays  # here: sources imports this module
+
         wanted: dict[str, set[str]] = {self.coarse: {"image", "text", "index-image"} | ({"index-text"} if self.index_text else set())}
         for spec in [self.fine, *self.inference]:
             wanted.setdefault(spec, set()).add("text")
         for flag in self.encoders:
             spec, parts = parse_encoder_flag(flag)
             wanted.setdefault(spec, set()).update(parts)
+        for spec, modality in provided_arrays(self):
+            if spec in wanted:
+                wanted[spec].add(modality)
         return {spec: tuple(p for p in ENCODER_PARTS if p in parts) for spec, parts in wanted.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, for a Spark task (the unit of work carries no closures)."""
+        import dataclasses
+
+        return {**dataclasses.asdict(self), "out": str(self.out)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
+        return cls(**{**data, "out": Path(data["out"]), "stages": tuple(data["stages"])})
+
+    def codecs(self) -> dict[str, dict[str, str]]:
+        """{spec: {modality: codec}} from --text-codec and --image-codec (pipeline/compress.py)."""
+        from xm.pipeline.compress import parse_codecs
+
+        plan = self.plan()
+        return parse_codecs(list(self.image_codecs), plan, "image", parse_codecs(list(self.text_codecs), plan))
 
     def encoder_specs(self) -> list[str]:
         """Every distinct encoder of the index, coarse first."""

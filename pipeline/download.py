@@ -18,7 +18,7 @@ _OWN = {"url", "caption"}
 def download(cfg: BuildConfig, layout: Layout) -> None:
     from img2dataset import download as img2dataset_download
 
-    columns = pq.read_schema(layout.selection).names
+    columns = pq.read_schema(layout.selection_files()[0]).names
     layout.download.mkdir(parents=True, exist_ok=True)
     logging.getLogger("img2dataset").setLevel(logging.WARNING)
     # img2dataset installs a SIGINT handler that cleans its temporary folder and exits 0:

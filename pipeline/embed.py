@@ -4,13 +4,21 @@ the norms of the caption embeddings before normalisation beside them.
 
 A part is done when its marker exists; the marker is written after every file of the
 part has been renamed into place, so a kill leaves at worst a part that is redone.
+
+A part that brings precomputed arrays (`Part.precomputed`: LAION's embedding parts,
+DataComp's npz) has them checked and copied bit for bit (float16) in place of computing
+them; only what no array provides is computed, so an encoder with nothing left to
+compute is not needed at all. A bad array fails the part, in one line, before any of its
+arrays is renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
+import zipfile
 from collections import Counter
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -18,10 +26,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xm.encoders import Encoder, load_image
+from xm.encoders import Encoder, EncoderSpec, load_image
 from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, write_json
-from xm.pipeline.sources import Part, Sample
+from xm.pipeline.sources import ArrayRef, Part, Sample
 
 T = TypeVar("T")
 
@@ -116,12 +124,13 @@ def embed_part(
     on_captions: Callable[[int], None] = lambda n: None,
 ) -> dict[str, Any]:
     """Embed one part as `plan` says (the first encoder also writes the metadata); return its
-    marker (rows kept, failures by reason)."""
+    marker (rows kept, failures by reason). What the part brings precomputed is copied, the
+    rest computed with `encoders` (which need not hold an encoder with nothing to compute)."""
     failures: Counter = Counter()
     first = next(iter(plan))
-    image_specs = [spec for spec, parts in plan.items() if "image" in parts]
+    given = part.precomputed or {}
+    image_specs = [spec for spec, parts in plan.items() if "image" in parts and (spec, "image") not in given]
     images: dict[str, np.ndarray] = {}
-    precomputed_text = None
     if part.precomputed is None:
         kept: list[Sample] = []
         chunks: dict[str, list[np.ndarray]] = {spec: [] for spec in image_specs}
@@ -135,39 +144,107 @@ def embed_part(
             on_rows(len(batch))
         images = {spec: np.concatenate(c) if c else np.zeros((0, encoders[spec].dim), np.float32) for spec, c in chunks.items()}
     else:
-        # LAION's precomputed parts are the first (coarse) encoder's image and caption embeddings
+        if image_specs:  # the build's preflight says so first; a part never gets half its files
+            origin = next(iter(given.values()))
+            raise XMError(f"{origin.path}: precomputed embeddings with no images; image embeddings under "
+                          f"{', '.join(image_specs)} cannot be made")
         kept = list(part.samples())
-        images = {first: np.load(part.precomputed["img_emb"], mmap_mode="r")}
-        precomputed_text = np.load(part.precomputed["text_emb"], mmap_mode="r")
-        for name, arr in (("img_emb", images[first]), ("text_emb", precomputed_text)):
-            if arr.shape != (len(kept), encoders[first].dim):
-                raise XMError(
-                    f"{part.precomputed[name]}: shape {arr.shape}, expected ({len(kept)}, {encoders[first].dim}) "
-                    f"to match its metadata and the encoder {first}"
-                )
-        other_images = [s for s in image_specs if s != first]
-        if other_images:
-            raise XMError(f"{part.precomputed['img_emb']}: precomputed embedding parts carry no images; "
-                          f"image embeddings under {', '.join(other_images)} cannot be made")
         on_rows(len(kept))
     marker = {"part": part.name, "rows": len(kept), "failures": dict(failures)}
     if kept:
         captions = [s.caption for s in kept]
         marker["empty_captions"] = sum(1 for c in captions if not c.strip())
+        _copy_precomputed(part, plan, layout, len(kept), encoders)
         for spec, parts in plan.items():
-            enc = encoders[spec]
             if "text" in parts:
-                if spec == first and precomputed_text is not None:
-                    _save_npy(layout.emb_file(enc.spec.slug, "text", part.name), np.asarray(precomputed_text))
+                if (spec, "text") in given:
                     on_captions(len(captions))
                 else:
-                    write_text_embeddings(layout, enc, part.name, captions, on_batch=on_captions)
-            if "image" in parts:
-                _save_npy(layout.emb_file(enc.spec.slug, "image", part.name), np.asarray(images[spec]))
-        with atomic_path(layout.metadata_file(encoders[first].spec.slug, part.name)) as tmp:
+                    write_text_embeddings(layout, encoders[spec], part.name, captions, on_batch=on_captions)
+            if spec in images:
+                _save_npy(layout.emb_file(_slug(spec), "image", part.name), images[spec])
+        with atomic_path(layout.metadata_file(_slug(first), part.name)) as tmp:
             pq.write_table(_metadata_table(kept), tmp)
     write_json(layout.done_marker("embed", part.name), marker)
     return marker
+
+
+def _slug(spec: str) -> str:
+    return EncoderSpec.parse(spec).slug
+
+
+def _copy_precomputed(part: Part, plan: dict[str, tuple[str, ...]], layout: Layout, rows: int,
+                      encoders: dict[str, Encoder]) -> None:
+    """The part's precomputed arrays the plan asks for, checked and stored (float16, the first
+    `rows`), each read once; none is renamed into place until every one has passed."""
+    wanted = [(key, ref) for key, ref in (part.precomputed or {}).items() if key[1] in plan.get(key[0], ())]
+    dims = {spec: encoders[spec].dim for (spec, _), _ref in wanted if spec in encoders}
+    with contextlib.ExitStack() as staged:
+        for (spec, modality), ref in wanted:
+            arr = read_array(ref, rows, ref.dim or dims.get(spec), spec)
+            dims.setdefault(spec, arr.shape[1])
+            tmp = staged.enter_context(atomic_path(layout.emb_file(_slug(spec), modality, part.name)))
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+
+
+# float16 rounding moves a unit vector's norm by ~1e-3; anything further is not a normalised embedding
+NORM_TOLERANCE = 1e-2
+
+
+def read_array(ref: ArrayRef, rows: int, dim: int | None, spec: str) -> np.ndarray:
+    """The first `rows` rows of a precomputed array as float16, or one line naming the file and
+    what is wrong: unreadable, key absent, row count other than its metadata's, wrong width,
+    not a float array, NaN/inf rows, rows not unit-norm."""
+    try:
+        if ref.key is None:
+            arr = np.load(ref.path, mmap_mode="r")
+        else:
+            with np.load(ref.path) as npz:
+                if ref.key not in npz.files:
+                    raise XMError(f"{ref.path}: no array {ref.key!r} (it has {', '.join(npz.files) or 'none'})")
+                arr = npz[ref.key]
+    except FileNotFoundError as exc:
+        raise XMError(f"{ref.path}: missing (the {spec} embeddings of {ref.meta or 'this part'})") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise XMError(f"{ref.path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
+    expected = ref.rows if ref.rows is not None else rows
+    if arr.ndim != 2:
+        raise XMError(f"{ref}: shape {arr.shape}, expected (rows, dim) embeddings of {spec}")
+    if arr.shape[0] != expected:
+        raise XMError(f"{ref}: {arr.shape[0]} rows, but its metadata {ref.meta or ''} has {expected}; "
+                      "the two must be row-aligned")
+    if dim is not None and arr.shape[1] != dim:
+        raise XMError(f"{ref}: {arr.shape[1]}-dim rows, expected {dim} for {spec}")
+    if arr.dtype.kind != "f":
+        raise XMError(f"{ref}: dtype {arr.dtype}, expected float16 or float32 embeddings")
+    arr = arr[:rows]
+    for start in range(0, rows, 1 << 16):
+        chunk = np.asarray(arr[start : start + (1 << 16)], dtype=np.float32)
+        finite = np.isfinite(chunk).all(axis=1)
+        if not finite.all():
+            first = start + int(np.argmin(finite))
+            raise XMError(f"{ref}: row {first} is not finite (NaN or inf); {ref.label} cannot be indexed")
+        norms = np.linalg.norm(chunk, axis=1)
+        off = np.abs(norms - 1) > NORM_TOLERANCE
+        if off.any():
+            j = int(np.argmax(off))
+            raise XMError(f"{ref}: row {start + j} has norm {norms[j]:.4f}, not 1; xm stores unit-normalised "
+                          "embeddings (compared by inner product)")
+    return np.asarray(arr, dtype=np.float16)
+
+
+def unloaded_encoder_entry(layout: Layout, spec: str, embedded: list[str], norms: list[str], parts: list[str],
+                           logit_scale: float) -> dict[str, Any]:
+    """The manifest's record of an encoder that was never loaded (every embedding of it came from
+    the source): the same keys as a loaded one's, dim from the stored arrays, no weights probe
+    (`probe: null`: not verifiable) and no precision (it never ran)."""
+    slug = _slug(spec)
+    dim = None
+    if parts and embedded:
+        dim = int(np.load(layout.emb_file(slug, embedded[0], parts[0]), mmap_mode="r").shape[1])
+    return {"slug": slug, "dim": dim, "logit_scale": logit_scale, "probe": None,
+            "embedded": embedded, "norms": norms, "precision": None}
 
 
 def read_marker(layout: Layout, part: str) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from xm.indexes.layout import Layout, write_json
 from xm.indexes.manifest import read_manifest, write_manifest
 from xm.pipeline import sources
 from xm.pipeline.build import encoder_entry, index_entry
+from xm.pipeline.compress import embedding_files
 from xm.pipeline.config import BuildConfig, parse_encoder_flag
 from xm.pipeline.embed import _pixel_batches, _save_npy, write_text_embeddings
 from xm.pipeline.index_stage import build_modality_index, index_is_current
@@ -43,7 +44,7 @@ def _image_rows(cfg: BuildConfig, layout: Layout, manifest: dict[str, Any], part
     """The part's samples from the recorded source, in the stored rows' order."""
     src = manifest["source"]
     kind = src["kind"]
-    if kind == "laion400m-embeddings":
+    if kind in sources.PRECOMPUTED_KINDS:
         raise XMError(f"{layout.root}: built from precomputed embeddings; there are no images to embed under another encoder")
     build = BuildConfig(source=src["source"], out=layout.root, limit=src.get("limit"), parts=src.get("parts"),
                         shard_size=src.get("shard_size") or BuildConfig.shard_size)
@@ -130,11 +131,12 @@ def add_encoder(out: str, flag: str, cfg: BuildConfig | None = None,
         summary.manifest_id = manifest["id"]
         return summary
     files = [layout.root / rel for rel in manifest["files"]]
+    codecs = (prior or {}).get("codecs", {})  # a compressed modality stays compressed (pipeline/compress.py)
     for modality in sorted(embedded):
-        files += [layout.emb_file(slug, modality, p) for p in part_names]
+        files += embedding_files(layout, slug, modality, part_names, codecs.get(modality))
     files += [layout.norm_file(slug, "text", p) for p in part_names] if "text" in norms else []
     body = {k: v for k, v in manifest.items() if k not in _GENERATED}
-    body["encoders"] = {**manifest["encoders"], spec: encoder_entry(enc, sorted(embedded), sorted(norms))}
+    body["encoders"] = {**manifest["encoders"], spec: encoder_entry(enc, sorted(embedded), sorted(norms), codecs)}
     body["indexes"] = indexes
     summary.manifest_id = write_manifest(layout, body, files + new_index_files, known=manifest["files"])["id"]
     return summary

@@ -1,20 +1,46 @@
-"""The index stage: autofaiss chooses, trains and tunes an index under a memory budget;
-we split it into memory-mappable shards with global ids."""
+"""The index stage: autofaiss chooses and trains an index under a memory budget and fills
+it, on this machine or on Spark executors; we tune its search parameters once and keep it
+as memory-mappable shards with global ids.
+
+* one machine (`--distributor multiprocessing`): autofaiss builds one index; it is tuned,
+  then split by id range (`write_shards`).
+* Spark (`--distributor pyspark`): autofaiss trains on the driver, executors add id ranges,
+  and it keeps `--shards` merged indices (`nb_indices_to_keep`), each written by an executor
+  with global ids. They become the shards as they are; they are tuned together, on a stacked
+  view of all of them (`xm.indexes.tuning.stacked_view`).
+
+Either way autofaiss is given a placeholder `index_param`, which skips its own per-index
+tuning: on Spark that tuning runs per shard on `reconstruct_n(0, ...)`, i.e. on uninitialised
+memory for every shard but the first, and hangs for `..._HNSW32` keys (see tuning.py). The
+one tuner (`tune_ivf`) then picks one parameter string, stored in build.json for every shard.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from xm.errors import XMError
 from xm.indexes.layout import Layout, write_json
-from xm.indexes.shards import write_shards
+from xm.indexes.shards import ShardInfo, ivf_id_span, write_shards
+from xm.indexes.tuning import sample_queries, stacked_view, tune_ivf
 from xm.pipeline.config import BuildConfig
 from xm.pipeline.quiet import captured_stderr
+from xm.pipeline.spark import active_session
+
+# Any IVF accepts it and it makes autofaiss skip its tuner (optimize_and_measure_index tunes only
+# when index_param is None); the real parameters come from tune_ivf.
+PLACEHOLDER_PARAM = "nprobe=1"
+# real query vectors for tuning: autofaiss measures coverage on 100 and speed on up to 4000
+TUNE_QUERIES = 1000
+# the whole tuning of one index stops here and keeps its best setting so far (reported)
+TUNE_DEADLINE_S = 300.0
 
 
 def index_is_current(layout: Layout, slug: str, modality: str, count: int, shards: int) -> bool:
@@ -27,7 +53,7 @@ def index_is_current(layout: Layout, slug: str, modality: str, count: int, shard
     )
 
 
-def _autofaiss(build_index, cfg: BuildConfig, emb_dir: Path, index_path: Path, infos_path: Path):
+def _autofaiss(build_index, cfg: BuildConfig, emb_dir: Path, index_path: Path, infos_path: Path, **extra: Any):
     return build_index(
         embeddings=str(emb_dir),
         index_path=str(index_path),
@@ -38,12 +64,98 @@ def _autofaiss(build_index, cfg: BuildConfig, emb_dir: Path, index_path: Path, i
         max_index_query_time_ms=cfg.max_query_time_ms,
         metric_type="ip",
         should_be_memory_mappable=True,
+        index_param=PLACEHOLDER_PARAM,
         verbose=logging.WARNING,
+        **extra,
     )
 
 
-def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: str, count: int) -> dict[str, Any]:
+def _report_faiss_lines(layout: Layout, emb_dir: Path, faiss_lines: list[str]) -> None:
+    few = sorted({l.split("please provide")[0].strip() for l in faiss_lines if "please provide at least" in l})
+    if few:  # faiss warns once per k-means run; one line of ours says it
+        print(f"xm: {layout.rel(emb_dir)}: few training points for the index's clustering ({few[0]}); "
+              "fine for a small memory, recall may suffer", file=sys.stderr)
+    other = [l for l in faiss_lines if l.strip() and "please provide at least" not in l and "Sampling a subset" not in l]
+    if other:
+        print("\n".join(other), file=sys.stderr)
+
+
+def _single_machine(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for, queries,
+                    index_key: str | None) -> tuple[list[ShardInfo], dict[str, Any], Any]:
+    """One index built here, tuned, then split by id range into the shard files."""
     import faiss
+
+    index_path, infos_path = tmp / "full.index", tmp / "infos.json"
+    _, infos = _autofaiss(build_index, cfg, emb_dir, index_path, infos_path, index_key=index_key)
+    if not index_path.is_file():
+        raise RuntimeError(f"autofaiss built no index for {emb_dir} under --max-index-memory {cfg.max_index_memory}")
+    index = faiss.read_index(str(index_path))
+    tuned = tune_ivf(index, queries, cfg.k, cfg.max_query_time_ms, deadline_s=TUNE_DEADLINE_S)
+    autofaiss_infos = json.loads(infos_path.read_text()) if infos_path.is_file() else dict(infos or {})
+    shards = write_shards(index, cfg.shards, path_for)
+    return shards, autofaiss_infos, (tuned, index)
+
+
+def _on_spark(build_index, cfg: BuildConfig, layout: Layout, emb_dir: Path, tmp: Path, path_for, queries,
+              index_key: str | None, work: Path) -> tuple[list[ShardInfo], dict[str, Any], Any]:
+    """autofaiss on the running SparkSession keeping cfg.shards indices; each becomes a shard
+    as it is (global ids, one id range each), then all are tuned together once."""
+    import faiss
+
+    active_session()  # autofaiss would otherwise start its own local[1] one with a 16G driver
+    shutil.rmtree(work, ignore_errors=True)  # a killed build's small indices
+    work.mkdir(parents=True, exist_ok=True)
+    index_path, infos_path = tmp / "full.index", tmp / "infos.json"
+    _, metrics = _autofaiss(build_index, cfg, emb_dir, index_path, infos_path, index_key=index_key,
+                            distributed="pyspark", nb_indices_to_keep=cfg.shards,
+                            # its default is an HDFS path; executors must see this folder (--out on a shared disk)
+                            temporary_indices_folder=str(work.resolve()))
+    shutil.rmtree(work, ignore_errors=True)
+    # nb_indices_to_keep == 1: "full.index"; more: "full.index0", "full.index1", ... (zero-padded)
+    written = sorted(p for p in tmp.glob("full.index*") if p.is_file())
+    if not written:
+        raise RuntimeError(f"autofaiss on Spark built no index for {emb_dir} under --max-index-memory {cfg.max_index_memory}")
+    spans = []
+    for p in written:
+        idx = faiss.read_index(str(p), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        spans.append((ivf_id_span(idx, p), int(idx.ntotal), p))
+        del idx
+    spans.sort()
+    shards: list[ShardInfo] = []
+    expect = 0
+    for i, ((lo, hi), n, p) in enumerate(spans):
+        if lo != expect:
+            raise RuntimeError(f"{emb_dir}: autofaiss's indices do not tile the ids (one starts at {lo}, expected {expect})")
+        target = Path(path_for(i))
+        os.replace(p, target)  # same folder tree under --out: an atomic rename
+        shards.append(ShardInfo(file=target.name, ntotal=n, id_offset=0, id_range=(lo, hi)))
+        expect = hi
+    infos = {}
+    for f in sorted(tmp.glob("infos.json*")):
+        infos[f.name] = json.loads(f.read_text())
+    if not infos and metrics:
+        infos = {"metrics": metrics}
+    view = stacked_view([target.parent / s.file for s in shards])
+    tuned = tune_ivf(view, queries, cfg.k, cfg.max_query_time_ms, deadline_s=TUNE_DEADLINE_S)
+    return shards, infos, (tuned, view)
+
+
+def _key_of(infos: dict[str, Any]) -> str:
+    if "index_key" in infos:
+        return infos["index_key"]
+    for v in infos.values():
+        if isinstance(v, dict):
+            found = _key_of(v)
+            if found:
+                return found
+    return ""
+
+
+def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: str, count: int,
+                         index_key: str | None = None) -> dict[str, Any]:
+    """Build, tune and shard the kNN index over one encoder's `modality` embeddings; write its
+    build.json and return it. `cfg.distributor == "pyspark"` builds on the running SparkSession.
+    `index_key` overrides autofaiss's choice (tests; autofaiss picks when None)."""
     from autofaiss import build_index
 
     emb_dir = layout.emb_dir(slug, modality)
@@ -51,45 +163,49 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".build-*"):  # left by a build killed mid-way
         shutil.rmtree(stale, ignore_errors=True)
+    files = sorted(emb_dir.glob("*.npy"))
+    if not files:
+        raise XMError(f"{layout.rel(emb_dir)}: no embedding parts to index")
+    queries = sample_queries(files, TUNE_QUERIES)
+    path_for = lambda i: layout.shard_file(slug, modality, i)  # noqa: E731
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
-        index_path = Path(tmp) / "full.index"
-        infos_path = Path(tmp) / "infos.json"
         # clip-retrieval builds exactly this way; the coverage target is what makes a
         # K=128 query return 128 ids instead of -1 padding
         faiss_lines: list[str] = []
-        with captured_stderr(faiss_lines):
-            _, infos = _autofaiss(build_index, cfg, emb_dir, index_path, infos_path)
-        few = sorted({l.split("please provide")[0].strip() for l in faiss_lines if "please provide at least" in l})
-        if few:  # faiss warns once per k-means run; one line of ours says it
-            print(f"xm: {layout.rel(emb_dir)}: few training points for the index's clustering ({few[0]}); "
-                  "fine for a small memory, recall may suffer", file=sys.stderr)
-        other = [l for l in faiss_lines if l.strip() and "please provide at least" not in l and "Sampling a subset" not in l]
-        if other:
-            print("\n".join(other), file=sys.stderr)
-        if not index_path.is_file():
-            raise RuntimeError(f"autofaiss built no index for {emb_dir} under --max-index-memory {cfg.max_index_memory}")
-        index = faiss.read_index(str(index_path))
-        if index.ntotal != count:
-            raise RuntimeError(f"{emb_dir}: autofaiss indexed {index.ntotal} vectors, expected {count}")
-        key = (infos or {}).get("index_key") or json.loads(infos_path.read_text()).get("index_key", "")
-        params = (infos or {}).get("index_param", "")
         for old in out_dir.glob("shard-*.index"):
             old.unlink()
-        shards = write_shards(index, cfg.shards, lambda i: layout.shard_file(slug, modality, i))
-        autofaiss_infos = json.loads(infos_path.read_text()) if infos_path.is_file() else dict(infos or {})
+        with captured_stderr(faiss_lines):
+            if cfg.distributor == "pyspark":
+                work = layout.work / "autofaiss" / f"{slug}-{modality}"
+                shards, autofaiss_infos, (tuned, index) = _on_spark(build_index, cfg, layout, emb_dir, Path(tmp), path_for,
+                                                                    queries, index_key, work)
+            else:
+                shards, autofaiss_infos, (tuned, index) = _single_machine(build_index, cfg, emb_dir, Path(tmp), path_for,
+                                                                          queries, index_key)
+        _report_faiss_lines(layout, emb_dir, faiss_lines)
+        if index.ntotal != count:
+            raise RuntimeError(f"{emb_dir}: autofaiss indexed {index.ntotal} vectors, expected {count}")
+        key = index_key or _key_of(autofaiss_infos)
+        dim = int(index.d)
+        del index
+    if tuned.stopped_by_deadline:
+        print(f"xm: {layout.rel(out_dir)}: search-parameter tuning stopped after {TUNE_DEADLINE_S:.0f}s; "
+              f"kept {tuned.params}", file=sys.stderr)
     info = {
         "modality": modality,
         "embeddings": layout.rel(emb_dir),
         "count": count,
-        "dim": int(index.d),
+        "dim": dim,
         "metric": "ip",
         "key": key,
-        "params": params,
+        "params": tuned.params,
         "requested_shards": cfg.shards,
         "k_target": cfg.k,
         # exact re-scoring over the embeddings on disk; pointless for an exact (Flat) index
         "refine_k_factor": 0 if key.startswith("Flat") or key.endswith(",Flat") else int(cfg.refine_k_factor),
         "shards": [s.__dict__ for s in shards],
+        "distributor": cfg.distributor,
+        "tuning": tuned.as_dict(),
         "autofaiss": autofaiss_infos,
     }
     write_json(layout.index_build_info(slug, modality), info)

@@ -6,6 +6,26 @@ Kinds:
   table                  parquet/csv/tsv/jsonl of URLs and captions -> img2dataset
   images                 a folder of images with same-name .txt captions
   img2dataset            an img2dataset output folder (webdataset tars or files)
+  datacomp               DataComp's metadata parquet + npz pairs (`--metadata-root`): OpenAI
+                         CLIP ViT-B/32 and ViT-L/14 image and caption embeddings, no images
+
+Precomputed arrays: a part of `laion400m-embeddings` or `datacomp` carries, per (encoder,
+modality), a reference to an array of its rows (`ArrayRef`); `provided_arrays(cfg)` says
+which (encoder, modality) a source provides. The plan embeds every provided array of a
+planned encoder (`BuildConfig.plan`), the embed stage copies them instead of computing
+(checked: rows, dim, finite, unit norm), and an encoder all of whose embeddings are
+provided is never loaded (`encoders_to_load`): its manifest entry records the source
+arrays and no weights probe. Images under any other encoder cannot be made (no images).
+
+`--limit` and `--parts`:
+  laion400m              --parts picks metadata parts; --limit cuts the selection
+  table                  --limit: the first N rows
+  images, img2dataset    --limit: the first N samples over the parts in order (the last cut)
+  laion400m-embeddings   --parts picks embedding parts; they are taken whole (no --limit)
+  datacomp               --parts picks pairs by position in file-name order (0-based);
+                         --limit: the first N rows over the chosen pairs (the last pair cut,
+                         its arrays with it), pinned for the build folder. A part is one pair,
+                         named by its file stem (DataComp's are hex hashes, sorted = id order).
 """
 
 from __future__ import annotations
@@ -22,9 +42,9 @@ import pyarrow.parquet as pq
 
 from xm.encoders.images import IMAGE_SUFFIXES
 from xm.errors import XMError
-from xm.indexes.layout import Layout, atomic_path, part_name
+from xm.indexes.layout import Layout, part_name
 from xm.pipeline.config import BuildConfig, pin_params
-from xm.pipeline import laion
+from xm.pipeline import datacomp, laion
 
 TABLE_SUFFIXES = {".parquet", ".csv", ".tsv", ".jsonl", ".json", ".txt"}
 
@@ -44,17 +64,78 @@ class Sample:
         return Path(self.image_path).read_bytes()  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class ArrayRef:
+    """One precomputed array of a part's rows, in a .npy file or under a key of an .npz."""
+
+    path: Path
+    key: str | None  # the .npz member; None: `path` is a .npy
+    label: str  # what the manifest records as its origin, e.g. "datacomp:b32_img"
+    dim: int | None = None  # the width it must have; None: the same as the encoder's other arrays
+    rows: int | None = None  # rows it must have (its metadata's); None: the part's sample count
+    meta: Path | None = None  # the metadata file it is row-aligned with (named in errors)
+
+    def __str__(self) -> str:
+        return f"{self.path}" + (f" [{self.key}]" if self.key else "")
+
+
 @dataclass
 class Part:
     name: str
     samples: Callable[[], Iterator[Sample]]
-    # LAION precomputed parts bring their own coarse embeddings
-    precomputed: dict[str, Path] | None = None
+    # precomputed embeddings the part brings, by (encoder spec, modality); None: none, images to embed
+    precomputed: dict[tuple[str, str], ArrayRef] | None = None
     size: int | None = None  # samples in the part, where known without reading it (progress totals)
 
 
+# kinds whose parts are precomputed arrays and metadata, with no images
+PRECOMPUTED_KINDS = ("laion400m-embeddings", datacomp.SOURCE)
+# OpenAI CLIP's learned logit scale (clamped at 100): both kinds' arrays are OpenAI CLIP's
+OPENAI_LOGIT_SCALE = 100.0
+
+
+def provided_arrays(cfg: BuildConfig) -> dict[tuple[str, str], str]:
+    """(encoder spec, modality) -> the source array that provides it (a label for the manifest).
+    LAION's embedding parts are attributed to the coarse encoder, as the user names it; DataComp's
+    arrays to the encoders that produced them, whatever the roles."""
+    if cfg.source == "laion400m-embeddings":
+        return {(cfg.coarse, "image"): "laion400m-embeddings:img_emb", (cfg.coarse, "text"): "laion400m-embeddings:text_emb"}
+    if cfg.source == datacomp.SOURCE:
+        return {key: f"{datacomp.SOURCE}:{name}" for key, name in datacomp.ARRAYS.items()}
+    return {}
+
+
+def encoders_to_load(cfg: BuildConfig, plan: dict[str, tuple[str, ...]]) -> list[str]:
+    """The plan's encoders that compute something; one whose every embedding the source
+    provides needs no weights and is not loaded."""
+    given = provided_arrays(cfg)
+    return [spec for spec, parts in plan.items() if any(m in parts and (spec, m) not in given for m in ("image", "text"))]
+
+
+def precomputed_record(cfg: BuildConfig, spec: str, embedded: list[str]) -> dict[str, dict[str, str]]:
+    """The manifest's note of which source array each provided embedding set of `spec` is."""
+    given = provided_arrays(cfg)
+    arrays = {m: given[(spec, m)] for m in embedded if (spec, m) in given}
+    return {"precomputed": arrays} if arrays else {}
+
+
+def source_problems(cfg: BuildConfig, kind: str, plan: dict[str, tuple[str, ...]]) -> list[str]:
+    """What a source cannot give this plan, each in one line (for the build's preflight)."""
+    problems = []
+    if kind == datacomp.SOURCE and (p := datacomp.problem(cfg.metadata_root)):
+        problems.append(p)
+    if kind in PRECOMPUTED_KINDS:
+        given = provided_arrays(cfg)
+        need = [spec for spec, parts in plan.items() if "image" in parts and (spec, "image") not in given]
+        if need:
+            have = sorted({spec for spec, _ in given})
+            problems.append(f"--source {cfg.source}: precomputed embeddings with no images, so image embeddings under "
+                            f"{', '.join(need)} cannot be made (its arrays are {' and '.join(have)}'s)")
+    return problems
+
+
 def source_kind(source: str) -> str:
-    if source in ("laion400m", "laion400m-embeddings"):
+    if source in ("laion400m", "laion400m-embeddings", datacomp.SOURCE):
         return source
     path = Path(source)
     if path.is_file():
@@ -65,7 +146,7 @@ def source_kind(source: str) -> str:
         if any(path.glob("*_stats.json")) or any(path.glob("*.tar")):
             return "img2dataset"
         return "images"
-    raise XMError(f"{source}: no such file or folder, and not one of laion400m, laion400m-embeddings")
+    raise XMError(f"{source}: no such file or folder, and not one of laion400m, laion400m-embeddings, datacomp")
 
 
 def needs_download(kind: str) -> bool:
@@ -128,9 +209,9 @@ def select(cfg: BuildConfig, layout: Layout, kind: str) -> int:
     params = {"source": cfg.source, "limit": cfg.limit, "parts": cfg.parts, "url_col": cfg.url_col,
               "caption_col": cfg.caption_col, "nsfw_filter": cfg.nsfw_filter}
     params_file = layout.selection.with_name("params.json")
-    if layout.selection.is_file():
+    if layout.selection.is_dir():
         pin_params(params_file, params, "selection")
-        return pq.read_metadata(layout.selection).num_rows
+        return sum(pq.read_metadata(f).num_rows for f in layout.selection_files())
     if kind == "laion400m":
         table = _laion_metadata(cfg, layout)
     else:
@@ -140,9 +221,33 @@ def select(cfg: BuildConfig, layout: Layout, kind: str) -> int:
     if kind == "table":
         _check_schemes(Path(cfg.source), table, cfg.allow_file_urls)
     pin_params(params_file, params, "selection")  # only once a selection exists to resume
-    with atomic_path(layout.selection) as tmp:
-        pq.write_table(table, tmp)
+    _write_selection(layout.selection, table, cfg.shard_size)
     return table.num_rows
+
+
+SELECT_FILE_ROWS = 1_000_000  # about what img2dataset's driver holds at once, per file
+
+
+def _write_selection(folder: Path, table: pa.Table, shard_size: int) -> None:
+    """The selection as files of a whole number of shards each: img2dataset numbers shards on
+    across files, so the download's shards are the same as from one file. Written into a
+    sibling folder and renamed, so a selection exists whole or not at all."""
+    import os
+    import shutil
+    import tempfile
+
+    rows = shard_size * max(1, SELECT_FILE_ROWS // shard_size)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".urls.", dir=folder.parent))
+    try:
+        for i, start in enumerate(range(0, max(table.num_rows, 1), rows)):
+            pq.write_table(table.slice(start, rows), tmp / f"part-{i:05d}.parquet")
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would hide it from executors run as others
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_schemes(path: Path, table: pa.Table, allow_file: bool) -> None:
@@ -282,18 +387,51 @@ def _laion_embedding_parts(cfg: BuildConfig, layout: Layout) -> list[Part]:
                     extra={c: row[c] for c in extra_cols if isinstance(row[c], (str, int, float, bool))},
                 )
 
-        out.append(Part(name=part_name(i), samples=samples, precomputed=files))
+        arrays = {(cfg.coarse, "image"): "img_emb", (cfg.coarse, "text"): "text_emb"}
+        refs = {key: ArrayRef(files[name], None, f"laion400m-embeddings:{name}", meta=files["metadata"])
+                for key, name in arrays.items()}
+        out.append(Part(name=part_name(i), samples=samples, precomputed=refs))
+    return out
+
+
+def _datacomp_parts(cfg: BuildConfig, layout: Layout) -> list[Part]:
+    """One part per metadata pair, named by its stem; `--limit` cuts the last one (with its arrays)."""
+    if cfg.metadata_root is None or "://" in cfg.metadata_root:
+        raise XMError(datacomp.problem(cfg.metadata_root) or "--metadata-root: required")
+    out, left = [], cfg.limit
+    for parquet in datacomp.choose(datacomp.pairs(cfg.metadata_root), cfg.parts):
+        if left is not None and left <= 0:
+            break
+        npz, rows = datacomp.npz_of(parquet), datacomp.num_rows(parquet)
+        refs = {key: ArrayRef(npz, name, f"{datacomp.SOURCE}:{name}", datacomp.DIMS[key[0]], rows, parquet)
+                for key, name in datacomp.ARRAYS.items()}
+        take = rows if left is None else min(rows, left)
+
+        def samples(parquet: Path = parquet, take: int = take) -> Iterator[Sample]:
+            for row in itertools.islice(datacomp.read_rows(parquet), take):
+                yield Sample(key=str(row["uid"]), caption=row["text"] or "", url=row["url"],
+                             extra={c: v for c, v in row.items() if c not in datacomp.REQUIRED_COLUMNS
+                                    and isinstance(v, (str, int, float, bool))})
+
+        out.append(Part(name=parquet.stem, samples=samples, precomputed=refs, size=take))
+        left = None if left is None else left - take
+    # a part once embedded is kept: a later run with another --limit would mix two selections
+    # (pinned once the pairs are found usable, so a first run refused here may be retried)
+    pin_params(layout.work / "datacomp.json", {"limit": cfg.limit}, "--limit")
     return out
 
 
 def parts_for(cfg: BuildConfig, layout: Layout, kind: str) -> list[Part]:
-    """The source's parts; `--limit` applies to every kind (for downloads, at select)."""
+    """The source's parts, from the config alone (a Spark executor re-derives a part by name);
+    `--limit` as the module docstring says."""
     if kind in ("laion400m", "table"):
         return img2dataset_parts(layout.download)
     if kind == "img2dataset":
         return limit_parts(img2dataset_parts(Path(cfg.source)), cfg.limit)
     if kind == "images":
         return _folder_parts(Path(cfg.source), cfg.shard_size, cfg.limit)
+    if kind == datacomp.SOURCE:
+        return _datacomp_parts(cfg, layout)
     if cfg.limit is not None:
         raise XMError("--limit: LAION's precomputed embedding parts are taken whole; choose how many with --parts")
     return _laion_embedding_parts(cfg, layout)

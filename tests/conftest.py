@@ -17,6 +17,7 @@ from PIL import Image
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("XM_OFFLINE", "1")  # tests send traffic to 127.0.0.1 only
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # Spark binds its driver and workers to loopback
 
 # xm ships these tiny configs for tests and benchmarks (encoders/model_configs)
 TINY = "xm-tiny-vit:random"

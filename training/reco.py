@@ -527,8 +527,9 @@ def train_reco(cfg: TrainConfig, progress: Progress = _no_progress,
     _require(memory, spec, "memory")
     pairs = open_index(cfg.pairs) if cfg.pairs else memory
     _require(pairs, spec, "training pairs")
-    probe = memory.encoder_entry(spec)["probe"]
-    if pairs is not memory and not np.allclose(pairs.encoder_entry(spec)["probe"], probe, atol=2e-3):
+    probe, theirs = memory.encoder_entry(spec)["probe"], pairs.encoder_entry(spec)["probe"]
+    # a null probe (embeddings that came precomputed, the encoder never loaded) cannot be compared
+    if pairs is not memory and probe is not None and theirs is not None and not np.allclose(theirs, probe, atol=2e-3):
         raise XMError(f"{pairs.root}: its {spec} embeddings come from other weights than {memory.root}'s")
     if cfg.k < 1 or cfg.epochs < 1 or cfg.batch_size < 2:
         raise XMError(f"xm train reco: --k, --epochs must be at least 1 and --batch-size at least 2 "

@@ -1,0 +1,227 @@
+"""Choosing an IVF index's search parameters once, for all of its shards.
+
+autofaiss 2.18 tunes each index it writes on `reconstruct_n(0, ...)` of that index: with
+`nb_indices_to_keep > 1` every shard but the first holds none of ids 0.., so it is tuned on
+uninitialised memory (NaN or garbage), and for `IVF..._HNSW32` keys the HNSW quantizer search
+on such queries does not return. Here the parameters are chosen once, on a view of all shards
+together (`stacked_view`, or the unsplit index), with real query vectors (a sample of the
+embeddings), under a time bound, by autofaiss's own rule: the smallest nprobe that covers the
+k target (99% of k ids returned, or 95% of the best coverage reachable), then the largest
+nprobe within the query-time budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from xm.errors import XMError
+
+# autofaiss's own cap on nprobe; beyond it the IVF scans most of the index anyway
+NPROBE_CAP = 6144
+# an HNSW quantizer is searched with efSearch = 2 x nprobe (autofaiss's choice for its
+# OPQ..,IVF.._HNSW keys), bounded so one quantizer search stays cheap; faiss still returns
+# nprobe lists when nprobe exceeds it (it searches with max(efSearch, k))
+EF_SEARCH_MIN, EF_SEARCH_CAP = 16, 4096
+COVERAGE_TARGET = 0.99  # autofaiss: min_nearest_neighbors_to_retrieve at 99% ...
+COVERAGE_FALLBACK = 0.95  # ... or 95% of the best reachable when 99% is out of reach
+COVERAGE_QUERIES = 100  # autofaiss measures coverage on 100 queries
+DEFAULT_DEADLINE_S = 120.0
+
+
+@dataclass
+class Tuned:
+    params: str
+    nprobe: int
+    coverage: float
+    ms_per_query: float
+    target_coverage: float
+    evaluated: list[dict[str, float]] = field(default_factory=list)
+    stopped_by_deadline: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ivf_of(index):
+    """The IndexIVF inside `index` (through OPQ/pre-transforms), or None for a non-IVF index."""
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def has_hnsw_quantizer(index) -> bool:
+    import faiss
+
+    ivf = ivf_of(index)
+    return ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
+
+
+def param_string(index, nprobe: int) -> str:
+    """The one search-parameter string for `nprobe` lists (faiss ParameterSpace syntax)."""
+    if has_hnsw_quantizer(index):
+        ef = min(EF_SEARCH_CAP, max(EF_SEARCH_MIN, 2 * nprobe))
+        return f"nprobe={nprobe},quantizer_efSearch={ef}"
+    return f"nprobe={nprobe}"
+
+
+def apply_params(index, params: str) -> None:
+    import faiss
+
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+
+
+def nprobe_ladder(nlist: int) -> list[int]:
+    """Candidate nprobe values, about 1.5x apart (1, 2, 3, 4, 6, 8, 12, 16, ...) up to the cap:
+    a binary search over them takes ~2 log2(nlist) evaluations, each bounded."""
+    top = max(1, min(nlist, NPROBE_CAP))
+    values, p = {top}, 1
+    while p < top:
+        values |= {v for v in (p, p + p // 2) if v < top}
+        p *= 2
+    return sorted(values)
+
+
+def sample_queries(files: Sequence[Path], n: int, seed: int = 0) -> np.ndarray:
+    """`n` rows drawn evenly over embedding parts (memory-mapped .npy), float32, finite only."""
+    counts = [int(np.load(f, mmap_mode="r").shape[0]) for f in files]
+    total = sum(counts)
+    if not total:
+        raise XMError(f"{Path(files[0]).parent if files else '?'}: no embeddings to tune the index on")
+    ids = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+    out, start = [], 0
+    for f, c in zip(files, counts):
+        mine = ids[(ids >= start) & (ids < start + c)] - start
+        if len(mine):
+            out.append(np.asarray(np.load(f, mmap_mode="r")[mine], dtype=np.float32))
+        start += c
+    q = np.concatenate(out)
+    q = q[np.isfinite(q).all(axis=1)]  # a NaN query is what sends an HNSW search into a loop
+    if not len(q):
+        raise XMError(f"{Path(files[0]).parent}: every sampled embedding is NaN or infinite")
+    return np.ascontiguousarray(q)
+
+
+def coverage(index, queries: np.ndarray, k: int) -> float:
+    """Mean fraction of the k requested ids a search returns (the rest are -1)."""
+    _, ids = index.search(queries, k)
+    return float(1 - np.mean(ids < 0))
+
+
+def ms_per_query(index, queries: np.ndarray, k: int, budget_s: float = 1.0) -> float:
+    """Milliseconds per query searched one at a time (autofaiss's measure), stopping after
+    `budget_s` so a slow setting costs at most about that much."""
+    t0 = time.perf_counter()
+    n = 0
+    for row in queries:
+        index.search(row[None], k)
+        n += 1
+        if time.perf_counter() - t0 > budget_s:
+            break
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def tune_ivf(index, queries: np.ndarray, k: int, max_ms: float, *, deadline_s: float = DEFAULT_DEADLINE_S,
+             speed_k: int = 40) -> Tuned:
+    """Search parameters for an IVF index (or a stacked view of its shards): the smallest
+    nprobe reaching the coverage target for `k`, raised while one query stays under `max_ms`.
+    Coverage has priority over speed, as in autofaiss. Every evaluation is bounded; past
+    `deadline_s` the search stops and keeps what it has (reported)."""
+    ivf = ivf_of(index)
+    if ivf is None:
+        return Tuned("", 0, 1.0, 0.0, 1.0)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    q = q[np.isfinite(q).all(axis=1)]
+    if not len(q):
+        raise XMError("tuning: no finite query vectors")
+    k = max(1, min(k, int(index.ntotal)))
+    ladder = nprobe_ladder(int(ivf.nlist))
+    cov_q = q[:COVERAGE_QUERIES]
+    t_end = time.perf_counter() + deadline_s
+    evaluated: list[dict[str, float]] = []
+    cov_cache: dict[int, float] = {}
+    late = False
+
+    def cov(rank: int) -> float:
+        if rank not in cov_cache:
+            apply_params(index, param_string(index, ladder[rank]))
+            cov_cache[rank] = coverage(index, cov_q, k)
+            evaluated.append({"nprobe": ladder[rank], "coverage": cov_cache[rank]})
+        return cov_cache[rank]
+
+    best_cov = cov(len(ladder) - 1)
+    target = COVERAGE_TARGET if best_cov >= COVERAGE_TARGET else COVERAGE_FALLBACK * best_cov
+    lo, hi = 0, len(ladder) - 1  # smallest rank whose coverage meets the target, in [lo, hi]
+    while lo < hi:
+        if time.perf_counter() > t_end:
+            late = True
+            break
+        mid = (lo + hi) // 2
+        if cov(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    min_rank = hi  # the top of the ladder meets the target by construction
+
+    speed_cache: dict[int, float] = {}
+
+    def speed(rank: int) -> float:
+        if rank not in speed_cache:
+            apply_params(index, param_string(index, ladder[rank]))
+            speed_cache[rank] = ms_per_query(index, q, min(speed_k, k), budget_s=min(1.0, 15 * max_ms / 1e3))
+            evaluated.append({"nprobe": ladder[rank], "ms_per_query": speed_cache[rank]})
+        return speed_cache[rank]
+
+    chosen = min_rank
+    lo, hi = min_rank, len(ladder) - 1  # the largest rank within the time budget
+    if not late and speed(min_rank) < max_ms:
+        while lo < hi:
+            if time.perf_counter() > t_end:
+                late = True
+                break
+            mid = (lo + hi + 1) // 2
+            if speed(mid) < max_ms:
+                lo = mid
+            else:
+                hi = mid - 1
+        chosen = lo
+    params = param_string(index, ladder[chosen])
+    apply_params(index, params)
+    return Tuned(params=params, nprobe=ladder[chosen], coverage=cov(chosen) if not late else cov_cache.get(chosen, float("nan")),
+                 ms_per_query=speed_cache.get(chosen, float("nan")), target_coverage=target,
+                 evaluated=evaluated, stopped_by_deadline=late)
+
+
+def stacked_view(files: Sequence[Path]):
+    """One searchable index over IVF shards that share a trained quantizer: a memory-mapped
+    copy of the first shard whose inverted lists are replaced by a `HStackInvertedLists` over
+    every shard's (memory-mapped) lists. Its ids are the shards' global ids; nothing is copied."""
+    import faiss
+
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    shards = [faiss.read_index(str(f), flags) for f in files]
+    view = faiss.read_index(str(files[0]), flags)
+    vivf = ivf_of(view)
+    if vivf is None:
+        raise XMError(f"{files[0]}: not an IVF index; only IVF shards can be stacked")
+    lists = faiss.InvertedListsPtrVector()
+    for f, s in zip(files, shards):
+        sivf = ivf_of(s)
+        if sivf is None or sivf.nlist != vivf.nlist or sivf.code_size != vivf.code_size:
+            raise XMError(f"{f}: its inverted lists do not match {files[0]}'s; not shards of one trained index")
+        lists.push_back(sivf.invlists)
+    stacked = faiss.HStackInvertedLists(lists.size(), lists.data())
+    vivf.replace_invlists(stacked, False)
+    total = sum(int(s.ntotal) for s in shards)
+    vivf.ntotal = total
+    view.ntotal = total  # an IndexPreTransform (OPQ) keeps its own count
+    view.referenced_objects = [shards, lists, stacked]  # the view reads their memory
+    return view

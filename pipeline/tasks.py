@@ -1,0 +1,182 @@
+"""The build's units of work, the same on this machine and as Spark tasks.
+
+A job is plain data (a dict: the build's config, the part, an id offset), never a
+closure: an executor re-derives the part from the shared --out folder, loads the
+encoders once per worker process, and writes through the same functions the local
+build uses. Exactly once comes from the files themselves: every file is renamed into
+place and a part's marker is written last, so a retried task (or a speculative copy)
+either finds the marker and returns it, or redoes the part into identical files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from xm.indexes.layout import Layout, sha256_file
+from xm.indexes.store import write_store_part
+from xm.pipeline.config import BuildConfig
+
+
+def load_plan_encoders(cfg: BuildConfig, plan: dict[str, tuple[str, ...]], quiet: bool = False) -> dict[str, Any]:
+    """The encoders a build's plan embeds with (cached per process by the one loader); one whose
+    every embedding the source provides precomputed is not loaded (its weights need not exist)."""
+    from xm.encoders import load_encoder
+    from xm.pipeline.sources import encoders_to_load
+
+    return {spec: load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision, quiet=quiet)
+            for spec in encoders_to_load(cfg, plan)}
+
+
+class Runner(Protocol):
+    name: str
+
+    def map(self, fn: Callable[[Any], Any], jobs: list[Any], description: str,
+            on_done: Callable[[int], None] | None = None) -> list[Any]: ...
+
+
+class LocalRunner:
+    """Jobs one after another in this process."""
+
+    name = "this machine"
+
+    def map(self, fn: Callable[[Any], Any], jobs: list[Any], description: str,
+            on_done: Callable[[int], None] | None = None) -> list[Any]:
+        out = []
+        for job in jobs:
+            out.append(fn(job))
+            if on_done is not None:
+                on_done(1)
+        return out
+
+
+class SparkRunner:
+    """One Spark task per job on the build's session."""
+
+    def __init__(self, spark: Any, name: str) -> None:
+        self.spark = spark
+        self.name = name
+
+    def map(self, fn: Callable[[Any], Any], jobs: list[Any], description: str,
+            on_done: Callable[[int], None] | None = None) -> list[Any]:
+        from xm.pipeline.spark import run_tasks
+
+        return run_tasks(self.spark, fn, jobs, description, on_done)
+
+
+# ---------------------------------------------------------------- fault injection
+
+def kill_point(stage: str, part: str) -> Callable[[int], None]:
+    """Tests: XM_KILL_TASK_ONCE=FILE, where FILE holds '<stage> <part>', kills the process that
+    runs that part mid-way (after some of its files are in place, before its marker), once:
+    the file is removed first, so the retried task completes."""
+    token = os.environ.get("XM_KILL_TASK_ONCE")
+    if not token or not os.path.isfile(token):
+        return lambda n: None
+    try:
+        wanted = Path(token).read_text().split()
+    except OSError:
+        return lambda n: None
+    if wanted != [stage, part]:
+        return lambda n: None
+    seen = [0]
+
+    def tick(n: int) -> None:
+        seen[0] += 1
+        if seen[0] == 2:  # the second caption batch: the first encoder's caption file is written
+            try:
+                os.unlink(token)
+            except FileNotFoundError:
+                return  # another attempt took the kill already
+            os._exit(137)
+
+    return tick
+
+
+# ---------------------------------------------------------------- embed
+
+def embed_task(job: dict[str, Any]) -> dict[str, Any]:
+    """Embed one part (job: {"config", "part"}); return its marker."""
+    from xm.pipeline import sources
+    from xm.pipeline.embed import embed_part, read_marker
+
+    cfg = BuildConfig.from_dict(job["config"])
+    layout = Layout(cfg.out)
+    done = read_marker(layout, job["part"])
+    if done is not None:
+        return done
+    _use_task_cores()
+    kind = sources.source_kind(cfg.source)
+    part = next((p for p in sources.parts_for(cfg, layout, kind) if p.name == job["part"]), None)
+    if part is None:
+        from xm.errors import XMError
+
+        raise XMError(f"{cfg.source}: part {job['part']} is not there from this executor")
+    plan = cfg.plan()
+    encoders = load_plan_encoders(cfg, plan, quiet=True)
+    gpu = _task_gpu()
+    if gpu is not None:  # spark.task.resource.gpu.amount: this task's GPU, whichever the last task had
+        for enc in encoders.values():
+            enc.to(f"cuda:{gpu}")
+    return embed_part(part, encoders, plan, layout, cfg.batch_size, on_captions=kill_point("embed", part.name))
+
+
+def _task_gpu() -> str | None:
+    if "pyspark" not in sys.modules:
+        return None
+    from xm.pipeline.spark import task_gpu
+
+    return task_gpu()
+
+
+def _use_task_cores() -> None:
+    """Torch in a Spark task uses the cores Spark gave the task, not every core of the node."""
+    if "pyspark" not in sys.modules:  # a local run: torch keeps its default
+        return
+    from pyspark import TaskContext
+
+    if TaskContext.get() is not None:
+        import torch
+
+        from xm.pipeline.spark import task_threads
+
+        torch.set_num_threads(task_threads())
+
+
+# ---------------------------------------------------------------- store
+
+def store_task(job: dict[str, Any]) -> bytes:
+    """Write one caption-store part (job: {"out", "slug", "part", "first"}); return its caption
+    hashes (int64 bytes, in row order)."""
+    layout = Layout(job["out"])
+    meta = pq.read_table(layout.metadata_file(job["slug"], job["part"]))
+    return write_store_part(meta, int(job["first"]), layout.store_part(job["part"])).astype(np.int64).tobytes()
+
+
+# ---------------------------------------------------------------- manifest checksums
+
+def hash_task(paths: list[str]) -> list[str]:
+    """sha256 of each file."""
+    return [sha256_file(Path(p)) for p in paths]
+
+
+def hasher_for(runner: Runner, chunks: int = 64) -> Callable[[list[Path]], list[str]]:
+    """Checksums of many files, spread over `runner` in up to `chunks` tasks."""
+
+    def hashes(paths: list[Path]) -> list[str]:
+        if not paths:
+            return []
+        n = max(1, min(chunks, len(paths) // 8))  # a task per few files at least: tasks cost ~0.1 s each
+        groups = [[str(p) for p in paths[i::n]] for i in range(n)]
+        results = runner.map(hash_task, groups, "xm manifest checksums")
+        out: dict[str, str] = {}
+        for group, digests in zip(groups, results):
+            out.update(zip(group, digests))
+        return [out[str(p)] for p in paths]
+
+    return hashes
