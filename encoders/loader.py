@@ -367,7 +367,9 @@ def load_encoder(spec: EncoderSpec | str, cache_dir: str | None = None, quiet: b
         if base is not None:  # the fp32 model is loaded already: convert a copy of it
             import copy
 
-            encoder = Encoder(spec, copy.deepcopy(base.model), base.preprocess, base.tokenizer, precision)
+            # built on the CPU (its probe runs there), then placed where the fp32 one runs
+            encoder = Encoder(spec, copy.deepcopy(base.model).to("cpu"), base.preprocess, base.tokenizer, precision)
+            encoder.to(base.device)
             _loaded[key] = encoder
             return encoder
         _register_configs()

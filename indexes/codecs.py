@@ -19,7 +19,9 @@ from xm.errors import XMError
 # training rows per codec: evenly spaced over the whole memory (deterministic); enough for
 # PQ's 256 centroids per sub-quantizer (faiss asks for 39 points each) at every size we offer
 TRAIN_ROWS = 65_536
-# a dimension every usual CLIP width divides (512, 768, 1024, 1280): structure checks only
+# the stand-in width for checking a factory string before the encoder is known (3840 = 2^8 * 15:
+# PQ and OPQ sizes that divide it pass); the real width is checked by make_codec at the build's
+# validation, so a PQ whose M does not divide 3840 (PQ512, PQ1024) is refused here, a known limit
 _CHECK_DIM = 3840
 # standalone codecs only: an IVF's list ids or a graph are not a per-row code
 _REFUSED = ("IVF", "HNSW", "NSG", "IMI", "Flat", "IDMap", "Refine", "RFlat")

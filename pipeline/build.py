@@ -113,6 +113,7 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         return result
 
     plan = cfg.plan()
+    codecs = cfg.codecs()  # parsed once: each parse builds a FAISS codec to check it
     if encoders_needed:
         _preflight(cfg, kind, plan)
     if sources.needs_download(kind):
@@ -140,9 +141,9 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         sizes = [p.size for p in todo]
         total = sum(sizes) if None not in sizes else None
         texts = sum(1 for parts in plan.values() if "text" in parts)
-        images = progress("embed images", total)
-        captions = progress(f"embed captions ({texts} encoder{'s' if texts != 1 else ''})", total * texts if total else None)
         if isinstance(runner, LocalRunner):  # here: progress by rows, the encoders loaded once above
+            images = progress("embed images", total)
+            captions = progress(f"embed captions ({texts} encoder{'s' if texts != 1 else ''})", total * texts if total else None)
             for part in todo:
                 embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=images, on_captions=captions)
         else:
@@ -178,7 +179,7 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
     timed("index", index)
     # after the index stage (kNN indexes are built from the float16 parts): codes + codec
     timed("compress", lambda: summary.skipped.extend(
-        compress.run_stage(layout, cfg.codecs(), [(m["part"], m["rows"]) for m in done], progress, runner)))
+        compress.run_stage(layout, codecs, [(m["part"], m["rows"]) for m in done], progress, runner)))
 
     def store() -> None:
         record = {"parts": [[m["part"], m["rows"]] for m in done]}
@@ -197,7 +198,7 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
     timed("store", store)
 
     def manifest() -> None:
-        written = _write_manifest(cfg, layout, kind, done, encoders, plan, summary, hasher_for(runner))
+        written = _write_manifest(cfg, layout, kind, done, encoders, plan, summary, codecs, hasher_for(runner))
         summary.manifest_id = written["id"]
         compress.drop_superseded(layout, written)  # float16 parts of compressed roles: only once no manifest lists them
 
@@ -278,7 +279,7 @@ def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[d
 
 
 def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict], encoders: dict,
-                    plan: dict[str, tuple[str, ...]], summary: BuildSummary,
+                    plan: dict[str, tuple[str, ...]], summary: BuildSummary, codecs: dict[str, dict[str, str]],
                     hasher: Callable[[list[Path]], list[str]] | None = None) -> dict:
     files = []
     enc_entries = {}
@@ -292,11 +293,11 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
                              unloaded_encoder_entry(layout, spec, embedded, norms, [m["part"] for m in done],
                                                     sources.OPENAI_LOGIT_SCALE))
         enc_entries[spec].update(sources.precomputed_record(cfg, spec, embedded))  # which source array is which
-        codecs = compress.finished_codecs(layout, spec, slug, cfg.codecs().get(spec, {}), [m["part"] for m in done])
-        if codecs:  # codes + codec instead of float16 parts (pipeline/compress.py)
-            enc_entries[spec]["codecs"] = codecs
+        coded = compress.finished_codecs(layout, spec, slug, codecs.get(spec, {}), [m["part"] for m in done])
+        if coded:  # codes + codec instead of float16 parts (pipeline/compress.py)
+            enc_entries[spec]["codecs"] = coded
         for modality in embedded:
-            files += compress.embedding_files(layout, slug, modality, [m["part"] for m in done], codecs.get(modality))
+            files += compress.embedding_files(layout, slug, modality, [m["part"] for m in done], coded.get(modality))
         files += [layout.norm_file(slug, "text", m["part"]) for m in done] if norms else []
     files += [layout.metadata_file(_slug(first), m["part"]) for m in done]
     indexes = []

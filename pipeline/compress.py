@@ -115,7 +115,7 @@ def _train(layout: Layout, spec: str, slug: str, modality: str, codec: str, part
 
 
 def compress(layout: Layout, spec: str, slug: str, modality: str, codec: str, parts: list[tuple[str, int]],
-             tick: Callable[[int], None] = lambda n: None, runner: Any = None) -> bool:
+             progress: Callable[[str, int | None], Callable[[int], None]] | None = None, runner: Any = None) -> bool:
     """Codes for every part of (spec, modality) under `codec`, trained here and applied one part
     per job on `runner` (Spark tasks on a distributed build); False if all were done already."""
     record = read_record(layout, slug, modality)
@@ -137,6 +137,7 @@ def compress(layout: Layout, spec: str, slug: str, modality: str, codec: str, pa
         runner = LocalRunner()
     jobs = [{"out": str(layout.root), "slug": slug, "modality": modality, "codec": codec, "part": part, "rows": rows}
             for part, rows in todo]
+    tick = progress(f"compress {spec} {modality} ({codec}, parts)", len(jobs)) if progress else None
     runner.map(code_part, jobs, f"xm compress {slug}/{modality}", on_done=tick)
     return True
 
@@ -218,7 +219,6 @@ def run_stage(layout: Layout, requested: dict[str, dict[str, str]], parts: list[
     for spec, by_modality in requested.items():
         slug = EncoderSpec.parse(spec).slug
         for modality, codec in by_modality.items():
-            tick = progress(f"compress {spec} {modality} ({codec}, parts)", len(parts))
-            if not compress(layout, spec, slug, modality, codec, parts, tick, runner):
+            if not compress(layout, spec, slug, modality, codec, parts, progress, runner):
                 skipped.append(f"compress {slug}/{modality} ({codec}): current")
     return skipped

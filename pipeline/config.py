@@ -96,6 +96,7 @@ class BuildConfig:
             from xm.pipeline.spark import check_spark_options
 
             check_spark_options(self.spark_master, self.spark_conf)
+            self._absolute_paths()
         elif self.spark_master or self.spark_conf:
             raise XMError(f"{'--spark-master' if self.spark_master else '--spark-conf'}: only with --distributor pyspark")
         from xm.pipeline.memory_sizes import parse_size
@@ -131,6 +132,17 @@ class BuildConfig:
             if spec in wanted:
                 wanted[spec].add(modality)
         return {spec: tuple(p for p in ENCODER_PARTS if p in parts) for spec, parts in wanted.items()}
+
+    def _absolute_paths(self) -> None:
+        """Executors run in other working directories: every local path a task reads is made
+        absolute here, on the driver (URLs and source names stay as they are)."""
+        self.out = Path(self.out).resolve()
+        if Path(self.source).exists():
+            self.source = str(Path(self.source).resolve())
+        for name in ("metadata_root", "embeddings_root", "cache_dir"):
+            value = getattr(self, name)
+            if value and "://" not in value:
+                setattr(self, name, str(Path(value).resolve()))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, for a Spark task (the unit of work carries no closures)."""

@@ -7,6 +7,7 @@ import signal
 
 import pyarrow.parquet as pq
 
+from xm.errors import XMError
 from xm.indexes.layout import Layout
 from xm.pipeline.config import BuildConfig
 from xm.pipeline.quiet import stdout_to_stderr
@@ -18,7 +19,10 @@ _OWN = {"url", "caption"}
 def download(cfg: BuildConfig, layout: Layout) -> None:
     from img2dataset import download as img2dataset_download
 
-    columns = pq.read_schema(layout.selection_files()[0]).names
+    files = layout.selection_files()
+    if not files:
+        raise XMError(f"{layout.selection}: no selection to download; run the select stage (see --stages)")
+    columns = pq.read_schema(files[0]).names
     layout.download.mkdir(parents=True, exist_ok=True)
     logging.getLogger("img2dataset").setLevel(logging.WARNING)
     # img2dataset installs a SIGINT handler that cleans its temporary folder and exits 0:

@@ -150,6 +150,9 @@ def embed_part(
                           f"{', '.join(image_specs)} cannot be made")
         kept = list(part.samples())
         on_rows(len(kept))
+    done = read_marker(layout, part.name)
+    if done is not None:  # a duplicate attempt (a Spark retry or speculative copy) finished first: keep its files
+        return done
     marker = {"part": part.name, "rows": len(kept), "failures": dict(failures)}
     if kept:
         captions = [s.caption for s in kept]
@@ -239,10 +242,19 @@ def unloaded_encoder_entry(layout: Layout, spec: str, embedded: list[str], norms
     """The manifest's record of an encoder that was never loaded (every embedding of it came from
     the source): the same keys as a loaded one's, dim from the stored arrays, no weights probe
     (`probe: null`: not verifiable) and no precision (it never ran)."""
+    from xm.pipeline.compress import read_record
+
     slug = _slug(spec)
     dim = None
-    if parts and embedded:
-        dim = int(np.load(layout.emb_file(slug, embedded[0], parts[0]), mmap_mode="r").shape[1])
+    for modality in embedded if parts else []:
+        f = layout.emb_file(slug, modality, parts[0])
+        if f.is_file():
+            dim = int(np.load(f, mmap_mode="r").shape[1])
+            break
+        record = read_record(layout, slug, modality)  # compressed: its float16 parts are gone
+        if record is not None:
+            dim = int(record["dim"])
+            break
     return {"slug": slug, "dim": dim, "logit_scale": logit_scale, "probe": None,
             "embedded": embedded, "norms": norms, "precision": None}
 

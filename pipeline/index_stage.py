@@ -88,7 +88,7 @@ def _single_machine(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, pat
     index_path, infos_path = tmp / "full.index", tmp / "infos.json"
     _, infos = _autofaiss(build_index, cfg, emb_dir, index_path, infos_path, index_key=index_key)
     if not index_path.is_file():
-        raise RuntimeError(f"autofaiss built no index for {emb_dir} under --max-index-memory {cfg.max_index_memory}")
+        raise XMError(f"autofaiss built no index for {emb_dir} under --max-index-memory {cfg.max_index_memory}")
     index = faiss.read_index(str(index_path))
     tuned = tune_ivf(index, queries, cfg.k, cfg.max_query_time_ms, deadline_s=TUNE_DEADLINE_S)
     autofaiss_infos = json.loads(infos_path.read_text()) if infos_path.is_file() else dict(infos or {})
@@ -96,7 +96,7 @@ def _single_machine(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, pat
     return shards, autofaiss_infos, (tuned, index)
 
 
-def _on_spark(build_index, cfg: BuildConfig, layout: Layout, emb_dir: Path, tmp: Path, path_for, queries,
+def _on_spark(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for, queries,
               index_key: str | None, work: Path) -> tuple[list[ShardInfo], dict[str, Any], Any]:
     """autofaiss on the running SparkSession keeping cfg.shards indices; each becomes a shard
     as it is (global ids, one id range each), then all are tuned together once."""
@@ -114,7 +114,7 @@ def _on_spark(build_index, cfg: BuildConfig, layout: Layout, emb_dir: Path, tmp:
     # nb_indices_to_keep == 1: "full.index"; more: "full.index0", "full.index1", ... (zero-padded)
     written = sorted(p for p in tmp.glob("full.index*") if p.is_file())
     if not written:
-        raise RuntimeError(f"autofaiss on Spark built no index for {emb_dir} under --max-index-memory {cfg.max_index_memory}")
+        raise XMError(f"autofaiss on Spark built no index for {emb_dir} under --max-index-memory {cfg.max_index_memory}")
     spans = []
     for p in written:
         idx = faiss.read_index(str(p), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
@@ -125,7 +125,7 @@ def _on_spark(build_index, cfg: BuildConfig, layout: Layout, emb_dir: Path, tmp:
     expect = 0
     for i, ((lo, hi), n, p) in enumerate(spans):
         if lo != expect:
-            raise RuntimeError(f"{emb_dir}: autofaiss's indices do not tile the ids (one starts at {lo}, expected {expect})")
+            raise XMError(f"{emb_dir}: autofaiss's indices do not tile the ids (one starts at {lo}, expected {expect})")
         target = Path(path_for(i))
         os.replace(p, target)  # same folder tree under --out: an atomic rename
         shards.append(ShardInfo(file=target.name, ntotal=n, id_offset=0, id_range=(lo, hi)))
@@ -172,19 +172,21 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
         # clip-retrieval builds exactly this way; the coverage target is what makes a
         # K=128 query return 128 ids instead of -1 padding
         faiss_lines: list[str] = []
-        for old in out_dir.glob("shard-*.index"):
-            old.unlink()
         with captured_stderr(faiss_lines):
             if cfg.distributor == "pyspark":
                 work = layout.work / "autofaiss" / f"{slug}-{modality}"
-                shards, autofaiss_infos, (tuned, index) = _on_spark(build_index, cfg, layout, emb_dir, Path(tmp), path_for,
+                shards, autofaiss_infos, (tuned, index) = _on_spark(build_index, cfg, emb_dir, Path(tmp), path_for,
                                                                     queries, index_key, work)
             else:
                 shards, autofaiss_infos, (tuned, index) = _single_machine(build_index, cfg, emb_dir, Path(tmp), path_for,
                                                                           queries, index_key)
+        # old shards go only now, once the new ones are in place: a failed or killed rebuild
+        # (hours of autofaiss) leaves the previous index as its manifest describes it
+        for old in set(out_dir.glob("shard-*.index")) - {out_dir / s.file for s in shards}:
+            old.unlink()
         _report_faiss_lines(layout, emb_dir, faiss_lines)
         if index.ntotal != count:
-            raise RuntimeError(f"{emb_dir}: autofaiss indexed {index.ntotal} vectors, expected {count}")
+            raise XMError(f"{emb_dir}: autofaiss indexed {index.ntotal} vectors, expected {count}")
         key = index_key or _key_of(autofaiss_infos)
         dim = int(index.d)
         del index

@@ -307,8 +307,7 @@ def _files_dir_samples(path: Path) -> Iterator[Sample]:
 def img2dataset_parts(folder: Path) -> list[Part]:
     tars = sorted(folder.glob("*.tar"))
     if tars:
-        return [Part(name=t.stem, samples=lambda t=t: _tar_samples(t), size=_shard_successes(t.with_suffix(".parquet")))
-                for t in tars]
+        return [_tar_part(t) for t in tars]
     dirs = sorted(d for d in folder.iterdir() if d.is_dir() and d.name.isdigit())
     if not dirs:
         for fmt, pattern in (("tfrecord", "*.tfrecord"), ("parquet", "*.parquet")):
@@ -316,6 +315,10 @@ def img2dataset_parts(folder: Path) -> list[Part]:
                 raise XMError(f"{folder}: an img2dataset folder in its {fmt!r} output format, which xm does not read; "
                               "download with --output_format webdataset (or files)")
     return [Part(name=d.name, samples=lambda d=d: _files_dir_samples(d)) for d in dirs]
+
+
+def _tar_part(tar: Path) -> Part:
+    return Part(name=tar.stem, samples=lambda: _tar_samples(tar), size=_shard_successes(tar.with_suffix(".parquet")))
 
 
 def _shard_successes(sidecar: Path) -> int | None:
@@ -417,7 +420,7 @@ def _datacomp_parts(cfg: BuildConfig, layout: Layout) -> list[Part]:
         left = None if left is None else left - take
     # a part once embedded is kept: a later run with another --limit would mix two selections
     # (pinned once the pairs are found usable, so a first run refused here may be retried)
-    pin_params(layout.work / "datacomp.json", {"limit": cfg.limit}, "--limit")
+    pin_params(layout.work / "datacomp.json", {"limit": cfg.limit, "parts": cfg.parts}, "--limit/--parts")
     return out
 
 
@@ -435,6 +438,18 @@ def parts_for(cfg: BuildConfig, layout: Layout, kind: str) -> list[Part]:
     if cfg.limit is not None:
         raise XMError("--limit: LAION's precomputed embedding parts are taken whole; choose how many with --parts")
     return _laion_embedding_parts(cfg, layout)
+
+
+def part_named(cfg: BuildConfig, layout: Layout, kind: str, name: str) -> Part | None:
+    """One part by name, as `parts_for` would give it. A downloaded shard is opened directly
+    (a Spark task per part must not read every shard's sidecar: that is quadratic in parts);
+    other kinds list their parts."""
+    folder = layout.download if kind in ("laion400m", "table") else Path(cfg.source) if kind == "img2dataset" else None
+    if folder is not None and (cfg.limit is None or kind != "img2dataset"):
+        tar = folder / f"{name}.tar"
+        if tar.is_file():
+            return _tar_part(tar)
+    return next((p for p in parts_for(cfg, layout, kind) if p.name == name), None)
 
 
 def download_failures(folder: Path) -> dict[str, int]:

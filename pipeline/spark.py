@@ -59,15 +59,22 @@ def spark_session(master: str | None, conf: Sequence[str], app_name: str) -> Ite
     or be absent), else a new one, stopped when the build ends."""
     from pyspark.sql import SparkSession
 
+    from pyspark import SparkConf
+
     active = SparkSession.getActiveSession()
     if active is not None:
         running = active.sparkContext.master
         if master and master != running:
             raise XMError(f"--spark-master {master}: a Spark session on {running} is already active (spark-submit); "
                           "drop --spark-master or submit to that master")
+        if conf:
+            raise XMError(f"--spark-conf {conf[0]}: a Spark session is already active (spark-submit), its settings are "
+                          "fixed; pass them to spark-submit --conf instead")
         yield active
         return
-    builder = SparkSession.builder.appName(app_name).master(master or "local[*]")
+    builder = SparkSession.builder.appName(app_name)
+    if master or not SparkConf().contains("spark.master"):  # spark-submit's --master stands unless overridden
+        builder = builder.master(master or "local[*]")
     settings = parse_conf(conf)
     # the Python (and so the xm) that runs the driver runs the tasks, unless the user says
     # otherwise; a context made from Python reads PYSPARK_PYTHON, not spark.pyspark.python
@@ -113,8 +120,9 @@ def _probe_executor(token_file: str, token: str, _: Any) -> dict[str, Any]:
 
 
 def preflight(spark: Any, out: Path) -> int:
-    """A short job on every executor slot: each must see `out` at the same path and run the
-    driver's xm, faiss, autofaiss and img2dataset; otherwise one line. Returns the slots seen."""
+    """A short job of one task per task slot (Spark spreads them over the executors it has, but
+    does not promise to reach each): each must see `out` at the same path and run the driver's
+    xm, faiss, autofaiss and img2dataset; otherwise one line. Returns the task slots."""
     from xm.indexes.manifest import package_versions
 
     folder = out / "_work" / "spark-preflight"
@@ -122,9 +130,9 @@ def preflight(spark: Any, out: Path) -> int:
     token = uuid.uuid4().hex
     token_file = folder / f"{token}.txt"
     token_file.write_text(token)
-    slots = max(2, int(spark.sparkContext.defaultParallelism))
+    slots = max(1, int(spark.sparkContext.defaultParallelism))
     try:
-        probes = run_tasks(spark, functools.partial(_probe_executor, str(token_file), token), list(range(slots)),
+        probes = run_tasks(spark, functools.partial(_probe_executor, str(token_file), token), list(range(max(2, slots))),
                            "xm preflight")
     finally:
         token_file.unlink(missing_ok=True)

@@ -112,7 +112,7 @@ def embed_task(job: dict[str, Any]) -> dict[str, Any]:
         return done
     _use_task_cores()
     kind = sources.source_kind(cfg.source)
-    part = next((p for p in sources.parts_for(cfg, layout, kind) if p.name == job["part"]), None)
+    part = sources.part_named(cfg, layout, kind, job["part"])
     if part is None:
         from xm.errors import XMError
 
