@@ -2,8 +2,9 @@
 
 autofaiss 2.18 tunes each index it writes on `reconstruct_n(0, ...)` of that index: with
 `nb_indices_to_keep > 1` every shard but the first holds none of ids 0.., so it is tuned on
-uninitialised memory (NaN or garbage), and for `IVF..._HNSW32` keys the HNSW quantizer search
-on such queries does not return. Here the parameters are chosen once, on a view of all shards
+uninitialised memory (NaN or garbage, reproduced here), and for `IVF..._HNSW32` keys the HNSW
+quantizer search on such queries was reported never to return (not reproduced here; every step
+below is time-bounded regardless). Here the parameters are chosen once, on a view of all shards
 together (`stacked_view`, or the unsplit index), with real query vectors (a sample of the
 embeddings), under a time bound, by autofaiss's own rule: the smallest nprobe that covers the
 k target (99% of k ids returned, or 95% of the best coverage reachable), then the largest
