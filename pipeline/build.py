@@ -25,7 +25,7 @@ from xm.indexes.layout import Layout, atomic_path, write_json
 from xm.indexes.manifest import write_manifest
 from xm.pipeline import compress, sources
 from xm.pipeline.config import STAGES, BuildConfig, pin_params
-from xm.pipeline.embed import embed_part, read_marker, unloaded_encoder_entry
+from xm.pipeline.embed import embed_part, read_marker, slug_of, unloaded_encoder_entry
 from xm.pipeline.index_stage import build_modality_index, index_is_current
 from xm.pipeline.tasks import LocalRunner, Runner, SparkRunner, embed_task, hasher_for, load_plan_encoders, store_task
 
@@ -163,13 +163,13 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
     later = set(cfg.stages) & {"index", "store", "manifest"}
     if later and summary.count == 0:
         raise XMError(f"{cfg.source}: no usable image-text pairs embedded (failures: {dict(summary.failures) or 'none'})")
-    coarse_slug = _slug(cfg.coarse)
+    coarse_slug = slug_of(cfg.coarse)
 
     def index() -> None:
         todo = _indexed(plan)
         tick = progress(f"index ({len(todo)} kNN index{'es' if len(todo) != 1 else ''}, autofaiss)", len(todo))
         for spec, modality in todo:
-            slug = _slug(spec)
+            slug = slug_of(spec)
             if index_is_current(layout, slug, modality, summary.count, cfg.shards):
                 summary.skipped.append(f"index/{slug}/{modality}: current")
             else:
@@ -247,12 +247,6 @@ def _indexed(plan: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
     return [(spec, p.removeprefix("index-")) for spec, parts in plan.items() for p in parts if p.startswith("index-")]
 
 
-def _slug(spec: str) -> str:
-    from xm.encoders import EncoderSpec
-
-    return EncoderSpec.parse(spec).slug
-
-
 def encoder_entry(enc: Any, embedded: list[str], norms: list[str], codecs: dict[str, str] | None = None) -> dict[str, Any]:
     """The manifest's record of one encoder: who it is (weights probe) and what it contributed
     (`codecs`: modalities stored as codes of a FAISS codec instead of float16, `--text-codec`)."""
@@ -263,7 +257,7 @@ def encoder_entry(enc: Any, embedded: list[str], norms: list[str], codecs: dict[
 
 def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[dict[str, Any], list]:
     """The manifest's record of one kNN index (from its build.json) and its shard files."""
-    slug = _slug(spec)
+    slug = slug_of(spec)
     info_path = layout.index_build_info(slug, modality)
     if not info_path.is_file():
         raise XMError(f"{info_path}: missing; run the index stage")
@@ -285,7 +279,7 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
     enc_entries = {}
     first = next(iter(plan))
     for spec, parts in plan.items():
-        slug = _slug(spec)
+        slug = slug_of(spec)
         embedded = [m for m in ("image", "text") if m in parts]
         # precomputed caption arrays are unit-norm already and bring no norms
         norms = ["text"] if "text" in parts and all(layout.norm_file(slug, "text", m["part"]).is_file() for m in done) else []
@@ -299,7 +293,7 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
         for modality in embedded:
             files += compress.embedding_files(layout, slug, modality, [m["part"] for m in done], coded.get(modality))
         files += [layout.norm_file(slug, "text", m["part"]) for m in done] if norms else []
-    files += [layout.metadata_file(_slug(first), m["part"]) for m in done]
+    files += [layout.metadata_file(slug_of(first), m["part"]) for m in done]
     indexes = []
     for spec, modality in _indexed(plan):
         entry, shard_files = index_entry(layout, spec, modality, summary.count)

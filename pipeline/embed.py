@@ -165,14 +165,15 @@ def embed_part(
                 else:
                     write_text_embeddings(layout, encoders[spec], part.name, captions, on_batch=on_captions)
             if spec in images:
-                _save_npy(layout.emb_file(_slug(spec), "image", part.name), images[spec])
-        with atomic_path(layout.metadata_file(_slug(first), part.name)) as tmp:
+                _save_npy(layout.emb_file(slug_of(spec), "image", part.name), images[spec])
+        with atomic_path(layout.metadata_file(slug_of(first), part.name)) as tmp:
             pq.write_table(_metadata_table(kept), tmp)
     write_json(layout.done_marker("embed", part.name), marker)
     return marker
 
 
-def _slug(spec: str) -> str:
+def slug_of(spec: str) -> str:
+    """The file-system name of an encoder (its embeddings folder)."""
     return EncoderSpec.parse(spec).slug
 
 
@@ -186,7 +187,7 @@ def _copy_precomputed(part: Part, plan: dict[str, tuple[str, ...]], layout: Layo
         for (spec, modality), ref in wanted:
             arr = read_array(ref, rows, ref.dim or dims.get(spec), spec)
             dims.setdefault(spec, arr.shape[1])
-            tmp = staged.enter_context(atomic_path(layout.emb_file(_slug(spec), modality, part.name)))
+            tmp = staged.enter_context(atomic_path(layout.emb_file(slug_of(spec), modality, part.name)))
             with open(tmp, "wb") as f:
                 np.save(f, arr)
 
@@ -244,7 +245,7 @@ def unloaded_encoder_entry(layout: Layout, spec: str, embedded: list[str], norms
     (`probe: null`: not verifiable) and no precision (it never ran)."""
     from xm.pipeline.compress import read_record
 
-    slug = _slug(spec)
+    slug = slug_of(spec)
     dim = None
     for modality in embedded if parts else []:
         f = layout.emb_file(slug, modality, parts[0])

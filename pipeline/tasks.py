@@ -11,7 +11,6 @@ either finds the marker and returns it, or redoes the part into identical files.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -110,7 +109,11 @@ def embed_task(job: dict[str, Any]) -> dict[str, Any]:
     done = read_marker(layout, job["part"])
     if done is not None:
         return done
-    _use_task_cores()
+    from xm.pipeline.spark import task_gpu, task_threads  # a Spark task: the local build calls embed_part itself
+
+    import torch
+
+    torch.set_num_threads(task_threads())  # the cores Spark gave the task, not every core of the node
     kind = sources.source_kind(cfg.source)
     part = sources.part_named(cfg, layout, kind, job["part"])
     if part is None:
@@ -119,33 +122,11 @@ def embed_task(job: dict[str, Any]) -> dict[str, Any]:
         raise XMError(f"{cfg.source}: part {job['part']} is not there from this executor")
     plan = cfg.plan()
     encoders = load_plan_encoders(cfg, plan, quiet=True)
-    gpu = _task_gpu()
+    gpu = task_gpu()
     if gpu is not None:  # spark.task.resource.gpu.amount: this task's GPU, whichever the last task had
         for enc in encoders.values():
             enc.to(f"cuda:{gpu}")
     return embed_part(part, encoders, plan, layout, cfg.batch_size, on_captions=kill_point("embed", part.name))
-
-
-def _task_gpu() -> str | None:
-    if "pyspark" not in sys.modules:
-        return None
-    from xm.pipeline.spark import task_gpu
-
-    return task_gpu()
-
-
-def _use_task_cores() -> None:
-    """Torch in a Spark task uses the cores Spark gave the task, not every core of the node."""
-    if "pyspark" not in sys.modules:  # a local run: torch keeps its default
-        return
-    from pyspark import TaskContext
-
-    if TaskContext.get() is not None:
-        import torch
-
-        from xm.pipeline.spark import task_threads
-
-        torch.set_num_threads(task_threads())
 
 
 # ---------------------------------------------------------------- store
