@@ -27,8 +27,8 @@ _LAZY = {
     "Encoder": "xm.encoders",
     "load_encoder": "xm.encoders",
     "load_image": "xm.encoders",
-    "open_index": "xm.indexes",
-    "MemoryIndex": "xm.indexes",
+    "open_index": "xm.memories",
+    "MemoryIndex": "xm.memories",
     "build_index": "xm.pipeline",
     "BuildConfig": "xm.pipeline",
 }

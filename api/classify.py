@@ -21,7 +21,7 @@ import numpy as np
 
 from xm.encoders import load_image
 from xm.errors import XMError
-from xm.indexes import MemoryIndex, open_index
+from xm.memories import MemoryIndex, open_index
 from xm.indexes.layout import write_json
 from xm.methods.base import Context, Decision, Queries
 from xm.methods.protocols import DEFAULT_PROTOCOL, protocol
@@ -66,7 +66,7 @@ class Classifier:
         if index is None and variant.method.needs_memory:
             raise XMError(f"method {method}: needs an index (--index, or a default index: see `xm indexes`)")
         if isinstance(index, str) and index.lower().startswith(("http://", "https://")):
-            from xm.server.remote import RemoteMemory  # a clip-retrieval-compatible back, the authors' setting
+            from xm.memories import RemoteMemory  # a clip-retrieval-compatible back, the authors' setting
 
             index = RemoteMemory.from_url(index)
         self.memory = index if isinstance(index, MemoryIndex) or index is None else open_index(index)

@@ -42,7 +42,7 @@ def main() -> None:
     import faiss
 
     from xm.indexes.embeddings import EmbeddingMatrix
-    from xm.indexes.memory import rescore
+    from xm.memories.local import rescore
 
     def say(title: str, data) -> None:
         if not args.json:

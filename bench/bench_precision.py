@@ -116,7 +116,7 @@ def bench_encoder(spec: str, images: list, texts: list[str], repeats: int, batch
 
 def bench_xmore(items: int, pairs: int, batch: int, say) -> dict:
     from xm.classify import Classifier
-    from xm.indexes import open_index
+    from xm.memories import open_index
     from xm.methods.retrieval import Timings
 
     import bench_classify

@@ -29,7 +29,7 @@ import numpy as np
 from xm.errors import XMError
 from xm.evaluation.datasets import DatasetSplit, load_dataset
 from xm.evaluation.metrics import l1_weight_ratios, modality_entropy, zeroshot_metrics
-from xm.indexes import MemoryIndex
+from xm.memories import MemoryIndex
 from xm.indexes.layout import atomic_path
 from xm.methods.base import Context, Example, Method, Queries, Support, stack_evidence, take_rows
 from xm.methods.protocols import DEFAULT_PROTOCOL, protocol

@@ -4,7 +4,7 @@ else here.
 
     xm classify photo.jpg --labels classes.txt --index "http://host:1234/?indice_name=NAME"
 
-    from xm.server.remote import RemoteMemory
+    from xm.memories import RemoteMemory
     memory = RemoteMemory.from_url("http://127.0.0.1:1234/?indice_name=NAME")
     Classifier(memory, labels, method="xmore")
 
@@ -38,7 +38,7 @@ import numpy as np
 
 from xm.errors import XMError
 from xm.indexes.layout import caption_hash
-from xm.indexes.memory import MemoryIndex
+from xm.memories.local import MemoryIndex
 
 UNKNOWN_COUNT = 1 << 40  # a clip back does not say how many items it holds
 ENDPOINTS = ("/knn-service", "/metadata", "/indices-list")
@@ -425,6 +425,6 @@ def open_memory(index: Any) -> Any:
     """A local index folder, or a remote one for an http(s) URL."""
     if is_remote(index):
         return RemoteMemory.from_url(index)
-    from xm.indexes import open_index
+    from xm.memories.local import open_index
 
     return open_index(index)

@@ -25,7 +25,7 @@ import numpy as np
 
 from xm.encoders import Encoder, load_encoder, load_image
 from xm.errors import XMError
-from xm.indexes import MemoryIndex, open_index
+from xm.memories import MemoryIndex, open_index
 
 POOLS = ("truncate-dedupe", "dedupe-truncate")
 RERANKS = ("dot", "cosine")

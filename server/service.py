@@ -177,7 +177,7 @@ class ServedIndex:
         import pyarrow.parquet as pq
 
         from xm.encoders import load_encoder
-        from xm.indexes import open_index
+        from xm.memories import open_index
 
         self.name = name
         self.path = Path(path)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import TINY
 import xm.encoders
-from xm.indexes import open_index
+from xm.memories import open_index
 from xm.indexes.layout import Layout
 
 B32, L14 = "ViT-B-32:openai", "ViT-L-14:openai"
