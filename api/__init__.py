@@ -28,7 +28,9 @@ _LAZY = {
     "load_encoder": "xm.encoders",
     "load_image": "xm.encoders",
     "open_index": "xm.memories",
-    "MemoryIndex": "xm.memories",
+    "open_memory": "xm.memories",
+    "Memory": "xm.memories",
+    "LocalMemory": "xm.memories",
     "build_index": "xm.pipeline",
     "BuildConfig": "xm.pipeline",
 }

@@ -75,7 +75,7 @@ class _Matrix:
 
 
 class SyntheticMemory:
-    """The part of MemoryIndex that the neighbour tables use, over generated embeddings
+    """The part of a memory that the neighbour tables use, over generated embeddings
     (clustered, so that neighbours are meaningful), with flat inner-product search."""
 
     def __init__(self, n: int, d: int, seed: int = 0) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 from xm.errors import XMError
 from xm.evaluation.datasets import DatasetSplit, load_dataset
 from xm.evaluation.metrics import l1_weight_ratios, modality_entropy, zeroshot_metrics
-from xm.memories import MemoryIndex
+from xm.memories import Memory
 from xm.indexes.layout import atomic_path
 from xm.methods.base import Context, Example, Method, Queries, Support, stack_evidence, take_rows
 from xm.methods.protocols import DEFAULT_PROTOCOL, protocol
@@ -235,7 +235,7 @@ def _support(cfg: BenchmarkConfig, train: DatasetSplit, val_split: DatasetSplit 
     return Support(support, val, shots, seed)
 
 
-def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | None,
+def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
                   progress: Progress = lambda label, total: (lambda n: None)) -> dict[str, Any]:
     proto = protocol(cfg.protocol)
     for name in cfg.methods:

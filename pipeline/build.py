@@ -266,7 +266,7 @@ def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[d
         raise XMError(f"{info_path}: index holds {info['count']} rows but {count} are embedded; run the index stage")
     folder = layout.index_dir(slug, modality)
     entry = {k: info[k] for k in ("key", "params", "metric", "dim", "shards", "k_target")}
-    if info.get("refine_k_factor", 0) > 1:  # a search parameter MemoryIndex.search applies
+    if info.get("refine_k_factor", 0) > 1:  # a search parameter LocalMemory.search applies
         entry["refine_k_factor"] = int(info["refine_k_factor"])
     entry |= {"encoder": spec, "modality": modality, "dir": layout.rel(folder)}
     return entry, [folder / sh["file"] for sh in info["shards"]]

@@ -1,5 +1,5 @@
 """The kNN refine step: candidates of the approximate index re-scored exactly with the
-float16 embeddings on disk (`refine_k_factor`, applied by `MemoryIndex.search`)."""
+float16 embeddings on disk (`refine_k_factor`, applied by `LocalMemory.search`)."""
 
 from __future__ import annotations
 
