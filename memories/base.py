@@ -132,6 +132,8 @@ class Memory(ABC):
 
     def preload(self) -> None:
         """Open now what searches and gathers would open on first use (a server, before requests)."""
+        return None  # a memory that opens nothing lazily has nothing to do
 
     def close(self) -> None:
         """Release connections and write caches; the memory is not used afterwards."""
+        return None  # a memory that holds no connection or cache has nothing to do

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from xm.memories.base import Memory
+from xm.memories.local import LocalMemory
+from xm.memories.remote import RemoteMemory
 
 Location = str | Path
 Factory = Callable[[Location], Memory]
@@ -42,24 +44,24 @@ def _by_scheme(scheme: str) -> Matcher:
 
 
 def _remote(location: Location) -> Memory:
-    from xm.memories.remote import RemoteMemory  # the HTTP client is loaded only for a URL
-
     return RemoteMemory(str(location))
 
 
 def _local(location: Location) -> Memory:
-    from xm.memories.local import LocalMemory
-
     return LocalMemory(location)
 
 
-_KINDS: list[MemoryKind] = [MemoryKind(_by_scheme(s), _remote, s) for s in ("http", "https")]
+# xm's own kinds; a new one is its module and one line here (a local folder is the fallback)
+_KINDS: list[MemoryKind] = [
+    MemoryKind(_by_scheme("http"), _remote, "http"),
+    MemoryKind(_by_scheme("https"), _remote, "https"),
+]
 
 
 def register_memory(match: str | Matcher, factory: Factory, name: str | None = None) -> None:
     """Open locations matched by `match` (a URL scheme, or a predicate) with `factory`."""
     matcher = _by_scheme(match) if isinstance(match, str) else match
-    label = name or (match if isinstance(match, str) else getattr(factory, "__name__", "memory"))
+    label = name or (match if isinstance(match, str) else str(getattr(factory, "__name__", "memory")))
     _KINDS.insert(0, MemoryKind(matcher, factory, label))
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from xm.encoders import Encoder, load_encoder, load_image
 from xm.errors import XMError
 from xm.memories import Memory, open_memory
+from xm.memories.base import ById
 
 POOLS = ("truncate-dedupe", "dedupe-truncate")
 RERANKS = ("dot", "cosine")
@@ -75,7 +76,7 @@ class CaptionEmbeddings:
         return np.stack([self._cache[int(i)] for i in ids]) if len(ids) else np.zeros((0, self.encoder.dim), np.float32)
 
 
-def caption_pool(ids: np.ndarray, hashes: np.ndarray, k: int, pool: str) -> np.ndarray:
+def caption_pool(ids: np.ndarray, hashes: ById, k: int, pool: str) -> np.ndarray:
     """The candidate captions of one query, in kNN order (see the module docstring)."""
     ids = ids[ids >= 0]
     if pool == "truncate-dedupe":
