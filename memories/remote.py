@@ -32,7 +32,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import numpy as np
 
@@ -295,8 +295,11 @@ class RemoteMemory(Memory):
         return self._encoders.get(str(spec))
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "location": self.url, "id": self.id, "count": self.count, "roles": self.roles,
-                "encoders": dict(self._encoders), "source": {"kind": "remote", "source": self.url},
+        parts = urlsplit(self.url)  # the URL as given, less any token in it
+        query = urlencode([(k, v) for k, v in parse_qs(parts.query).items() if k != "token"], doseq=True)
+        location = parts._replace(query=query).geturl()
+        return {"kind": self.kind, "location": location, "id": self.id, "count": self.count, "roles": self.roles,
+                "encoders": dict(self._encoders), "source": {"kind": "remote", "source": location},
                 "columns": list(self._columns), "indice_name": self.indice_name}
 
     def has_embeddings(self, spec: str, modality: str) -> bool:

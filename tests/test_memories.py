@@ -46,6 +46,9 @@ def test_local_and_remote_answer_the_interface_alike(memory, served, monkeypatch
         info = m.describe()
         assert DESCRIBED <= set(info) and info["kind"] == m.kind and json.loads(json.dumps(info)) == info
     assert remote.id == f"remote-{local.id}"
+    with_token = open_memory(f"{served.url}/?indice_name=mem&token=not-to-be-shown")
+    assert "not-to-be-shown" not in json.dumps(with_token.describe())  # described without its token
+    with_token.close()
 
     query = local.embeddings(coarse, "image").gather(np.array([4, 17]))
     sims_l, ids_l = local.search("image", query, 5)
