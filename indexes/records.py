@@ -68,7 +68,8 @@ class _Fields:
 
     def __init__(self, data: Any, file: str, path: str) -> None:
         if not isinstance(data, dict):
-            raise XMError(f"{file}: {path or 'the manifest'} is {_kind(data)}, expected an object")
+            what = f"field {path}" if path else "the manifest"
+            raise XMError(f"{file}: {what} is {_kind(data)}, expected an object; the manifest is damaged")
         self.data, self.file, self.path = data, file, path
 
     def at(self, key: str) -> str:
