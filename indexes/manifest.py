@@ -9,8 +9,8 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from importlib import metadata
 from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 

@@ -76,7 +76,7 @@ class MemoryIndex:
     def id(self) -> str:
         return self.manifest.id
 
-    @cached_property
+    @property
     def roles(self) -> dict[str, Any]:
         return self.manifest.roles.to_json()
 
