@@ -13,8 +13,9 @@ read and written back is the document it was read from. Keys that older manifest
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 from xm.errors import XMError
 from xm.indexes.layout import FORMAT

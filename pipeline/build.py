@@ -283,15 +283,15 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
     first = next(iter(plan))
     for spec, parts in plan.items():
         slug = slug_of(spec)
-        embedded = [m for m in ("image", "text") if m in parts]
+        embedded: list[str] = [m for m in ("image", "text") if m in parts]
         # precomputed caption arrays are unit-norm already and bring no norms
         norms = ["text"] if "text" in parts and all(layout.norm_file(slug, "text", m["part"]).is_file() for m in done) else []
-        entry = (encoder_entry(encoders[spec], embedded, norms) if spec in encoders else
-                 unloaded_encoder_entry(layout, spec, embedded, norms, [m["part"] for m in done],
-                                        sources.OPENAI_LOGIT_SCALE))
+        enc_entry = (encoder_entry(encoders[spec], embedded, norms) if spec in encoders else
+                     unloaded_encoder_entry(layout, spec, embedded, norms, [m["part"] for m in done],
+                                            sources.OPENAI_LOGIT_SCALE))
         coded = compress.finished_codecs(layout, spec, slug, codecs.get(spec, {}), [m["part"] for m in done])
         # which source array is which; codes + codec instead of float16 parts (pipeline/compress.py)
-        enc_entries[spec] = replace(entry, precomputed=sources.precomputed_record(cfg, spec, embedded).get("precomputed", {}),
+        enc_entries[spec] = replace(enc_entry, precomputed=sources.precomputed_record(cfg, spec, embedded).get("precomputed", {}),
                                     codecs=coded)
         for modality in embedded:
             files += compress.embedding_files(layout, slug, modality, [m["part"] for m in done], coded.get(modality))

@@ -28,6 +28,7 @@ from xm.pipeline.config import BuildConfig, parse_encoder_flag
 from xm.pipeline.embed import _pixel_batches, _save_npy, write_text_embeddings
 from xm.pipeline.index_stage import build_modality_index, index_is_current
 
+
 @dataclass
 class AddSummary:
     out: str
