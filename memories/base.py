@@ -65,8 +65,9 @@ class Memory(ABC):
         """The encoders (ARCH:PRETRAINED) it holds embeddings or indexes for."""
 
     @abstractmethod
-    def encoder_entry(self, spec: str) -> dict[str, Any] | None:
-        """What it records of an encoder (dim, probe, embedded, norms), or None if unknown."""
+    def probe(self, spec: str) -> list[float] | None:
+        """The weights fingerprint of the encoder `spec` that made its embeddings (compared with
+        `Encoder.fingerprint_matches`); None where unknown or never taken (precomputed)."""
 
     @abstractmethod
     def default_model(self) -> str:
@@ -74,7 +75,8 @@ class Memory(ABC):
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
-        """A plain, JSON-ready summary: kind, location, id, count, roles, encoders, source, columns."""
+        """A plain, JSON-ready summary: kind, location, id, count, roles, source, columns, and
+        encoders ({spec: {dim, probe, embedded, norms}}, as far as the memory knows them)."""
 
     # --- what it can give ---------------------------------------------------------------
     @abstractmethod

@@ -291,8 +291,8 @@ class RemoteMemory(Memory):
     def default_model(self) -> str:
         return self._roles["inference"][0]
 
-    def encoder_entry(self, spec: str) -> dict[str, Any] | None:
-        return self._encoders.get(str(spec))
+    def probe(self, spec: str) -> list[float] | None:
+        return self._probes.get(str(spec))
 
     def describe(self) -> dict[str, Any]:
         parts = urlsplit(self.url)  # the URL as given, less any token in it

@@ -121,15 +121,16 @@ class ToyMemory(Memory):
     def encoders(self) -> list[str]:
         return [TINY]
 
-    def encoder_entry(self, spec: str) -> dict[str, Any] | None:
-        return {"dim": int(self.image.shape[1]), "probe": None, "embedded": ["image", "text"], "norms": ["text"]} if spec == TINY else None
+    def probe(self, spec: str) -> list[float] | None:
+        return None  # embedded here, by the encoder itself: nothing to compare
 
     def default_model(self) -> str:
         return TINY
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "location": self.root, "id": self.id, "count": self.count, "roles": self.roles,
-                "encoders": {TINY: self.encoder_entry(TINY)}, "source": {}, "columns": ["caption"]}
+                "encoders": {TINY: {"dim": int(self.image.shape[1]), "probe": None, "embedded": ["image", "text"], "norms": ["text"]}},
+                "source": {}, "columns": ["caption"]}
 
     def has_embeddings(self, spec: str, modality: str) -> bool:
         return spec == TINY
