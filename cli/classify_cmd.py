@@ -40,15 +40,17 @@ def classify_cmd(
 ) -> None:
     """Classify images with any method over a built index (default: X-MoRe, the authors' protocol)."""
     from xm.classify import Classifier
+    from xm.encoders.precision import Precision
     from xm.indexes import home
     from xm.methods.registry import get
 
+    inference_precision = Precision.parse(precision)  # parsed once, before any work
     if index is None and get(method).method.needs_memory:
         index = home.require_index(None)
     options = method_options(opt, k_coarse=k_coarse, k_fine=k_fine, ensemble=ensemble, retrieval=retrieval,
                              mode=reco_mode, checkpoint=reco_checkpoint, descriptions=descriptions, texts_file=texts_file)
     clf = Classifier(index, labels, method=method, model=model, templates=template, protocol_name=protocol,
-                     options=options, state_file=state, precision=precision)
+                     options=options, state_file=state, precision=inference_precision)
     failed = skipped = 0
     for result in clf.run(images, batch_size=batch_size, explain=explain):
         if "error" in result:

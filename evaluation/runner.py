@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 from xm.evaluation.datasets import DatasetSplit, load_dataset
 from xm.evaluation.metrics import l1_weight_ratios, modality_entropy, zeroshot_metrics
@@ -57,7 +58,7 @@ class BenchmarkConfig:
     shots: list[int] = field(default_factory=lambda: [16])  # few-shot methods only
     val_per_class: int = 16
     batch_size: int = 32
-    precision: str = "fp32"  # encoder inference precision (xm.encoders.PRECISIONS)
+    precision: Precision | str = DEFAULT_PRECISION  # encoder inference precision, parsed by run_benchmark
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xm" / "benchmark")
 
 
@@ -237,6 +238,7 @@ def _support(cfg: BenchmarkConfig, train: DatasetSplit, val_split: DatasetSplit 
 
 def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | None,
                   progress: Progress = lambda label, total: (lambda n: None)) -> dict[str, Any]:
+    precision = Precision.parse(cfg.precision)  # the benchmark API's edge
     proto = protocol(cfg.protocol)
     for name in cfg.methods:
         get(name)  # unknown names fail before any work
@@ -246,7 +248,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | 
     model = cfg.model or (memory.default_model() if memory is not None else None)
     if model is None:
         raise XMError("--model: required without an index")
-    ctx = Context(memory, model, ds.classnames, templates, dataset=ds.dataset, precision=cfg.precision)
+    ctx = Context(memory, model, ds.classnames, templates, dataset=ds.dataset, precision=precision)
     takes = {o.name for n in cfg.methods for o in get(n).method.options}
     unknown = sorted(set(cfg.options) - takes)
     if unknown:

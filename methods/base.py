@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
+from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 
 MODALITIES = ("image", "text")
@@ -187,10 +188,9 @@ class Context:
     none), the inference encoder, the class names and the prompt templates."""
 
     def __init__(self, memory: Any, model: str, classnames: Sequence[str], templates: Sequence[str],
-                 dataset: str | None = None, cache_dir: str | None = None, precision: str | None = None) -> None:
-        from xm.encoders import check_precision
-
-        self.precision = check_precision(precision)  # how every encoder of the methods runs
+                 dataset: str | None = None, cache_dir: str | None = None,
+                 precision: Precision = DEFAULT_PRECISION) -> None:
+        self.precision = precision  # how every encoder of the methods runs (parsed by the caller)
         self.memory = memory
         self.model = str(model)
         self.classnames = list(classnames)

@@ -3,7 +3,7 @@
 Uni-modal search, cross-modal fusion, under one frozen CLIP E (default: the index's
 coarse encoder): the query image's k nearest memory IMAGES contribute their TEXT
 embeddings, each class prompt's k nearest memory TEXTS contribute their IMAGE
-embeddings, and the fusion branches trained by `xm train reco` (training/reco.py) turn
+embeddings, and the fusion branches (methods/reco_model.py), trained by `xm train reco`, turn
 [original; retrieved] into refined embeddings. Scores are s · v̄ · t̄ᵀ with the trained
 logit scale s.
 
@@ -57,7 +57,8 @@ class Reco(Method):
         self.spec = o["encoder"] or (memory.roles.get("coarse", "") if memory is not None else "")
         self.weights_path: Path | None = None
         if memory is not None and self.spec and o["fusion"] == "transformer":
-            from xm.training.reco import default_dir, resolve_checkpoint
+            # the model module imports torch: only a RECO that runs loads it (`xm methods` does not)
+            from xm.methods.reco_model import default_dir, resolve_checkpoint
 
             self.weights_path = resolve_checkpoint(o["checkpoint"]) if o["checkpoint"] else default_dir(memory, self.spec) / "reco.safetensors"
         self.check()
@@ -92,7 +93,7 @@ class Reco(Method):
         super().check()
 
     def _load_checkpoint(self) -> None:
-        from xm.training.reco import load_model, meta_path, read_meta
+        from xm.methods.reco_model import load_model, meta_path, read_meta
 
         memory, path = self.ctx.memory, self.weights_path
         meta = read_meta(path)
@@ -115,7 +116,7 @@ class Reco(Method):
 
     # --- fusion ------------------------------------------------------------------------
     def _fuse(self, branch: str, query: np.ndarray, retrieved: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        from xm.training.reco import mean_fusion, refine
+        from xm.methods.reco_model import mean_fusion, refine
 
         if self.model is None:
             return mean_fusion(query, retrieved, valid)

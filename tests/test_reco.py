@@ -24,12 +24,11 @@ from xm.indexes.memory import open_index
 from xm.methods.base import Context, Queries
 from xm.methods.registry import create, variants
 from xm.pipeline import BuildConfig, build_index
+from xm.methods.reco_model import build_model, mean_fusion
 from xm.training.reco import (
     NeighbourRule,
     TrainConfig,
-    build_model,
     build_tables,
-    mean_fusion,
     reco_loss,
     train_reco,
 )
