@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import typer
 
 from xm.cli.app import app
 from xm.cli.method_options import method_options
 from xm.cli.output import console, err_console, print_json, table
+
+if TYPE_CHECKING:  # the command modules load at every `xm` start: numpy only when a command runs
+    from xm.methods.base import ExplanationSection
 
 
 @app.command("classify")
@@ -65,14 +68,14 @@ def classify_cmd(
         if as_json:
             print_json(result if timings else {k: v for k, v in result.items() if k != "timings"})
             continue
-        show_result(result, explain, timings)
+        show_result(result, clf.method.explanation_view(result) if explain else [], timings)
     clf.save_state()
     if failed:
         err_console.print(f"{failed} image(s) could not be classified")
         raise typer.Exit(1)
 
 
-def show_result(result: dict, explain: bool, timings: bool) -> None:
+def show_result(result: dict, explanation: Sequence[ExplanationSection], timings: bool) -> None:
     comps = [k for k in result["top5"][0] if k not in ("class", "prob")]
     title = f"{result['image']} · {result['method']}"
     if "stream_position" in result:
@@ -83,10 +86,8 @@ def show_result(result: dict, explain: bool, timings: bool) -> None:
                   f" · confidence img {c['img']:.3f} / txt {c['txt']:.3f}")
     console.print(table(title, ["rank", "class", "prob", *comps],
                         [(r + 1, t["class"], t["prob"], *[t[k] for k in comps]) for r, t in enumerate(result["top5"])]))
-    if explain and result.get("captions"):
-        console.print(table("captions used (fine re-ranked)", ["id", "fine sim", "vote", "vote p", "caption"], [
-            (c["id"], c["fine_similarity"], c["vote"], c["vote_prob"], c["caption"]) for c in result["captions"]
-        ]))
+    for section in explanation:  # whatever the method shows of what it used (Method.explanation_view)
+        console.print(table(section.title, section.columns, section.rows))
     if timings:
         console.print(table("time per image (ms, batch average)", ["step", "ms"],
                             [(k, f"{v * 1e3:.1f}") for k, v in result["timings"].items()]))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from xm.errors import XMError
-from xm.methods.base import Decision, Method, Need, Option, Queries
+from xm.methods.base import Decision, ExplanationSection, Method, Need, Option, Queries
 from xm.methods.registry import register
 from xm.methods.tip_adapter import ADAPTER_OPTIONS, CacheAdapter
 from xm.methods.zeroshot import softmax
@@ -257,6 +257,18 @@ class CODER(Method):
                         "texts": [{"text": self.coded.texts[j], "kind": self.coded.kinds[j],
                                    "source": self.coded.sources[j], "cosine": float(cos[j])} for j in best]})
         return {"candidates": out, "texts": len(self.coded.texts), "ovo_texts": self.coded.ovo_count}
+
+    def explanation_view(self, explanation: dict[str, Any]) -> list[ExplanationSection]:
+        candidates = explanation.get("candidates")
+        if not candidates:
+            return []
+        sections = [ExplanationSection(
+            f"stage-1 candidates ({explanation['texts']} texts, {explanation['ovo_texts']} one-vs-one)",
+            ("class", "score"), tuple((c["class"], c["score"]) for c in candidates))]
+        for c in candidates:
+            sections.append(ExplanationSection(f"texts of {c['class']} closest to the image", ("cosine", "kind", "source", "text"),
+                                               tuple((t["cosine"], t["kind"], t["source"], t["text"]) for t in c["texts"])))
+        return sections
 
 
 class CODERAdapter(CacheAdapter):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from xm.errors import XMError
-from xm.methods.base import Decision, Method, Need, Option, Queries
+from xm.methods.base import Decision, ExplanationSection, Method, Need, Option, Queries
 from xm.methods.registry import register
 from xm.methods.zeroshot import check_templates, softmax
 
@@ -185,6 +185,19 @@ class Reco(Method):
                             "retrieved": [{"id": r["id"], "caption": r["caption"], "url": r["url"], "text_similarity": float(s)}
                                           for r, s in zip(rows, psim[ok])]})
         return {"image_neighbours": image, "predicted": self.ctx.classnames[pred], "class_prompts": prompts}
+
+    def explanation_view(self, explanation: dict[str, Any]) -> list[ExplanationSection]:
+        if "image_neighbours" not in explanation:
+            return []
+        sections = [ExplanationSection("captions fused into the image (its image->image neighbours)",
+                                       ("id", "image sim", "caption"),
+                                       tuple((n["id"], n["image_similarity"], n["caption"]) for n in explanation["image_neighbours"]))]
+        for p in explanation["class_prompts"]:
+            prompt = p["prompt"]
+            sections.append(ExplanationSection(
+                f'items fused into the prompt "{prompt}" of {explanation["predicted"]} (its text->text neighbours)',
+                ("id", "text sim", "caption"), tuple((r["id"], r["text_similarity"], r["caption"]) for r in p["retrieved"])))
+        return sections
 
     def extra_key(self) -> dict[str, Any]:
         return {"encoder": self.spec, "checkpoint": self.meta.get("weights_sha256")}

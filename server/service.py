@@ -562,7 +562,7 @@ class Service:
                                      protocol_name=protocol, options=options, precision=self.precision)
                 except XMError as exc:
                     raise RequestError(400, str(exc)) from exc
-                clf.evidence_lock = None if type(clf.method).__name__ in ("XMoRe", "ZeroShotCLIP") else threading.Lock()
+                clf.evidence_lock = None if clf.method.thread_safe_evidence else threading.Lock()
                 with self._lock:
                     self._classifiers[key] = clf
                     while len(self._classifiers) > lim.max_classifiers:
