@@ -262,13 +262,11 @@ class CODER(Method):
         candidates = explanation.get("candidates")
         if not candidates:
             return []
-        sections = [ExplanationSection(
-            f"stage-1 candidates ({explanation['texts']} texts, {explanation['ovo_texts']} one-vs-one)",
-            ("class", "score"), tuple((c["class"], c["score"]) for c in candidates))]
-        for c in candidates:
-            sections.append(ExplanationSection(f"texts of {c['class']} closest to the image", ("cosine", "kind", "source", "text"),
-                                               tuple((t["cosine"], t["kind"], t["source"], t["text"]) for t in c["texts"])))
-        return sections
+        # one table: each candidate's score on its first text's row
+        rows = tuple((c["class"] if j == 0 else "", c["score"] if j == 0 else None, t["cosine"], t["kind"], t["source"], t["text"])
+                     for c in candidates for j, t in enumerate(c["texts"] or [{"cosine": None, "kind": "", "source": "", "text": ""}]))
+        return [ExplanationSection(f"candidates, closest texts ({explanation['texts']} texts, {explanation['ovo_texts']} one-vs-one)",
+                                   ("candidate", "score", "cosine", "kind", "source", "text"), rows)]
 
 
 class CODERAdapter(CacheAdapter):

@@ -189,13 +189,13 @@ class Reco(Method):
     def explanation_view(self, explanation: dict[str, Any]) -> list[ExplanationSection]:
         if "image_neighbours" not in explanation:
             return []
-        sections = [ExplanationSection("captions fused into the image (its image->image neighbours)",
+        sections = [ExplanationSection("image + its neighbours' captions (fused)",
                                        ("id", "image sim", "caption"),
                                        tuple((n["id"], n["image_similarity"], n["caption"]) for n in explanation["image_neighbours"]))]
         for p in explanation["class_prompts"]:
             prompt = p["prompt"]
             sections.append(ExplanationSection(
-                f'items fused into the prompt "{prompt}" of {explanation["predicted"]} (its text->text neighbours)',
+                f'prompt "{prompt}" + its neighbours',
                 ("id", "text sim", "caption"), tuple((r["id"], r["text_similarity"], r["caption"]) for r in p["retrieved"])))
         return sections
 
