@@ -56,7 +56,6 @@ class Classifier:
                  model: str | None = None, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
                  protocol_name: str = DEFAULT_PROTOCOL, options: dict[str, Any] | None = None,
                  state_file: str | Path | None = None, precision: Precision | str | None = None) -> None:
-
         precision = Precision.parse(precision)  # the API's edge: fp32 | bf16 | int8, checked before any work
         self.classnames = read_labels(labels) if isinstance(labels, (str, Path)) else list(labels)
         variant = get(method)

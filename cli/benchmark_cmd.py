@@ -52,11 +52,11 @@ def benchmark_cmd(
     precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Evaluate methods side by side on the same images, through the one method interface."""
+    from xm.encoders.precision import Precision
     from xm.evaluation.datasets import load_dataset
     from xm.evaluation.runner import BenchmarkConfig, run_benchmark, write_outputs
     from xm.indexes import home, open_index
     from xm.methods.protocols import protocol as get_protocol
-    from xm.encoders.precision import Precision
     from xm.methods.registry import get
 
     inference_precision = Precision.parse(precision)  # parsed once, before any work

@@ -156,7 +156,6 @@ def search_memory(index: str | Path | MemoryIndex, image: Path | None = None, te
                   precision: Precision = DEFAULT_PRECISION) -> list[dict[str, Any]]:
     """Nearest memory items to an image or text under an indexed encoder (default: coarse),
     the query embedded at `precision` (fp32 | bf16 | int8)."""
-
     memory = index if isinstance(index, MemoryIndex) else open_index(index)
     spec = encoder or memory.roles["coarse"]
     enc = load_encoder(spec, precision=precision)
