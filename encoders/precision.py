@@ -34,7 +34,7 @@ class Precision(str, Enum):
         return format(self.value, spec)
 
     @classmethod
-    def parse(cls, text: "str | Precision | None", flag: str = "--precision") -> "Precision":
+    def parse(cls, text: str | Precision | None, flag: str = "--precision") -> Precision:
         """The precision `text` names (None: the default), or one line naming the choices."""
         if isinstance(text, Precision):
             return text

@@ -59,7 +59,7 @@ def meta_path(weights: Path) -> Path:
 
 # ------------------------------------------------------------------------ the model
 
-def build_model(dim: int, heads: int = 0, mlp_ratio: float = 1.0) -> "RecoModel":
+def build_model(dim: int, heads: int = 0, mlp_ratio: float = 1.0) -> RecoModel:
     """The two fusion branches and the learned temperature (see `RecoModel`)."""
     return RecoModel(dim, heads or max(1, dim // 64), mlp_ratio)
 
@@ -129,7 +129,7 @@ def mean_fusion(query: np.ndarray, retrieved: np.ndarray, valid: np.ndarray) -> 
     return (total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def refine(branch, query: np.ndarray, retrieved: np.ndarray, valid: np.ndarray, batch: int = 4096) -> np.ndarray:
+def refine(branch: Fusion, query: np.ndarray, retrieved: np.ndarray, valid: np.ndarray, batch: int = 4096) -> np.ndarray:
     """A fusion branch applied to numpy arrays (inference)."""
     out = []
     with torch.inference_mode():
@@ -155,7 +155,7 @@ def read_meta(weights: Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(weights: Path, meta: dict[str, Any] | None = None):
+def load_model(weights: Path, meta: dict[str, Any] | None = None) -> tuple[RecoModel, dict[str, Any]]:
     """(model, meta) from a checkpoint whose weights match the digest its JSON records."""
     from safetensors.torch import load_file
 
