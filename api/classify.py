@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from xm.encoders import Precision, load_image
+from xm.encoders import load_image
 from xm.errors import XMError
 from xm.indexes import MemoryIndex, open_index
 from xm.indexes.layout import write_json
@@ -55,7 +55,9 @@ class Classifier:
     def __init__(self, index: str | Path | MemoryIndex | None, labels: str | Path | Sequence[str], method: str = "xmore",
                  model: str | None = None, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
                  protocol_name: str = DEFAULT_PROTOCOL, options: dict[str, Any] | None = None,
-                 state_file: str | Path | None = None, precision: Precision | str | None = None) -> None:
+                 state_file: str | Path | None = None, precision: str | None = None) -> None:
+        from xm.encoders.precision import Precision
+
         precision = Precision.parse(precision)  # the API's edge: fp32 | bf16 | int8, checked before any work
         self.classnames = read_labels(labels) if isinstance(labels, (str, Path)) else list(labels)
         variant = get(method)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 from xm.server.service import STREAM_HEADER, UNHONOURED_HEADER, Limits, RequestError, Service, decode_image, finite_json
 
@@ -62,7 +61,7 @@ class ServeConfig:
     access_log: bool = False
     batch_items: int = 32
     batch_wait_ms: float = 4.0
-    precision: Precision | str = DEFAULT_PRECISION  # how every encoder runs; parsed by Service (the server's edge)
+    precision: str = "fp32"  # fp32 | bf16 | int8: how every encoder runs (see xm.encoders.PRECISIONS)
 
 
 def is_loopback(host: str) -> bool:

@@ -25,7 +25,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 from xm.methods.base import Queries
 from xm.server.batching import Batcher
@@ -174,8 +173,7 @@ class _LockedStore:
 class ServedIndex:
     """One memory as clip back serves one indice: its coarse encoder embeds the queries."""
 
-    def __init__(self, name: str, path: Path, columns: Sequence[str] | None = None,
-                 precision: Precision = DEFAULT_PRECISION) -> None:
+    def __init__(self, name: str, path: Path, columns: Sequence[str] | None = None, precision: str = "fp32") -> None:
         import pyarrow.parquet as pq
 
         from xm.encoders import load_encoder
@@ -264,7 +262,9 @@ def connected_dedup(emb: np.ndarray, threshold: float = DEDUP_THRESHOLD) -> np.n
 class Service:
     def __init__(self, indexes: Sequence[tuple[str, Path]], limits: Limits | None = None, allow_url_fetch: bool = False,
                  inline_images: bool = False, columns: Sequence[str] | None = None, batch_items: int = 32,
-                 batch_wait_s: float = 0.004, precision: Precision | str | None = None) -> None:
+                 batch_wait_s: float = 0.004, precision: str | None = None) -> None:
+        from xm.encoders.precision import Precision
+
         self.precision = Precision.parse(precision)  # the server config's edge: every encoder the server runs
         self.limits = limits or Limits()
         self.allow_url_fetch = allow_url_fetch
