@@ -252,11 +252,13 @@ ROLE_OF = (("index/", "/image/", "coarse image kNN index (codes + ids)"),
 
 def bytes_per_item(root: Path) -> dict[str, float]:
     """Bytes per memory item per role, from the manifest's file list (what the index holds)."""
-    manifest = json.loads((root / "manifest.json").read_text())
+    from xm.indexes.manifest import read_manifest
+
+    manifest = read_manifest(root)
     out: dict[str, float] = {}
-    for rel, e in manifest["files"].items():
+    for rel, e in manifest.files.items():
         role = next((name for a, b, name in ROLE_OF if rel.startswith(a) and b in rel), "not an embedding role: captions store, metadata")
-        out[role] = out.get(role, 0.0) + e["bytes"] / manifest["count"]
+        out[role] = out.get(role, 0.0) + e.bytes / manifest.count
     out["total (every embedding role)"] = sum(v for k, v in out.items() if not k.startswith("not an"))
     return out
 
@@ -295,6 +297,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from xm.indexes import codecs
+    from xm.indexes.manifest import read_manifest
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -306,8 +309,8 @@ def run(args: argparse.Namespace) -> dict:
                             f"1 torch + 1 faiss thread, torch {torch.__version__}, faiss {faiss.__version__}",
                  "items": args.items, "encoder": SPEC, "queries": args.queries, "codec_train_rows": args.train_rows,
                  "max_index_memory": args.max_index_memory,
-                 "kNN_indexes": {e["modality"]: {k: e.get(k) for k in ("key", "params", "refine_k_factor")}
-                                 for e in json.loads((base / "manifest.json").read_text())["indexes"]},
+                 "kNN_indexes": {e.modality: {"key": e.key, "params": e.params, "refine_k_factor": e.refine_k_factor}
+                                 for e in read_manifest(base).indexes},
                  "float16_index_build_s": time.perf_counter() - t}
     feats = query_features(args.queries)
     ref = run_method(base, feats)

@@ -63,7 +63,7 @@ class Reco(Method):
         self.check()
         self.encoder = ctx.encoder(self.spec)
         entry = memory.encoder_entry(self.spec)
-        if not self.encoder.fingerprint_matches(entry["probe"]):
+        if not self.encoder.fingerprint_matches(entry.probe):
             raise XMError(f"{memory.root}: encoder {self.spec} has other weights than the ones that built this index")
         self.image_emb = memory.embeddings(self.spec, "image")
         self.text_emb = memory.embeddings(self.spec, "text")

@@ -74,7 +74,7 @@ def test_index_built_at_one_precision_finds_its_items_at_another(tmp_path, built
     src = write_caption_folder(tmp_path / "pairs", 10)
     build_index(BuildConfig(source=str(src), out=tmp_path / "idx", precision=built, **TINY_ROLES))
     memory = open_index(tmp_path / "idx")
-    assert {e["precision"] for e in memory.manifest["encoders"].values()} == {built}
+    assert {e.precision for e in memory.manifest.encoders.values()} == {built}
     for i in range(10):
         hits = search_memory(memory, image=src / f"im{i:03d}.jpg", k=3, precision=queried)
         assert hits[0]["caption"] == f"caption number {i}", (built, queried, i, hits)

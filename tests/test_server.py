@@ -441,7 +441,7 @@ def test_export_clip_back(memory, tmp_path) -> None:
     indices = json.loads((out / "indices_paths.json").read_text())
     assert indices["mem"]["clip_model"] == f"open_clip:{arch}/{Path(ckpt).resolve()}"
     assert indices["mem"]["indice_folder"] == str(out.resolve())
-    assert len(mem.index_entry(spec, "image")["shards"]) == 2  # the merge is exercised
+    assert len(mem.index_entry(spec, "image").shards) == 2  # the merge is exercised
     for modality in ("image", "text"):
         merged = faiss.read_index(str(out / f"{modality}.index"))
         assert merged.ntotal == mem.count

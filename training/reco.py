@@ -476,7 +476,7 @@ def peak_rss_mb() -> float:
 def _require(index: Any, spec: str, what: str) -> None:
     entry = index.encoder_entry(spec)
     if entry is None:
-        raise XMError(f"{index.root}: no encoder {spec} in this index ({what}); it has {', '.join(index.manifest['encoders'])}")
+        raise XMError(f"{index.root}: no encoder {spec} in this index ({what}); it has {', '.join(index.manifest.encoders)}")
     for m in MODALITIES:
         if not index.has_embeddings(spec, m):
             raise XMError(f"{index.root}: RECO {what} needs {spec} {m} embeddings; add them with "
@@ -527,7 +527,7 @@ def train_reco(cfg: TrainConfig, progress: Progress = _no_progress,
     _require(memory, spec, "memory")
     pairs = open_index(cfg.pairs) if cfg.pairs else memory
     _require(pairs, spec, "training pairs")
-    probe, theirs = memory.encoder_entry(spec)["probe"], pairs.encoder_entry(spec)["probe"]
+    probe, theirs = memory.encoder_entry(spec).probe, pairs.encoder_entry(spec).probe
     # a null probe (embeddings that came precomputed, the encoder never loaded) cannot be compared
     if pairs is not memory and probe is not None and theirs is not None and not np.allclose(theirs, probe, atol=2e-3):
         raise XMError(f"{pairs.root}: its {spec} embeddings come from other weights than {memory.root}'s")
