@@ -14,8 +14,7 @@ from xm.encoders import EncoderSpec, load_encoder
 from xm.errors import XMError
 from xm.indexes import open_index
 from xm.indexes.layout import Layout
-from xm.pipeline import BuildConfig, build_index
-from xm.pipeline import compress as compress_mod
+from xm.pipeline import BuildConfig, build_index, compress as compress_mod
 
 N = 20  # three parts of 8, 8, 4 rows
 FINE_SLUG = EncoderSpec.parse(TINY_WIDE).slug

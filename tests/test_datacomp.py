@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY
 import xm.encoders
+from conftest import TINY
 from xm.indexes import open_index
 from xm.indexes.layout import Layout
 

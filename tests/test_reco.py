@@ -368,7 +368,7 @@ def test_test_labels_never_reach_the_method(memory, trained) -> None:
         for param in ("evidence", "decide"):
             assert "label" not in " ".join(inspect.signature(getattr(create(name, _ctx(index), **method_opts), param)).parameters)
 
-        def run(items):
+        def run(items, name=name, method_opts=method_opts):  # this iteration's method, bound now
             method = create(name, _ctx(index), **method_opts)  # Context: memory, model, class names, templates
             return _predict(method, [image for image, _ in items])
 
