@@ -347,7 +347,8 @@ def print_tables(out: dict) -> None:
     print(f"\n{out['items']} items, {out['queries']} EuroSAT queries, {out['encoder']} every role; {out['machine']}")
     print(f"{'codec':<12} {'caption B/item':>14} {'total B/item':>12} {'top16 overlap':>13} {'min':>5} {'identical':>9} "
           f"{'X-MoRe agree':>12} {'text agree':>10} {'evidence s':>10}")
-    cap = lambda b: sum(v for k, v in b.items() if k.startswith("caption embeddings"))
+    def cap(b: dict) -> float:
+        return sum(v for k, v in b.items() if k.startswith("caption embeddings"))
     print(f"{'float16':<12} {cap(f16):>14.1f} {f16['total (every embedding role)']:>12.1f} {1:>13.3f} {1:>5.2f} {1:>9.2f} "
           f"{1:>12.3f} {1:>10.3f} {out['float16']['evidence_s']:>10.2f}")
     for r in out["codecs"]:

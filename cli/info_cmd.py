@@ -68,15 +68,17 @@ def search_cmd(
     precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Nearest memory items to an image or a text: id, similarity, caption, url."""
+    from xm.encoders.precision import Precision
     from xm.errors import XMError
     from xm.methods.retrieval import search_memory
 
+    query_precision = Precision.parse(precision)  # parsed once, before any work
     if (image is None) == (text is None):
         raise XMError("xm search: give exactly one of --image or --text")
     if modality not in ("image", "text"):
         raise XMError(f"--modality {modality!r}: choose image or text")
     hits = search_memory(index, image=image, text=text, k=k, modality=modality, encoder=encoder,
-                         precision=precision)
+                         precision=query_precision)
     if as_json:
         for h in hits:
             print_json(h)

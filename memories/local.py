@@ -4,9 +4,10 @@ store, read through the artefact readers of `xm.indexes`."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from functools import cached_property, wraps
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,7 +32,7 @@ def _locked(fn: F) -> F:
     request threads ask first."""
 
     @wraps(fn)
-    def run(self: "LocalMemory", *args: Any, **kwargs: Any) -> Any:
+    def run(self: LocalMemory, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
             return fn(self, *args, **kwargs)
 

@@ -11,9 +11,9 @@ kinds registered later are asked first, and a location no kind claims is a local
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from xm.memories.base import Memory
 from xm.memories.local import LocalMemory

@@ -29,9 +29,10 @@ import http.client
 import json
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import numpy as np
@@ -70,6 +71,28 @@ class _Client:
             self._local.conn = conn
         return conn
 
+    def _exchange(self, method: str, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+        """(status, body) of one request; a kept-alive connection the server closed is retried once."""
+        try:
+            return self._exchange_once(method, path, data, headers)
+        except (http.client.HTTPException, ConnectionError, OSError):
+            pass
+        try:
+            return self._exchange_once(method, path, data, headers)
+        except (http.client.HTTPException, ConnectionError, OSError) as exc:
+            raise XMError(f"{self.base}: {method} {path} failed ({type(exc).__name__}: {exc})") from exc
+
+    def _exchange_once(self, method: str, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+        conn = self._conn()
+        try:
+            conn.request(method, self.prefix + path, body=data, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (http.client.HTTPException, ConnectionError, OSError):
+            conn.close()
+            self._local.conn = None
+            raise
+
     def request(self, method: str, path: str, body: Any = None, quiet_404: bool = False) -> Any:
         headers = {"Accept": "application/json"}
         data = None
@@ -78,26 +101,15 @@ class _Client:
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        for attempt in (0, 1):  # a kept-alive connection the server closed is retried once
-            conn = self._conn()
-            try:
-                conn.request(method, self.prefix + path, body=data, headers=headers)
-                resp = conn.getresponse()
-                raw = resp.read()
-                break
-            except (http.client.HTTPException, ConnectionError, OSError) as exc:
-                conn.close()
-                self._local.conn = None
-                if attempt:
-                    raise XMError(f"{self.base}: {method} {path} failed ({type(exc).__name__}: {exc})") from exc
-        if resp.status == 404 and quiet_404:
+        status, raw = self._exchange(method, path, data, headers)
+        if status == 404 and quiet_404:
             return None
-        if resp.status != 200:
+        if status != 200:
             try:
                 msg = json.loads(raw).get("error", "")
             except (ValueError, AttributeError):
                 msg = raw[:200].decode("utf-8", "replace")
-            raise XMError(f"{self.base}: {method} {path} answered {resp.status}" + (f": {msg}" if msg else ""))
+            raise XMError(f"{self.base}: {method} {path} answered {status}" + (f": {msg}" if msg else ""))
         try:
             return json.loads(raw)
         except ValueError as exc:
@@ -108,7 +120,7 @@ class _CaptionVectors:
     """Caption embeddings (and norms) under one encoder, computed here from fetched captions,
     cached by the caption's text hash; `gather(ids)` is what `EmbeddingMatrix.gather` is."""
 
-    def __init__(self, memory: "RemoteMemory", spec: str) -> None:
+    def __init__(self, memory: RemoteMemory, spec: str) -> None:
         from xm.encoders import load_encoder
 
         self.memory = memory
@@ -186,7 +198,7 @@ class _Norms:
 class _Hashes:
     """Indexable like `caption_hash.npy` (`hashes[i]`), from the captions the back returned."""
 
-    def __init__(self, memory: "RemoteMemory") -> None:
+    def __init__(self, memory: RemoteMemory) -> None:
         self.memory = memory
 
     def __getitem__(self, i: Any) -> Any:

@@ -64,9 +64,7 @@ def add_encoder(out: str, flag: str, cfg: BuildConfig | None = None,
     manifest = read_manifest(out)
     spec, parts = parse_encoder_flag(flag, "--add-encoder")
     cfg = cfg or BuildConfig(source="", out=layout.root)
-    from xm.encoders import check_precision
-
-    enc = load_encoder(spec, cache_dir=cfg.cache_dir, precision=check_precision(cfg.precision))
+    enc = load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision)
     prior = manifest.encoders.get(spec)
     if prior is not None and not enc.fingerprint_matches(prior.probe):
         raise XMError(f"{layout.manifest}: encoder {spec} has other weights than the ones that built this index")

@@ -229,9 +229,9 @@ class Service:
     def __init__(self, indexes: Sequence[tuple[str, Path]], limits: Limits | None = None, allow_url_fetch: bool = False,
                  inline_images: bool = False, columns: Sequence[str] | None = None, batch_items: int = 32,
                  batch_wait_s: float = 0.004, precision: str | None = None) -> None:
-        from xm.encoders import check_precision
+        from xm.encoders.precision import Precision
 
-        self.precision = check_precision(precision)  # every encoder the server runs
+        self.precision = Precision.parse(precision)  # the server config's edge: every encoder the server runs
         self.limits = limits or Limits()
         self.allow_url_fetch = allow_url_fetch
         self.inline_images = inline_images
@@ -528,7 +528,7 @@ class Service:
                                      protocol_name=protocol, options=options, precision=self.precision)
                 except XMError as exc:
                     raise RequestError(400, str(exc)) from exc
-                clf.evidence_lock = None if type(clf.method).__name__ in ("XMoRe", "ZeroShotCLIP") else threading.Lock()
+                clf.evidence_lock = None if clf.method.thread_safe_evidence else threading.Lock()
                 with self._lock:
                     self._classifiers[key] = clf
                     while len(self._classifiers) > lim.max_classifiers:

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY
 import xm.encoders
-from xm.memories import open_index
+from conftest import TINY
 from xm.indexes.layout import Layout
+from xm.memories import open_index
 
 B32, L14 = "ViT-B-32:openai", "ViT-L-14:openai"
 B32_SLUG, L14_SLUG = "ViT-B-32_openai", "ViT-L-14_openai"

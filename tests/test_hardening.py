@@ -38,7 +38,7 @@ def _xm(*args: str, **kw) -> subprocess.CompletedProcess:
 
 def _one_error(r: subprocess.CompletedProcess) -> str:
     assert r.returncode not in (0, None), r
-    errs = [l for l in r.stderr.splitlines() if l.startswith("xm: error")]
+    errs = [line for line in r.stderr.splitlines() if line.startswith("xm: error")]
     assert len(errs) == 1 and "Traceback" not in r.stderr, r.stderr
     return errs[0]
 

@@ -60,7 +60,7 @@ def _table(tmp_path: Path, server) -> Path:
         routes[f"/i/{i}.jpg"] = jpeg_bytes(make_image(i))
         lines.append({"url": f"{base}/i/{i}.jpg", "caption": f"picture {i}"})
     table = tmp_path / "pairs.jsonl"
-    table.write_text("\n".join(json.dumps(l) for l in lines))
+    table.write_text("\n".join(json.dumps(line) for line in lines))
     return table
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import TINY_ROLES, write_caption_folder
 from xm.errors import XMError
-from xm.memories import open_index
 from xm.indexes.embeddings import EmbeddingMatrix
+from xm.memories import open_index
 from xm.memories.local import rescore
 from xm.pipeline import BuildConfig, build_index
 

@@ -89,5 +89,5 @@ def test_unknown_precision_is_one_line(tmp_path) -> None:
         BuildConfig(source="x", out=tmp_path / "o", precision="int4").validate()
     r = subprocess.run([sys.executable, "-m", "xm.cli", "search", str(tmp_path / "none"), "--text", "x", "--precision", "fp8"],
                        capture_output=True, text=True)
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode != 0 and len(lines) == 1 and "--precision 'fp8': unknown precision" in lines[0], r.stderr
