@@ -108,7 +108,7 @@ def _plain_progress() -> Iterator[Callable[[str, int | None], Callable[[int], No
         t["last"] = time.monotonic()
 
     def make(label: str, total: int | None) -> Callable[[int], None]:
-        t = {"label": safe_text(label).plain, "total": total, "done": 0, "start": time.monotonic(), "last": 0.0}
+        t: dict[str, Any] = {"label": safe_text(label).plain, "total": total, "done": 0, "start": time.monotonic(), "last": 0.0}
         tasks.append(t)
 
         def tick(n: int) -> None:
