@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -50,7 +50,7 @@ def texts_cmd(
         model = memory.default_model()
     ts = build_textset(classnames, load_encoder(model), opts, memory, where="xm texts")
     ts.write(out)
-    summary = {"out": str(out), "classes": len(classnames), "vector_texts": ts.count(), "ovo_texts": ts.count(("ovo",)),
+    summary: dict[str, Any] = {"out": str(out), "classes": len(classnames), "vector_texts": ts.count(), "ovo_texts": ts.count(("ovo",)),
                "by_source": ts.by_source(), "dropped": len(ts.dropped),
                "classes_without_extra_texts": sum(1 for c in classnames if len(ts.of(c, ("attribute", "analogous", "caption", "synonym"))) == 0)}
     if as_json:
