@@ -50,7 +50,7 @@ def classify_cmd(
 
     inference_precision = Precision.parse(precision)  # parsed once, before any work
     if index is None and get(method).method.needs_memory:
-        index = home.require_index(None)
+        index = str(home.require_index(None))
     options = method_options(opt, k_coarse=k_coarse, k_fine=k_fine, ensemble=ensemble, retrieval=retrieval,
                              mode=reco_mode, checkpoint=reco_checkpoint, descriptions=descriptions, texts_file=texts_file)
     clf = Classifier(index, labels, method=method, model=model, templates=template, protocol_name=protocol,
