@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +41,7 @@ def train_reco_cmd(
     are computed once into the checkpoint folder and resumed where they stopped.
     """
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from xm.training.reco import TrainConfig, train_reco
 
@@ -52,9 +53,9 @@ def train_reco_cmd(
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("[cyan]{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=err_console, transient=False) as prog:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
-        def make(label: str, total: int | None):
+        def make(label: str, total: int | None) -> Callable[[int], None]:
             tasks[label] = prog.add_task(label, total=total, note="")
             return lambda n: prog.advance(tasks[label], n)
 
