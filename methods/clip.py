@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from xm.methods.base import Decision, Method, Queries
+from xm.methods.base import Context, Decision, Method, Queries
 from xm.methods.registry import register
 from xm.methods.zeroshot import class_probs, class_weights
 
@@ -17,7 +17,7 @@ class ZeroShotCLIP(Method):
     needs_memory = False
     thread_safe_evidence = True  # fixed class weights and an encoder: nothing changes per call
 
-    def __init__(self, ctx, **options: Any) -> None:
+    def __init__(self, ctx: Context, **options: Any) -> None:
         super().__init__(ctx, **options)
         self.encoder = ctx.encoder(ctx.model)
         self.weights = class_weights(self.encoder, ctx.classnames, ctx.templates)
