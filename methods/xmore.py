@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from xm.methods.base import Decision, ExplanationSection, Method, Need, Option, Queries
+from xm.methods.base import Context, Decision, ExplanationSection, Method, Need, Option, Queries
 from xm.methods.ensemble import MODES, StreamState, adjust, combine, confidence
 from xm.methods.registry import register
 from xm.methods.retrieval import POOLS, RERANKS, CaptionEmbeddings, Retriever
@@ -51,7 +51,7 @@ class XMoRe(Method):
         Option("fine", "", "fine encoder (default: the index's fine role)"),
     )
 
-    def __init__(self, ctx, **options: Any) -> None:
+    def __init__(self, ctx: Context, **options: Any) -> None:
         super().__init__(ctx, **options)
         o = self.opts
         if o["k_fine"] > o["k_coarse"]:
