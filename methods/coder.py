@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from xm.errors import XMError
-from xm.methods.base import Decision, ExplanationSection, Method, Need, Option, Queries
+from xm.methods.base import Context, Decision, ExplanationSection, Method, Need, Option, Queries
 from xm.methods.registry import register
 from xm.methods.tip_adapter import ADAPTER_OPTIONS, CacheAdapter
 from xm.methods.zeroshot import softmax
@@ -75,16 +75,22 @@ class CoderTexts:
     def __init__(self, ts: TextSet, encoder: Any) -> None:
         self.classes = list(ts.classes)
         C = len(self.classes)
-        texts, cls, kinds, b_cols, a_cols, b_starts, a_bounds = [], [], [], [], [], [], [0]
+        texts: list[str] = []
+        b_cols: list[int] = []
+        cls, kinds, a_cols, b_starts, a_bounds = [], [], [], [], [0]
         for ci, c in enumerate(self.classes):
             group_b, group_a = ts.of(c, MAX_KINDS), ts.of(c, MEAN_KINDS)
             b_starts.append(len(b_cols))
             for t in group_b:
                 b_cols.append(len(texts))
-                texts.append(t.text), cls.append(ci), kinds.append(t.kind)
+                texts.append(t.text)
+                cls.append(ci)
+                kinds.append(t.kind)
             for t in group_a:
                 a_cols.append(len(texts))
-                texts.append(t.text), cls.append(ci), kinds.append(t.kind)
+                texts.append(t.text)
+                cls.append(ci)
+                kinds.append(t.kind)
             a_bounds.append(len(a_cols))
         self.texts, self.class_of, self.kinds = texts, np.array(cls, np.int64), kinds
         self.sources = [t.source for c in self.classes for t in ts.of(c, MAX_KINDS) + ts.of(c, MEAN_KINDS)]
@@ -195,7 +201,7 @@ class CODER(Method):
         Option("rerank_top", 5, "candidates the rerank reorders", minimum=2),
     )
 
-    def __init__(self, ctx, **options: Any) -> None:
+    def __init__(self, ctx: Context, **options: Any) -> None:
         super().__init__(ctx, **options)
         self.check()
         self.threshold = threshold_for(self.name, self.opts["threshold"], ctx.dataset) if self.opts["two_stage"] else None
@@ -282,7 +288,7 @@ class CODERAdapter(CacheAdapter):
         Option("temperature", 1.0, "T of exp(-β (1 - minmax(a)/T))", minimum=1e-6),
     )
 
-    def __init__(self, ctx, **options: Any) -> None:
+    def __init__(self, ctx: Context, **options: Any) -> None:
         super().__init__(ctx, **options)
         check_sources(self)
         super().check()
