@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from xm.errors import XMError
-from xm.methods.base import Decision, Example, Method, Option, Queries, Support
+from xm.methods.base import Context, Decision, Example, Method, Option, Queries, Support
 from xm.methods.registry import register
 from xm.methods.zeroshot import class_weights, softmax
 
@@ -143,7 +143,7 @@ class CacheAdapter(Method):
     few_shot = True
     needs_memory = False
 
-    def __init__(self, ctx, **options: Any) -> None:
+    def __init__(self, ctx: Context, **options: Any) -> None:
         super().__init__(ctx, **options)
         o = self.opts
         if o["alpha_min"] > o["alpha_max"] or o["beta_min"] > o["beta_max"]:
