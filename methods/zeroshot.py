@@ -17,7 +17,8 @@ def read_labels(path: str | Path) -> list[str]:
     """One class name per line; UTF-8 (BOM tolerated), CRLF, blank lines and `#` comments skipped."""
     path = Path(path)
     text = read_text(path, "label file")
-    labels, seen = [], {}
+    labels: list[str] = []
+    seen: dict[str, tuple[int, str]] = {}  # tokenizer key -> (line, label as written)
     for lineno, line in enumerate(text.splitlines(), 1):
         name = line.strip()
         if not name or name.startswith("#"):
