@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -27,27 +26,27 @@ def _ints(flag: str, text: str) -> list[int]:
 @app.command("benchmark")
 def benchmark_cmd(
     dataset: str = typer.Option(..., "--dataset", help="eurosat, caltech101, cifar10, oxford_pets, ... or imagefolder"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="the dataset in its native layout (default: $XM_DATA/<dataset>, then $XM_HOME/data/<dataset>)"),
-    index: Optional[Path] = typer.Option(None, "--index", help="an index built by xm build-index"),
-    model: Optional[str] = typer.Option(None, "--model", help="inference encoder ARCH:PRETRAINED (default: the index's first inference encoder)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="the dataset in its native layout (default: $XM_DATA/<dataset>, then $XM_HOME/data/<dataset>)"),
+    index: Path | None = typer.Option(None, "--index", help="an index built by xm build-index"),
+    model: str | None = typer.Option(None, "--model", help="inference encoder ARCH:PRETRAINED (default: the index's first inference encoder)"),
     methods: str = typer.Option("clip,captions,xmore,xmore-minmax,xmore-equal,xmore-raw,xmore-indirect", help="comma-separated (see `xm methods`)"),
     protocol: str = typer.Option("authors", "--protocol", help="authors (reproduces the X-MoRe tables) | xm; sets retrieval switches, templates, class names, seeds"),
-    seeds: Optional[str] = typer.Option(None, help="stream orders (and support-set draws), comma-separated; default: the protocol's"),
+    seeds: str | None = typer.Option(None, help="stream orders (and support-set draws), comma-separated; default: the protocol's"),
     shots: str = typer.Option("16", "--shots", help="few-shot methods: support images per class, comma-separated"),
     split: str = typer.Option("test", help="split to evaluate"),
-    split_file: Optional[Path] = typer.Option(None, "--split-file", help="CoOp split_zhou_<Dataset>.json"),
-    classnames: Optional[Path] = typer.Option(None, "--classnames", help="file of class names overriding the dataset's"),
-    templates: Optional[str] = typer.Option(None, help="paper | coop | clip_benchmark | a file of templates (default: the protocol's)"),
-    limit: Optional[int] = typer.Option(None, min=1, help="evaluate a seeded random subset of this many images"),
-    k_coarse: Optional[int] = typer.Option(None, "--k-coarse", help="X-MoRe: K (128)"),
-    k_fine: Optional[int] = typer.Option(None, "--k-fine", help="X-MoRe: k (16)"),
-    descriptions: Optional[Path] = typer.Option(None, "--descriptions", help="CODER: class descriptions (DCLIP JSON)"),
-    texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="CODER: text sets written by `xm texts`"),
-    reco_checkpoint: Optional[Path] = typer.Option(None, "--reco-checkpoint", help="RECO: trained fusion checkpoint"),
-    opt: List[str] = typer.Option([], "--opt", metavar="NAME=VALUE", help="any method option, NAME=VALUE, for every method that takes it (repeatable)"),
+    split_file: Path | None = typer.Option(None, "--split-file", help="CoOp split_zhou_<Dataset>.json"),
+    classnames: Path | None = typer.Option(None, "--classnames", help="file of class names overriding the dataset's"),
+    templates: str | None = typer.Option(None, help="paper | coop | clip_benchmark | a file of templates (default: the protocol's)"),
+    limit: int | None = typer.Option(None, min=1, help="evaluate a seeded random subset of this many images"),
+    k_coarse: int | None = typer.Option(None, "--k-coarse", help="X-MoRe: K (128)"),
+    k_fine: int | None = typer.Option(None, "--k-fine", help="X-MoRe: k (16)"),
+    descriptions: Path | None = typer.Option(None, "--descriptions", help="CODER: class descriptions (DCLIP JSON)"),
+    texts_file: Path | None = typer.Option(None, "--texts-file", help="CODER: text sets written by `xm texts`"),
+    reco_checkpoint: Path | None = typer.Option(None, "--reco-checkpoint", help="RECO: trained fusion checkpoint"),
+    opt: list[str] = typer.Option([], "--opt", metavar="NAME=VALUE", help="any method option, NAME=VALUE, for every method that takes it (repeatable)"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per evidence batch (every method shares one pass)"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="evidence cache (default ~/.cache/xm/benchmark)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="folder for JSON per method, merged CSV and PNG chart"),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="evidence cache (default ~/.cache/xm/benchmark)"),
+    out: Path | None = typer.Option(None, "--out", help="folder for JSON per method, merged CSV and PNG chart"),
     as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),
     precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -19,23 +19,23 @@ if TYPE_CHECKING:  # the command modules load at every `xm` start: numpy only wh
 
 @app.command("classify")
 def classify_cmd(
-    images: List[Path] = typer.Argument(..., metavar="IMAGE", help="images, classified as one stream in this order"),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE", help="images, classified as one stream in this order"),
     labels: Path = typer.Option(..., "--labels", help="class names, one per line"),
-    index: Optional[str] = typer.Option(None, "--index", help="an index built by xm build-index, or http://HOST:PORT/?indice_name=NAME (a clip-retrieval back)"),
+    index: str | None = typer.Option(None, "--index", help="an index built by xm build-index, or http://HOST:PORT/?indice_name=NAME (a clip-retrieval back)"),
     method: str = typer.Option("xmore", "--method", help="a method or variant (see `xm methods`)"),
-    model: Optional[str] = typer.Option(None, "--model", help="inference encoder ARCH:PRETRAINED (default: the index's first inference encoder)"),
-    template: List[str] = typer.Option(["a photo of a {}."], "--template", metavar="TEMPLATE", help="prompt template(s); several are averaged"),
+    model: str | None = typer.Option(None, "--model", help="inference encoder ARCH:PRETRAINED (default: the index's first inference encoder)"),
+    template: list[str] = typer.Option(["a photo of a {}."], "--template", metavar="TEMPLATE", help="prompt template(s); several are averaged"),
     protocol: str = typer.Option("authors", "--protocol", help="authors | xm: X-MoRe's retrieval switches (see `xm methods`)"),
-    k_coarse: Optional[int] = typer.Option(None, "--k-coarse", help="X-MoRe: captions kept from the coarse image kNN (128)"),
-    k_fine: Optional[int] = typer.Option(None, "--k-fine", help="X-MoRe: captions kept after fine re-ranking (16)"),
-    ensemble: Optional[str] = typer.Option(None, "--ensemble", help="X-MoRe: l1 | modal | equal | raw | image | text"),
-    retrieval: Optional[str] = typer.Option(None, "--retrieval", help="X-MoRe: direct (fine re-rank) | indirect (coarse order)"),
-    reco_mode: Optional[str] = typer.Option(None, "--reco-mode", help="RECO: refine image | text | both"),
-    reco_checkpoint: Optional[Path] = typer.Option(None, "--reco-checkpoint", help="RECO: trained fusion checkpoint"),
-    descriptions: Optional[Path] = typer.Option(None, "--descriptions", help="CODER: class descriptions (DCLIP JSON)"),
-    texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="CODER: text sets written by `xm texts`"),
-    opt: List[str] = typer.Option([], "--opt", metavar="NAME=VALUE", help="any method option, NAME=VALUE (repeatable; see `xm methods`)"),
-    state: Optional[Path] = typer.Option(None, "--state", help="JSON file continuing the stream across invocations"),
+    k_coarse: int | None = typer.Option(None, "--k-coarse", help="X-MoRe: captions kept from the coarse image kNN (128)"),
+    k_fine: int | None = typer.Option(None, "--k-fine", help="X-MoRe: captions kept after fine re-ranking (16)"),
+    ensemble: str | None = typer.Option(None, "--ensemble", help="X-MoRe: l1 | modal | equal | raw | image | text"),
+    retrieval: str | None = typer.Option(None, "--retrieval", help="X-MoRe: direct (fine re-rank) | indirect (coarse order)"),
+    reco_mode: str | None = typer.Option(None, "--reco-mode", help="RECO: refine image | text | both"),
+    reco_checkpoint: Path | None = typer.Option(None, "--reco-checkpoint", help="RECO: trained fusion checkpoint"),
+    descriptions: Path | None = typer.Option(None, "--descriptions", help="CODER: class descriptions (DCLIP JSON)"),
+    texts_file: Path | None = typer.Option(None, "--texts-file", help="CODER: text sets written by `xm texts`"),
+    opt: list[str] = typer.Option([], "--opt", metavar="NAME=VALUE", help="any method option, NAME=VALUE (repeatable; see `xm methods`)"),
+    state: Path | None = typer.Option(None, "--state", help="JSON file continuing the stream across invocations"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="images encoded together (order is kept)"),
     explain: bool = typer.Option(False, "--explain", help="show what the method used (captions, texts) and their votes"),
     timings: bool = typer.Option(False, "--timings", help="show where each query's time went (batch average per image)"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,7 +17,7 @@ app.add_typer(export_app, name="export")
 def clip_back_cmd(
     index: Path = typer.Argument(..., help="index folder"),
     out: Path = typer.Argument(..., help="new folder for clip back's files"),
-    name: Optional[str] = typer.Option(None, "--name", help="indice name (default: the index folder's name)"),
+    name: str | None = typer.Option(None, "--name", help="indice name (default: the index folder's name)"),
     force: bool = typer.Option(False, "--force", help="write into a non-empty OUT"),
     as_json: bool = typer.Option(False, "--json", help="print what was written as JSON"),
 ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -59,11 +59,11 @@ def info_cmd(
 @app.command("search")
 def search_cmd(
     index: Path = typer.Argument(..., help="index folder"),
-    image: Optional[Path] = typer.Option(None, "--image", help="query image"),
-    text: Optional[str] = typer.Option(None, "--text", help="query text"),
+    image: Path | None = typer.Option(None, "--image", help="query image"),
+    text: str | None = typer.Option(None, "--text", help="query text"),
     k: int = typer.Option(10, "-k", "--k", min=1, help="number of results"),
     modality: str = typer.Option("image", help="which memory index to search: image | text"),
-    encoder: Optional[str] = typer.Option(None, "--encoder", help="indexed encoder to search with (default: the coarse role)"),
+    encoder: str | None = typer.Option(None, "--encoder", help="indexed encoder to search with (default: the coarse role)"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines output"),
     precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
@@ -90,7 +90,7 @@ def search_cmd(
 
 @app.command("indexes")
 def indexes_cmd(
-    default: Optional[str] = typer.Option(None, "--default", help="make this index (a name listed here) the default"),
+    default: str | None = typer.Option(None, "--default", help="make this index (a name listed here) the default"),
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
 ) -> None:
     """The indexes in your xm folder ($XM_HOME/indexes) and which one is the default."""

@@ -5,8 +5,9 @@ Values stay strings here; each method's `Option.coerce` types and validates them
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from xm.errors import XMError
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -12,7 +11,7 @@ from xm.cli.app import app
 from xm.cli.output import err_console, safe_text
 
 
-def parse_served(items: List[str]) -> list[tuple[str, Path]]:
+def parse_served(items: list[str]) -> list[tuple[str, Path]]:
     """`IDX` (named after its folder) or `NAME=IDX`."""
     from xm.errors import XMError
 
@@ -30,16 +29,16 @@ def parse_served(items: List[str]) -> list[tuple[str, Path]]:
 
 @app.command("serve")
 def serve_cmd(
-    indexes: List[str] = typer.Argument(..., help="indexes to serve: IDX (named after its folder) or NAME=IDX"),
+    indexes: list[str] = typer.Argument(..., help="indexes to serve: IDX (named after its folder) or NAME=IDX"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; beyond loopback needs --token-file or --insecure-no-auth"),
     port: int = typer.Option(1234, "--port", help="port (clip back's default 1234; 0 picks a free one)"),
     workers: int = typer.Option(16, "--workers", help="requests computed at once (encoder work is batched across them)"),
-    token_file: Optional[Path] = typer.Option(None, "--token-file", help="file holding a bearer token every data request must send"),
+    token_file: Path | None = typer.Option(None, "--token-file", help="file holding a bearer token every data request must send"),
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="serve a non-loopback --host without a token"),
     allow_url_fetch: bool = typer.Option(False, "--allow-url-fetch", help="let /knn-service fetch `image_url` (off: the server never opens URLs)"),
     inline_images: bool = typer.Option(False, "--inline-images", help="as clip back: add each result's local image as base64 `image`"),
-    columns: Optional[str] = typer.Option(None, "--columns", help="metadata columns returned, comma-separated (default: all the store has)"),
-    cors_origin: List[str] = typer.Option([], "--cors-origin", help="an origin allowed to call from a browser (repeatable; * for any)"),
+    columns: str | None = typer.Option(None, "--columns", help="metadata columns returned, comma-separated (default: all the store has)"),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", help="an origin allowed to call from a browser (repeatable; * for any)"),
     max_body_mb: int = typer.Option(16, "--max-body-mb", help="largest request body"),
     max_megapixels: float = typer.Option(40.0, "--max-megapixels", help="largest decoded image"),
     max_results: int = typer.Option(10_000, "--max-results", help="largest num_images / num_result_ids / ids per request"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -15,11 +15,11 @@ from xm.cli.output import console, print_json, table
 def texts_cmd(
     labels: Path = typer.Option(..., "--labels", help="class names, one per line"),
     out: Path = typer.Option(..., "--out", help="text-set JSON to write (read back by `--texts-file`)"),
-    index: Optional[Path] = typer.Option(None, "--index", help="an index built by xm build-index (source 'memory'; default --model)"),
-    descriptions: Optional[Path] = typer.Option(None, "--descriptions", help="DCLIP-format JSON (class -> sentences), or xm's sectioned form"),
+    index: Path | None = typer.Option(None, "--index", help="an index built by xm build-index (source 'memory'; default --model)"),
+    descriptions: Path | None = typer.Option(None, "--descriptions", help="DCLIP-format JSON (class -> sentences), or xm's sectioned form"),
     sources: str = typer.Option("", "--sources", help="names,descriptions,wordnet,memory (default: names, + descriptions when given)"),
-    model: Optional[str] = typer.Option(None, "--model", help="encoder that filters texts, ARCH:PRETRAINED (default: the index's first inference encoder)"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="dataset name for its name template (eurosat: 'a photo of {c}, satellite domain.')"),
+    model: str | None = typer.Option(None, "--model", help="encoder that filters texts, ARCH:PRETRAINED (default: the index's first inference encoder)"),
+    dataset: str | None = typer.Option(None, "--dataset", help="dataset name for its name template (eurosat: 'a photo of {c}, satellite domain.')"),
     name_template: str = typer.Option("", "--name-template", help="name text template with {c} (overrides the dataset's)"),
     wordnet_dir: str = typer.Option("", "--wordnet-dir", help="WordNet database folder (default: XM_WORDNET_DIR, /usr/share/wordnet)"),
     synonym_min_sim: float = typer.Option(0.8, "--synonym-min-sim", help="WordNet lemmas kept at this similarity to their class name or more"),

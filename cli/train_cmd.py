@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -24,15 +23,15 @@ def train_reco_cmd(
     batch_size: int = typer.Option(4096, "--batch-size", help="pairs per step (capped by the number of pairs)"),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate, decayed to 0 on a cosine"),
     weight_decay: float = typer.Option(1e-5, "--weight-decay", min=0.0, help="AdamW weight decay (weight matrices only)"),
-    pairs: Optional[Path] = typer.Option(None, "--pairs", help="train on another index's (image, caption) pairs (default: the memory's own)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="checkpoint folder (default: IDX/trained/reco/<encoder>)"),
+    pairs: Path | None = typer.Option(None, "--pairs", help="train on another index's (image, caption) pairs (default: the memory's own)"),
+    out: Path | None = typer.Option(None, "--out", help="checkpoint folder (default: IDX/trained/reco/<encoder>)"),
     seed: int = typer.Option(0, "--seed", help="seeds initialisation and every epoch's order (a resumed run ends identical)"),
     dup_threshold: float = typer.Option(0.95, "--dup-threshold", help="exclude memory items whose image has at least this cosine with the pair's image (above 1: only the item itself)"),
     exclude_same_caption: bool = typer.Option(False, "--exclude-same-caption", help="also exclude memory items with the pair's exact caption"),
     heads: int = typer.Option(0, "--heads", help="attention heads (0: width / 64)"),
     mlp_ratio: float = typer.Option(1.0, "--mlp-ratio", help="MLP width / embedding width (1: the paper's 3.16M parameters at d=512)"),
     restart: bool = typer.Option(False, "--restart", help="replace a checkpoint trained with other settings"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Train RECO's two fusion transformers (CLIP frozen; only precomputed embeddings are read).

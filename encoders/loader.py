@@ -14,9 +14,10 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ RANDOM = "random"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _configs_registered = False
 _cache_lock = threading.Lock()
-_loaded: dict[str, "Encoder"] = {}
+_loaded: dict[str, Encoder] = {}
 # The stated agreement with fp32 eager: every embedding's cosine to its fp32 embedding is at
 # least this, asserted on a fixed set in tests/test_precision.py (tiny encoders) and checked
 # per real-size encoder by bench/bench_precision.py.
@@ -43,7 +44,7 @@ class EncoderSpec:
     pretrained: str
 
     @classmethod
-    def parse(cls, text: str) -> "EncoderSpec":
+    def parse(cls, text: str) -> EncoderSpec:
         text = text.strip()
         arch, sep, pretrained = text.partition(":")
         if not sep or not arch or not pretrained:
@@ -183,7 +184,7 @@ class Encoder:
 
     device = "cpu"
 
-    def to(self, device: str) -> "Encoder":
+    def to(self, device: str) -> Encoder:
         """Run the forward passes on `device` (e.g. `cuda:0`, the GPU a Spark task was given);
         inputs go there and embeddings come back as CPU numpy arrays either way."""
         if device != self.device:

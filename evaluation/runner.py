@@ -19,10 +19,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +69,7 @@ def resolve_templates(ds: DatasetSplit, templates: str) -> list[str]:
     if path.is_file():
         from xm.methods.zeroshot import check_templates
 
-        return check_templates([l.strip() for l in path.read_text(encoding="utf-8-sig").splitlines() if l.strip() and not l.startswith("#")])
+        return check_templates([line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip() and not line.startswith("#")])
     raise XMError(f"--templates {templates!r}: neither a template set ({', '.join(ds.templates)}) nor a file")
 
 
@@ -223,7 +223,10 @@ def _support(cfg: BenchmarkConfig, train: DatasetSplit, val_split: DatasetSplit 
     for i, item in enumerate(train.items):
         by_class.setdefault(item.label, []).append(i)
     chosen = {c: rng.permutation(ix)[:shots].tolist() for c, ix in by_class.items()}
-    examples = lambda split, ix: [Example(split.items[i].image, split.items[i].label, split.items[i].key) for i in ix]
+
+    def examples(split: DatasetSplit, ix: list[int]) -> list[Example]:
+        return [Example(split.items[i].image, split.items[i].label, split.items[i].key) for i in ix]
+
     support = [e for c in sorted(chosen) for e in examples(train, chosen[c])]
     if val_split is not None:
         pool: dict[int, list[int]] = {}

@@ -9,10 +9,11 @@ import datetime as _dt
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from xm.errors import XMError
 from xm.indexes.layout import FORMAT, FORMAT_V1, Layout, sha256_file, write_json

@@ -83,7 +83,7 @@ class LocalMemory(Memory):
         rows = sum(p.rows for p in self.manifest.parts)
         if rows != self.count:
             raise XMError(f"{self.layout.manifest}: parts hold {rows} rows, the manifest says count {self.count}")
-        for spec, entry in self.manifest.encoders.items():
+        for entry in self.manifest.encoders.values():
             for modality in entry.embedded:
                 for part in self.manifest.parts:
                     coded = modality in entry.codecs

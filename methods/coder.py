@@ -46,7 +46,7 @@ TEXT_OPTIONS = (
     Option("memory_search", 64, "memory captions searched per class (text-to-text kNN)", minimum=1),
 )
 
-_ENCODED: dict[tuple[str, str], "CoderTexts"] = {}
+_ENCODED: dict[tuple[str, str], CoderTexts] = {}
 
 
 def text_options(opts: dict[str, Any], dataset: str | None) -> TextOptions:

@@ -52,7 +52,7 @@ class StreamState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "StreamState":
+    def from_dict(cls, data: dict) -> StreamState:
         return cls(count=int(data["count"]), min=dict(data["min"]), max=dict(data["max"]), sum=dict(data["sum"]))
 
 

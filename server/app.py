@@ -340,7 +340,7 @@ class Handler(BaseHTTPRequestHandler):
             self._error(exc.status, exc.message)
         except XMError as exc:
             self._error(400, str(exc))
-        except (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
         except Exception as exc:  # a bug: logged here, never sent
             traceback.print_exc(file=sys.stderr)

@@ -22,9 +22,9 @@ from conftest import TINY, TINY_WIDE, make_image, near_duplicate
 from xm.errors import XMError
 from xm.memories import open_index
 from xm.methods.base import Context, Queries
+from xm.methods.reco_model import build_model, mean_fusion
 from xm.methods.registry import create, variants
 from xm.pipeline import BuildConfig, build_index
-from xm.methods.reco_model import build_model, mean_fusion
 from xm.training.reco import (
     NeighbourRule,
     TrainConfig,
