@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -110,7 +110,7 @@ class Queries:
     precision), whichever methods ask for them (a benchmark runs several methods over one
     pass); each image is preprocessed once for all encoders whose preprocessing is equal."""
 
-    def __init__(self, images: Sequence[Any], timings: Any = None, features: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, images: Iterable[Any], timings: Any = None, features: dict[str, np.ndarray] | None = None) -> None:
         # a Sequence is kept as it is: a lazy one is decoded only if a method needs pixels
         self.images = images if isinstance(images, Sequence) else list(images)
         self.timings = timings  # a methods.retrieval.Timings, or None: where methods add step times

@@ -103,6 +103,7 @@ class CoderTexts:
         pairs: dict[tuple[int, int], list[str]] = {}
         for c in self.classes:
             for t in ts.of(c, ("ovo",)):
+                assert t.versus is not None  # TextSet.check refuses an ovo text without one
                 pairs.setdefault((index[c], index[t.versus]), []).append(t.text)
         self.pair_index = np.full((C, C), -1, np.int64)
         self.ovo_mean = np.zeros((len(pairs) + 1, self.emb.shape[1]), np.float32)  # last row: zeros (missing)

@@ -21,14 +21,17 @@ three modes' distributions, so the variants share one cached evidence pass.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xm.errors import XMError
-from xm.methods.base import Decision, ExplanationSection, Method, Need, Option, Queries
+from xm.methods.base import Context, Decision, ExplanationSection, Method, Need, Option, Queries
 from xm.methods.registry import register
 from xm.methods.zeroshot import check_templates, softmax
+
+if TYPE_CHECKING:  # the model module imports torch: only a RECO that runs loads it
+    from xm.methods.reco_model import RecoModel
 
 MODES = ("both", "image", "text")
 
@@ -50,7 +53,7 @@ class Reco(Method):
     def trains_for(cls, options: dict) -> bool:
         return options.get("fusion", "transformer") == "transformer"
 
-    def __init__(self, ctx, **options: Any) -> None:
+    def __init__(self, ctx: Context, **options: Any) -> None:
         super().__init__(ctx, **options)
         o = self.opts
         memory = ctx.memory
@@ -67,7 +70,7 @@ class Reco(Method):
             raise XMError(f"{memory.root}: encoder {self.spec} has other weights than the ones that built this index")
         self.image_emb = memory.embeddings(self.spec, "image")
         self.text_emb = memory.embeddings(self.spec, "text")
-        self.model = None
+        self.model: RecoModel | None = None  # None: the mean fusion
         self.meta: dict[str, Any] = {}
         self.scale = float(self.encoder.logit_scale)
         if o["fusion"] == "transformer":
@@ -95,6 +98,7 @@ class Reco(Method):
         from xm.methods.reco_model import load_model, meta_path, read_meta
 
         memory, path = self.ctx.memory, self.weights_path
+        assert path is not None  # set for a transformer fusion; check() refused a RECO without a memory or an encoder
         meta = read_meta(path)
         where = meta_path(path)
         if meta.get("index_id") != memory.id:

@@ -194,7 +194,7 @@ class CacheAdapter(Method):
                            "selected_on": "none (no validation set): the start values"})
         chosen["search_seconds"] = round(chosen["search_seconds"], 4)
         digest = hashlib.sha256(keys.astype(np.float32).tobytes() + onehot.astype(np.uint8).tobytes()
-                                + np.float64([chosen["alpha"], chosen["beta"]]).tobytes()).hexdigest()[:20]
+                                + np.array([chosen["alpha"], chosen["beta"]], np.float64).tobytes()).hexdigest()[:20]
         self.state = {"keys": keys, "onehot": onehot, "alpha": chosen["alpha"], "beta": chosen["beta"], "digest": digest}
         chosen["state_digest"] = digest
         return chosen

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +48,7 @@ def check_templates(templates: Sequence[str]) -> list[str]:
     return out
 
 
-def class_weights(encoder, classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+def class_weights(encoder: Any, classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
     """C x d class vectors the CLIP way: mean of normalised template embeddings, renormalised."""
     templates = check_templates(templates)
     texts = [t.replace("{c}", "{}").format(c) for c in classnames for t in templates]

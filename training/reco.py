@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from xm.errors import XMError
-from xm.methods.reco_model import FORMAT, META, WEIGHTS, build_model, default_dir
+from xm.indexes.records import EncoderEntry
+from xm.methods.reco_model import FORMAT, META, WEIGHTS, RecoModel, build_model, default_dir
 
 OPTIM = "reco-optim.safetensors"
 TABLES_META = "neighbours.json"
@@ -62,7 +63,7 @@ def _no_progress(label: str, total: int | None) -> Callable[[int], None]:
 # ------------------------------------------------------------------------ the loss
 # (the model itself, and applying it, live beside the method: methods/reco_model.py)
 
-def nce(a, b, scale):
+def nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE between rows of a and b (matching rows are the positives), the mean
     of both directions' cross-entropy, as CLIP computes it."""
     logits = scale * a @ b.T
@@ -71,7 +72,8 @@ def nce(a, b, scale):
     return (f(logits, labels) + f(logits.T, labels)) / 2
 
 
-def reco_loss(model, v, t, v_nb, v_valid, t_nb, t_valid):
+def reco_loss(model: RecoModel, v: torch.Tensor, t: torch.Tensor, v_nb: torch.Tensor, v_valid: torch.Tensor,
+              t_nb: torch.Tensor, t_valid: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """L = NCE(V', T') + NCE(V', T) + NCE(V, T'), primes refined (paper eq. 2), one shared
     learned temperature. v, t: the pair's original embeddings (B, d); v_nb: the TEXT
     embeddings of v's image->image neighbours (B, k, d); t_nb: the IMAGE embeddings of
@@ -250,7 +252,7 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def save_checkpoint(folder: Path, model, optimizer, meta: dict[str, Any]) -> dict[str, Any]:
+def save_checkpoint(folder: Path, model: RecoModel, optimizer: torch.optim.Optimizer | None, meta: dict[str, Any]) -> dict[str, Any]:
     """Weights and optimizer state (each written atomically), then the JSON naming their
     digests, written last: a reader never pairs a JSON with other weights."""
     from safetensors.torch import save_file
@@ -276,7 +278,7 @@ def save_checkpoint(folder: Path, model, optimizer, meta: dict[str, Any]) -> dic
     return meta
 
 
-def _load_optimizer(folder: Path, model, optimizer, meta: dict[str, Any]) -> None:
+def _load_optimizer(folder: Path, model: RecoModel, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
     path = folder / OPTIM
@@ -332,8 +334,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _require(index: Any, spec: str, what: str) -> None:
-    entry = index.encoder_entry(spec)
+def _require(index: Any, spec: str, what: str) -> EncoderEntry:
+    """The index's entry for encoder `spec`, refused unless it holds what RECO needs as `what`."""
+    entry: EncoderEntry | None = index.encoder_entry(spec)
     if entry is None:
         raise XMError(f"{index.root}: no encoder {spec} in this index ({what}); it has {', '.join(index.manifest.encoders)}")
     for m in MODALITIES:
@@ -345,6 +348,7 @@ def _require(index: Any, spec: str, what: str) -> None:
             if not index.has_index(spec, m):
                 raise XMError(f"{index.root}: RECO needs a {m} kNN index for {spec}; add it with "
                               f"`xm build-index --out {index.root} --add-encoder {spec}=index-{m}`")
+    return entry
 
 
 def lr_at(step: int, total: int, lr: float) -> float:
@@ -358,7 +362,7 @@ def train_key(cfg: TrainConfig, memory: Any, pairs: Any, spec: str, batch: int, 
             "mlp_ratio": cfg.mlp_ratio, "dup_threshold": cfg.dup_threshold, "exclude_same_caption": cfg.exclude_same_caption}
 
 
-def _optimizer(model, lr: float, weight_decay: float):
+def _optimizer(model: RecoModel, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW; weight decay on the matrices only (biases, LayerNorm gains and the logit scale
     are not decayed, as in CLIP)."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -383,10 +387,9 @@ def train_reco(cfg: TrainConfig, progress: Progress = _no_progress,
     spec = str(cfg.encoder or memory.roles.get("coarse") or "")
     if not spec:
         raise XMError(f"{memory.root}: no coarse encoder in this index; give --encoder")
-    _require(memory, spec, "memory")
+    probe = _require(memory, spec, "memory").probe
     pairs = open_index(cfg.pairs) if cfg.pairs else memory
-    _require(pairs, spec, "training pairs")
-    probe, theirs = memory.encoder_entry(spec).probe, pairs.encoder_entry(spec).probe
+    theirs = _require(pairs, spec, "training pairs").probe
     # a null probe (embeddings that came precomputed, the encoder never loaded) cannot be compared
     if pairs is not memory and probe is not None and theirs is not None and not np.allclose(theirs, probe, atol=2e-3):
         raise XMError(f"{pairs.root}: its {spec} embeddings come from other weights than {memory.root}'s")
