@@ -133,7 +133,7 @@ class EvidencePass:
         readable: list[int] = []
         tick = self.progress(label, len(self.ds.items))
         feats_known = self.readable is not None and bool(self.features)
-        rows = self.readable.tolist() if feats_known else list(range(len(self.ds.items)))
+        rows = self.readable.tolist() if feats_known and self.readable is not None else list(range(len(self.ds.items)))
         for lo in range(0, len(rows), self.cfg.batch_size):
             batch = rows[lo : lo + self.cfg.batch_size]
             if feats_known:
@@ -180,7 +180,7 @@ class _LazyImages(Sequence):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i: Any) -> Any:
         if self._images is None:
             self._images = [self.ds.items[r].image() for r in self.rows]
         return self._images[i]
@@ -196,9 +196,8 @@ def _stream_scores(method: Method, ev: dict[str, np.ndarray], labels: np.ndarray
     skipped = np.zeros(len(labels), bool)
     if decision.skipped is not None:
         skipped[order] = decision.skipped
-    info = [None] * len(labels)
-    for pos, i in enumerate(order):
-        info[i] = decision.info[pos] if decision.info else {}
+    # image i was decided at position argsort(order)[i]
+    info = [decision.info[pos] if decision.info else {} for pos in np.argsort(order).tolist()]
     scored = ~skipped
     metrics = zeroshot_metrics(probs[scored], labels[scored]) if scored.any() else {"acc1": float("nan")}
     return metrics, Decision(probs=probs, components={k: v[np.argsort(order)] for k, v in decision.components.items()},
@@ -276,6 +275,9 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
             metrics, detail = _stream_scores(m, ev, labels, seed)
             per_seed.append(metrics)
             first = first if first is not None else detail
+        assert first is not None  # run_seeds is never empty
+        # _stream_scores always sets skipped; None would mean none skipped
+        skipped = first.skipped if first.skipped is not None else np.zeros(len(first.probs), bool)
         keys = per_seed[0].keys()
         results[name] = {
             "method": getattr(m, "variant", m.name), "description": get(getattr(m, "variant", m.name)).summary,
@@ -283,10 +285,10 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
             "metrics": {k: float(np.mean([s[k] for s in per_seed])) for k in keys},
             "std": {k: float(np.std([s[k] for s in per_seed])) for k in keys},
             "per_seed": per_seed,
-            "images_scored": int((~first.skipped).sum()),
-            "images_skipped": int(first.skipped.sum()),
+            "images_scored": int((~skipped).sum()),
+            "images_skipped": int(skipped.sum()),
             # per evaluated image (first seed), -1 where skipped: for per-image comparison of methods
-            "predictions": np.where(first.skipped, -1, first.probs.argmax(1)).tolist(),
+            "predictions": np.where(skipped, -1, first.probs.argmax(1)).tolist(),
             "decide_seconds": time.perf_counter() - t,
             "evidence_seconds": evidence.seconds.get(name, 0.0),
             "evidence_cached": evidence.cache_hits.get(name, False),
@@ -299,6 +301,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
         score(name, m, evs[name], seeds)
     splits = _fit_splits(cfg, ds) if few else None
     for name in few:
+        assert splits is not None  # read above whenever there are few-shot methods
         for shots in cfg.shots:
             fits, per_seed_runs = [], []
             for seed in seeds:
@@ -306,8 +309,8 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
                 t = time.perf_counter()
                 fitted = m.fit(_support(cfg, *splits, shots, seed))
                 fits.append({"seed": seed, "fit_seconds": time.perf_counter() - t, **fitted})
-                ev = evidence.run({f"{name}@{shots}#{seed}": m}, label=f"{name} {shots}-shot seed {seed}")
-                per_seed_runs.append((m, next(iter(ev.values())), seed))
+                run = evidence.run({f"{name}@{shots}#{seed}": m}, label=f"{name} {shots}-shot seed {seed}")
+                per_seed_runs.append((m, next(iter(run.values())), seed))
             # each seed has its own support set: score seed by seed, then merge
             key = f"{name}@{shots}"
             parts = []
@@ -323,6 +326,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
             merged["evidence_seconds"] = sum(p["evidence_seconds"] for p in parts)
             results[key] = merged
     evidence_s = time.perf_counter() - t0
+    assert evidence.readable is not None  # set by the first evidence pass (every benchmark has a method)
     n = len(ds.items)
     return {
         **ds.describe(),
@@ -388,9 +392,9 @@ def merge_csv(folder: Path) -> Path:
                      "seeds": " ".join(map(str, r["seeds"])), "index_manifest_id": r["index_manifest_id"], "run_id": r["run_id"]})
     target = folder / "results.csv"
     with atomic_path(target) as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="") as stream:
             if rows:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w = csv.DictWriter(stream, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(rows)
     return target
