@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -53,6 +54,10 @@ def result_rows(method: Any, classnames: Sequence[str], decision: Decision, evid
 
 
 class Classifier:
+    # held around `method.evidence` by whoever shares this classifier between threads (the
+    # server sets one when the method's evidence is not thread safe); None: no lock needed
+    evidence_lock: threading.Lock | None = None
+
     def __init__(self, index: str | Path | Memory | None, labels: str | Path | Sequence[str], method: str = "xmore",
                  model: str | None = None, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
                  protocol_name: str = DEFAULT_PROTOCOL, options: dict[str, Any] | None = None,

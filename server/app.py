@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import email.utils
 import hmac
 import ipaddress
 import json
@@ -113,6 +114,7 @@ class XMServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET(6) server's host; the stubs allow bytes too
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -166,10 +168,13 @@ def parse_multipart(content_type: str, body: bytes, max_pixels: int) -> dict[str
     out: dict[str, Any] = {}
     images: list[Any] = []
     for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
+        param = part.get_param("name", header="content-disposition")
+        # an RFC 2231 parameter (`name*=utf-8''...`) comes as (charset, language, value)
+        name = email.utils.collapse_rfc2231_value(param) if isinstance(param, tuple) else param
         if not name:
             raise RequestError(400, "multipart: a part without a name")
-        data = part.get_payload(decode=True) or b""
+        payload = part.get_payload(decode=True)  # the part's bytes; None for a nested multipart
+        data = payload if isinstance(payload, bytes) else b""
         if name in ("image", "images"):
             images.append(decode_image(data, max_pixels, part.get_filename() or name))
             continue
@@ -199,8 +204,9 @@ class Handler(BaseHTTPRequestHandler):
     server: XMServer
 
     def setup(self) -> None:
-        self.timeout = self.server.service.limits.request_timeout_s  # slow clients are dropped
         super().setup()
+        # the per-server limit on socket reads, as StreamRequestHandler.setup applies its class-wide timeout
+        self.connection.settimeout(self.server.service.limits.request_timeout_s)  # slow clients are dropped
 
     # --- plumbing --------------------------------------------------------------------
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002

@@ -268,7 +268,7 @@ class Service:
             if b is None:
                 fn = encoder.encode_images if kind == "image" else encoder.encode_texts
                 name = f"{encoder.spec} {kind}"
-                b = Batcher(name, fn, self.batch_items, self.batch_wait_s, lambda n, name=name: self.metrics.batch(name, n))
+                b = Batcher(name, fn, self.batch_items, self.batch_wait_s, lambda n: self.metrics.batch(name, n))
                 self._batchers[key] = b
         return b
 
@@ -357,6 +357,7 @@ class Service:
             query = self.encode(enc, "image", [self.image_from(inputs["image"], "image")])
         elif "image_url" in inputs:
             url = _str(body, "image_url", 4096)
+            assert url is not None  # in `inputs`: given, not None
             query = self.encode(enc, "image", [decode_image(self.fetch_url(url), lim.max_pixels, "image_url")])
         else:
             vec = inputs["embedding_input"]
@@ -561,7 +562,7 @@ class Service:
             raise RequestError(400, "expected a JSON object (or multipart form fields)")
         single = "images" not in body
         raw = [body.get("image")] if single else body.get("images")
-        if single and raw[0] is None:
+        if single and body.get("image") is None:
             raise RequestError(400, "image: required (base64, or a multipart file field)")
         if not isinstance(raw, list) or not raw:
             raise RequestError(400, "images: expected a non-empty list of base64 images")
