@@ -24,11 +24,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from xm.encoders import EncoderSpec
+from xm.encoders.loader import _register_configs
 from xm.errors import XMError
 from xm.indexes import codecs
 from xm.indexes.embeddings import EmbeddingMatrix
 from xm.indexes.layout import Layout, atomic_path, sha256_file, write_json
 from xm.pipeline.quiet import captured_stderr
+from xm.pipeline.runners.base import Runner
+from xm.pipeline.runners.local import LocalRunner
 
 FLAG = "--text-codec"
 FLAGS = {"text": FLAG, "image": "--image-codec"}  # the same mechanism for the coarse image refine embeddings
@@ -62,10 +66,7 @@ def _embed_dim(spec: str) -> int | None:
     """The embedding width of an open_clip architecture from its config (no weights loaded);
     None when unknown here (the compress stage checks it against the loaded encoder anyway)."""
     try:
-        import open_clip
-
-        from xm.encoders import EncoderSpec
-        from xm.encoders.loader import _register_configs
+        import open_clip  # heavy (torch): only when a codec flag is given
 
         _register_configs()
         config = open_clip.get_model_config(EncoderSpec.parse(spec).arch)
@@ -115,7 +116,7 @@ def _train(layout: Layout, spec: str, slug: str, modality: str, codec: str, part
 
 
 def compress(layout: Layout, spec: str, slug: str, modality: str, codec: str, parts: list[tuple[str, int]],
-             progress: Callable[[str, int | None], Callable[[int], None]] | None = None, runner: Any = None) -> bool:
+             progress: Callable[[str, int | None], Callable[[int], None]] | None = None, runner: Runner | None = None) -> bool:
     """Codes for every part of (spec, modality) under `codec`, trained here and applied one part
     per job on `runner` (Spark tasks on a distributed build); False if all were done already."""
     record = read_record(layout, slug, modality)
@@ -132,8 +133,6 @@ def compress(layout: Layout, spec: str, slug: str, modality: str, codec: str, pa
         if not path.is_file() or sha256_file(path) != record["codec_sha256"]:
             raise XMError(f"{path}: missing or altered since its parts were coded; build a new --out")
     if runner is None:
-        from xm.pipeline.tasks import LocalRunner
-
         runner = LocalRunner()
     jobs = [{"out": str(layout.root), "slug": slug, "modality": modality, "codec": codec, "part": part, "rows": rows}
             for part, rows in todo]
@@ -211,10 +210,8 @@ def drop_superseded(layout: Layout, manifest: dict[str, Any]) -> list[str]:
 
 
 def run_stage(layout: Layout, requested: dict[str, dict[str, str]], parts: list[tuple[str, int]],
-              progress: Callable[[str, int | None], Callable[[int], None]], runner: Any = None) -> list[str]:
+              progress: Callable[[str, int | None], Callable[[int], None]], runner: Runner | None = None) -> list[str]:
     """The build's compress stage: every requested (encoder, modality); returns what was skipped."""
-    from xm.encoders import EncoderSpec
-
     skipped = []
     for spec, by_modality in requested.items():
         slug = EncoderSpec.parse(spec).slug

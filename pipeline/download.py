@@ -17,7 +17,7 @@ _OWN = {"url", "caption"}
 
 
 def download(cfg: BuildConfig, layout: Layout) -> None:
-    from img2dataset import download as img2dataset_download
+    from img2dataset import download as img2dataset_download  # heavy, and only a downloading build needs it
 
     files = layout.selection_files()
     if not files:
@@ -56,7 +56,7 @@ def _run(img2dataset_download, cfg: BuildConfig, layout: Layout, columns: list[s
         number_sample_per_shard=cfg.shard_size,
         timeout=cfg.timeout,
         retries=0,
-        distributor=cfg.distributor,
+        distributor=cfg.runner_kind.img2dataset_distributor,  # on Spark: the build's session, already started
         incremental_mode="incremental",
         enable_wandb=False,
         compute_hash=None,

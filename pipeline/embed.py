@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 from xm.encoders import Encoder, EncoderSpec, load_image
 from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, write_json
-from xm.pipeline.sources import ArrayRef, Part, Sample
+from xm.pipeline.compress import read_record
+from xm.pipeline.sources.base import ArrayRef, Part, Sample
 
 T = TypeVar("T")
 
@@ -243,8 +244,6 @@ def unloaded_encoder_entry(layout: Layout, spec: str, embedded: list[str], norms
     """The manifest's record of an encoder that was never loaded (every embedding of it came from
     the source): the same keys as a loaded one's, dim from the stored arrays, no weights probe
     (`probe: null`: not verifiable) and no precision (it never ran)."""
-    from xm.pipeline.compress import read_record
-
     slug = slug_of(spec)
     dim = None
     for modality in embedded if parts else []:

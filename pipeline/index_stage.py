@@ -97,7 +97,7 @@ def _single_machine(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, pat
 
 
 def _on_spark(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for, queries,
-              index_key: str | None, work: Path) -> tuple[list[ShardInfo], dict[str, Any], Any]:
+              index_key: str | None, work: Path, distributed: str) -> tuple[list[ShardInfo], dict[str, Any], Any]:
     """autofaiss on the running SparkSession keeping cfg.shards indices; each becomes a shard
     as it is (global ids, one id range each), then all are tuned together once."""
     import faiss
@@ -107,7 +107,7 @@ def _on_spark(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for,
     work.mkdir(parents=True, exist_ok=True)
     index_path, infos_path = tmp / "full.index", tmp / "infos.json"
     _, metrics = _autofaiss(build_index, cfg, emb_dir, index_path, infos_path, index_key=index_key,
-                            distributed="pyspark", nb_indices_to_keep=cfg.shards,
+                            distributed=distributed, nb_indices_to_keep=cfg.shards,
                             # its default is an HDFS path; executors must see this folder (--out on a shared disk)
                             temporary_indices_folder=str(work.resolve()))
     shutil.rmtree(work, ignore_errors=True)
@@ -154,9 +154,10 @@ def _key_of(infos: dict[str, Any]) -> str:
 def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: str, count: int,
                          index_key: str | None = None) -> dict[str, Any]:
     """Build, tune and shard the kNN index over one encoder's `modality` embeddings; write its
-    build.json and return it. `cfg.distributor == "pyspark"` builds on the running SparkSession.
+    build.json and return it. A runner with an autofaiss `distributed` mode (Spark) builds on the
+    running SparkSession.
     `index_key` overrides autofaiss's choice (tests; autofaiss picks when None)."""
-    from autofaiss import build_index
+    from autofaiss import build_index  # heavy: only the index stage needs it
 
     emb_dir = layout.emb_dir(slug, modality)
     out_dir = layout.index_dir(slug, modality)
@@ -173,10 +174,11 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
         # K=128 query return 128 ids instead of -1 padding
         faiss_lines: list[str] = []
         with captured_stderr(faiss_lines):
-            if cfg.distributor == "pyspark":
+            distributed = cfg.runner_kind.autofaiss_distributed
+            if distributed is not None:
                 work = layout.work / "autofaiss" / f"{slug}-{modality}"
                 shards, autofaiss_infos, (tuned, index) = _on_spark(build_index, cfg, emb_dir, Path(tmp), path_for,
-                                                                    queries, index_key, work)
+                                                                    queries, index_key, work, distributed)
             else:
                 shards, autofaiss_infos, (tuned, index) = _single_machine(build_index, cfg, emb_dir, Path(tmp), path_for,
                                                                           queries, index_key)
@@ -206,7 +208,7 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
         # exact re-scoring over the embeddings on disk; pointless for an exact (Flat) index
         "refine_k_factor": 0 if key.startswith("Flat") or key.endswith(",Flat") else int(cfg.refine_k_factor),
         "shards": [s.__dict__ for s in shards],
-        "distributor": cfg.distributor,
+        "distributor": cfg.runner_kind.name,
         "tuning": tuned.as_dict(),
         "autofaiss": autofaiss_infos,
     }
