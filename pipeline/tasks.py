@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow.parquet as pq
 
-from xm.encoders import load_encoder
+import xm.encoders
 from xm.errors import XMError
 from xm.indexes.layout import Layout, sha256_file
 from xm.indexes.store import write_store_part
@@ -29,7 +29,8 @@ from xm.pipeline.runners.base import Runner
 def load_plan_encoders(cfg: BuildConfig, plan: dict[str, tuple[str, ...]], quiet: bool = False) -> dict[str, Any]:
     """The encoders a build's plan embeds with (cached per process by the one loader); one whose
     every embedding the source provides precomputed is not loaded (its weights need not exist)."""
-    return {spec: load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision, quiet=quiet)
+    # xm.encoders.load_encoder looked up per call, so that a test may count the loads
+    return {spec: xm.encoders.load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision, quiet=quiet)
             for spec in cfg.kind.encoders_to_load(cfg, plan)}
 
 
