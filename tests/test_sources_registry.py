@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

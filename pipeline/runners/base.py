@@ -9,7 +9,8 @@ holds it, and every stage asks it rather than comparing the flag's string.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
 
 from xm.indexes.layout import Layout
 
@@ -17,8 +18,11 @@ from xm.indexes.layout import Layout
 class RunnerOptions(Protocol):
     """The build options a runner reads (`BuildConfig` has them)."""
 
-    spark_master: str | None
-    spark_conf: Sequence[str]
+    @property
+    def spark_master(self) -> str | None: ...
+
+    @property
+    def spark_conf(self) -> Sequence[str]: ...
 
 
 class Runner:
@@ -41,7 +45,7 @@ class Runner:
         """Refuse options this runner cannot take (one line naming the option)."""
 
     @classmethod
-    def open(cls, options: RunnerOptions, layout: Layout) -> "Runner":
+    def open(cls, options: RunnerOptions, layout: Layout) -> Runner:
         """The build's runner (a session started, its executors checked); `close` ends it."""
         return cls()
 

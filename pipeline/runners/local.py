@@ -3,7 +3,8 @@ its process pool, xm's jobs run one after another in this process."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from xm.errors import XMError
 from xm.pipeline.runners.base import Runner, RunnerOptions

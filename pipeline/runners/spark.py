@@ -5,7 +5,8 @@ Spark task each."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from xm.indexes.layout import Layout
 from xm.pipeline import spark
@@ -32,7 +33,7 @@ class SparkRunner(Runner):
         spark.check_spark_options(options.spark_master, options.spark_conf)
 
     @classmethod
-    def open(cls, options: RunnerOptions, layout: Layout) -> "SparkRunner":
+    def open(cls, options: RunnerOptions, layout: Layout) -> SparkRunner:
         with contextlib.ExitStack() as stack:
             session = stack.enter_context(spark.spark_session(options.spark_master, options.spark_conf,
                                                               f"xm build-index {layout.root.name}"))

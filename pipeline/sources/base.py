@@ -12,9 +12,10 @@ never import the build's config, so the config can hold the resolved source.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator, Protocol
+from typing import ClassVar, Protocol
 
 from xm.errors import XMError
 from xm.indexes.layout import Layout

@@ -4,9 +4,10 @@ hold: `pipeline/datacomp.py`."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from xm.errors import XMError
 from xm.indexes.layout import Layout
@@ -35,7 +36,7 @@ class DataComp(Source):
             refs = {key: ArrayRef(npz, name, f"{self.name}:{name}", datacomp.DIMS[key[0]], rows, parquet)
                     for key, name in datacomp.ARRAYS.items()}
             take = rows if left is None else min(rows, left)
-            out.append(Part(name=parquet.stem, samples=lambda p=parquet, n=take: _samples(p, n), precomputed=refs, size=take))
+            out.append(Part(name=parquet.stem, samples=functools.partial(_samples, parquet, take), precomputed=refs, size=take))
             left = None if left is None else left - take
         # a part once embedded is kept: a later run with another --limit would mix two selections
         # (pinned once the pairs are found usable, so a first run refused here may be retried)

@@ -3,8 +3,9 @@ in path order, `--limit` the first N."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import functools
 from pathlib import Path
-from typing import Iterator
 
 from xm.encoders.images import IMAGE_SUFFIXES
 from xm.errors import XMError
@@ -38,4 +39,4 @@ def folder_parts(folder: Path, part_size: int, limit: int | None = None) -> list
 
     images = images[:limit] if limit else images
     chunks = [images[i : i + part_size] for i in range(0, len(images), part_size)]
-    return [Part(name=part_name(i), samples=lambda c=c: samples(c), size=len(c)) for i, c in enumerate(chunks)]
+    return [Part(name=part_name(i), samples=functools.partial(samples, c), size=len(c)) for i, c in enumerate(chunks)]

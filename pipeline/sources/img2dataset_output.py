@@ -3,11 +3,12 @@ also how the downloaded sources (`downloaded.py`) read their own download folder
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import tarfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -64,7 +65,7 @@ def img2dataset_parts(folder: Path) -> list[Part]:
             if any(f for f in folder.glob(pattern) if not f.name.startswith("_")):
                 raise XMError(f"{folder}: an img2dataset folder in its {fmt!r} output format, which xm does not read; "
                               "download with --output_format webdataset (or files)")
-    return [Part(name=d.name, samples=lambda d=d: _files_dir_samples(d)) for d in dirs]
+    return [Part(name=d.name, samples=functools.partial(_files_dir_samples, d)) for d in dirs]
 
 
 def shard_part(folder: Path, name: str) -> Part | None:
@@ -75,7 +76,7 @@ def shard_part(folder: Path, name: str) -> Part | None:
 
 
 def _tar_part(tar: Path) -> Part:
-    return Part(name=tar.stem, samples=lambda: _tar_samples(tar), size=_shard_successes(tar.with_suffix(".parquet")))
+    return Part(name=tar.stem, samples=functools.partial(_tar_samples, tar), size=_shard_successes(tar.with_suffix(".parquet")))
 
 
 def _shard_successes(sidecar: Path) -> int | None:
@@ -99,11 +100,15 @@ def limit_parts(parts: list[Part], limit: int | None) -> list[Part]:
         if n <= left:
             out.append(Part(part.name, part.samples, part.precomputed, n))
         else:
-            out.append(Part(part.name, lambda p=part, k=left: itertools.islice(p.samples(), k), part.precomputed, left))
+            out.append(Part(part.name, functools.partial(_first, part.samples, left), part.precomputed, left))
             left = 0
             continue
         left -= n
     return out
+
+
+def _first(samples: Callable[[], Iterator[Sample]], n: int) -> Iterator[Sample]:
+    return itertools.islice(samples(), n)
 
 
 def download_failures(folder: Path) -> dict[str, int]:

@@ -3,8 +3,9 @@ texts/, metadata/; `--parts`, taken whole), no images. Where they live: `pipelin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import functools
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.parquet as pq
 
@@ -37,7 +38,7 @@ class LaionEmbeddings(Source):
             }
             refs = {(cfg.coarse, modality): ArrayRef(files[name], None, f"{self.name}:{name}", meta=files["metadata"])
                     for modality, name in _ARRAYS}
-            out.append(Part(name=part_name(i), samples=lambda meta=files["metadata"]: _samples(meta), precomputed=refs))
+            out.append(Part(name=part_name(i), samples=functools.partial(_samples, files["metadata"]), precomputed=refs))
         return out
 
     def problems(self, cfg: SourceOptions, plan: Plan) -> list[str]:

@@ -54,6 +54,3 @@ def get(kind: str) -> Source:
             return source
     raise XMError(f"source kind {kind!r}: unknown; known: {', '.join(s.name for s in _SOURCES)}")
 
-
-def kinds() -> list[str]:
-    return [s.name for s in _SOURCES]
