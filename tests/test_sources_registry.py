@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import TINY, TINY_ROLES, jpeg_bytes, make_image
+from conftest import TINY, TINY_ROLES, jpeg_bytes, make_image, write_caption_folder
 from xm.encoders import load_encoder
 from xm.errors import XMError
 from xm.indexes import open_index
@@ -86,3 +86,28 @@ def test_an_unknown_source_is_refused_in_one_line(tmp_path) -> None:
 def test_an_unknown_distributor_is_refused_in_one_line(tmp_path) -> None:
     with pytest.raises(XMError, match=r"^--distributor 'ray': choose multiprocessing or pyspark$"):
         build_index(BuildConfig(source=str(tmp_path), out=tmp_path / "o", distributor="ray", **TINY_ROLES))
+
+
+def test_a_registered_runner_runs_the_build(tmp_path) -> None:
+    """A distributor is a plug-in too: the build asks its runner for everything that differs."""
+    from xm.pipeline.runners import registry as runners
+    from xm.pipeline.runners.local import LocalRunner
+
+    jobs: list[str] = []
+
+    class CountingRunner(LocalRunner):
+        name = "counting"
+        description = "a counting test runner"
+
+        def map(self, fn, items, description, on_done=None):
+            jobs.append(description)
+            return super().map(fn, items, description, on_done)
+
+    runners.register(CountingRunner)
+    try:
+        summary = build_index(BuildConfig(source=str(write_caption_folder(tmp_path / "pairs", 6)), out=tmp_path / "idx",
+                                          distributor="counting", **TINY_ROLES))
+    finally:
+        runners.unregister("counting")
+    assert summary.ran_on == "a counting test runner" and summary.count == 6
+    assert "xm store" in jobs and "xm manifest checksums" in jobs

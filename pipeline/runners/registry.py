@@ -1,5 +1,5 @@
 """The registry of runners: which one a `--distributor` value means. A new distributor is one
-module (a `Runner` subclass) and one line here."""
+module (a `Runner` subclass) and one line here (or `register` from outside xm)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ from xm.pipeline.runners.local import LocalRunner
 from xm.pipeline.runners.spark import SparkRunner
 
 _RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (LocalRunner, SparkRunner)}
+
+
+def register(runner: type[Runner]) -> type[Runner]:
+    """Add (or replace) the runner of `--distributor runner.name`; returns it (usable as a decorator)."""
+    _RUNNERS[runner.name] = runner
+    return runner
+
+
+def unregister(name: str) -> None:
+    _RUNNERS.pop(name, None)
 
 
 def get(distributor: str) -> type[Runner]:
