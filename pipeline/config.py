@@ -110,10 +110,9 @@ class BuildConfig:
             raise XMError(f"--out {out}: is a file, not a folder")
         if out.is_dir() and any(out.iterdir()) and not ((out / "_work").is_dir() or (out / "manifest.json").is_file()):
             raise XMError(f"--out {out}: a non-empty folder that is not an xm index; choose a new or empty folder")
-        if self.source_kind is None:
-            self.source_kind = sources.lookup(self.source).name
         self.plan()  # --encoder flags parse
         self.codecs()  # --text-codec/--image-codec flags parse, name an encoder with that modality and a FAISS codec
+        self.source_kind = self.kind.name  # resolved once, the flags checked first; one line if it names no source
         return self
 
     @property
@@ -138,7 +137,9 @@ class BuildConfig:
         for flag in self.encoders:
             spec, parts = parse_encoder_flag(flag)
             wanted.setdefault(spec, set()).update(parts)
-        for spec, modality in self.kind.provided(self):
+        # before `validate` resolves the source, a value that names none has no arrays (validate says why)
+        source = self.kind if self.source_kind is not None else sources.find(self.source)
+        for spec, modality in source.provided(self) if source is not None else {}:
             if spec in wanted:
                 wanted[spec].add(modality)
         return {spec: tuple(p for p in ENCODER_PARTS if p in parts) for spec, parts in wanted.items()}

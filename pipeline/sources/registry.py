@@ -38,11 +38,16 @@ def unregister(name: str) -> None:
     _SOURCES[:] = [s for s in _SOURCES if s.name != name]
 
 
+def find(value: str) -> Source | None:
+    """The source a `--source` value means; None if no source recognises it."""
+    return next((source for source in _SOURCES if source.recognises(value)), None)
+
+
 def lookup(value: str) -> Source:
     """The source a `--source` value means, or one line saying why none does."""
-    for source in _SOURCES:
-        if source.recognises(value):
-            return source
+    source = find(value)
+    if source is not None:
+        return source
     names = ", ".join(s.name for s in _SOURCES if s.by_name)
     raise XMError(f"{value}: no such file or folder, and not one of {names}")
 
