@@ -56,9 +56,9 @@ class Classifier:
                  model: str | None = None, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
                  protocol_name: str = DEFAULT_PROTOCOL, options: dict[str, Any] | None = None,
                  state_file: str | Path | None = None, precision: str | None = None) -> None:
-        from xm.encoders import check_precision
+        from xm.encoders.precision import Precision
 
-        precision = check_precision(precision)  # fp32 | bf16 | int8, checked before any work
+        precision = Precision.parse(precision)  # the API's edge: fp32 | bf16 | int8, checked before any work
         self.classnames = read_labels(labels) if isinstance(labels, (str, Path)) else list(labels)
         variant = get(method)
         if variant.method.few_shot:

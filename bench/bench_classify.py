@@ -117,7 +117,7 @@ def main() -> None:
 
         forward(1), pipeline(1)  # warm
         out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-               "index_items": memory.count, "index_key": memory.index_entry(COARSE, "image")["key"],
+               "index_items": memory.count, "index_key": memory.index_entry(COARSE, "image").key,
                "synthetic_index_build_s": build_s}
         say("setup", out)
         for n in (1, args.batch):

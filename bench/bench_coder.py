@@ -233,7 +233,8 @@ def main() -> None:
              f"validation {len(val_items)}, augment passes {args.augment_passes}", "",
              "| method | shots | seed | acc@1 | α | β | val acc | search s | ms/image |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        f = lambda k, fmt="{:.4g}": fmt.format(r[k]) if r.get(k) is not None else ""  # noqa: E731
+        def f(k: str, fmt: str = "{:.4g}", r: dict = r) -> str:
+            return fmt.format(r[k]) if r.get(k) is not None else ""
         lines.append(f"| {r['method']} | {r['shots']} | {r['seed'] or ''} | {r['acc1']:.4f} | {f('alpha')} | {f('beta')} | "
                      f"{f('val_accuracy', '{:.4f}')} | {f('search_seconds', '{:.3f}')} | {r['ms_per_image']:.3f} |")
     lines += ["", f"CODER vector length: {n_texts}; encoding {timing['encode_ms_per_image']} ms/image (shared)",

@@ -252,11 +252,13 @@ ROLE_OF = (("index/", "/image/", "coarse image kNN index (codes + ids)"),
 
 def bytes_per_item(root: Path) -> dict[str, float]:
     """Bytes per memory item per role, from the manifest's file list (what the index holds)."""
-    manifest = json.loads((root / "manifest.json").read_text())
+    from xm.indexes.manifest import read_manifest
+
+    manifest = read_manifest(root)
     out: dict[str, float] = {}
-    for rel, e in manifest["files"].items():
+    for rel, e in manifest.files.items():
         role = next((name for a, b, name in ROLE_OF if rel.startswith(a) and b in rel), "not an embedding role: captions store, metadata")
-        out[role] = out.get(role, 0.0) + e["bytes"] / manifest["count"]
+        out[role] = out.get(role, 0.0) + e.bytes / manifest.count
     out["total (every embedding role)"] = sum(v for k, v in out.items() if not k.startswith("not an"))
     return out
 
@@ -295,6 +297,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from xm.indexes import codecs
+    from xm.indexes.manifest import read_manifest
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -306,8 +309,8 @@ def run(args: argparse.Namespace) -> dict:
                             f"1 torch + 1 faiss thread, torch {torch.__version__}, faiss {faiss.__version__}",
                  "items": args.items, "encoder": SPEC, "queries": args.queries, "codec_train_rows": args.train_rows,
                  "max_index_memory": args.max_index_memory,
-                 "kNN_indexes": {e["modality"]: {k: e.get(k) for k in ("key", "params", "refine_k_factor")}
-                                 for e in json.loads((base / "manifest.json").read_text())["indexes"]},
+                 "kNN_indexes": {e.modality: {"key": e.key, "params": e.params, "refine_k_factor": e.refine_k_factor}
+                                 for e in read_manifest(base).indexes},
                  "float16_index_build_s": time.perf_counter() - t}
     feats = query_features(args.queries)
     ref = run_method(base, feats)
@@ -344,7 +347,8 @@ def print_tables(out: dict) -> None:
     print(f"\n{out['items']} items, {out['queries']} EuroSAT queries, {out['encoder']} every role; {out['machine']}")
     print(f"{'codec':<12} {'caption B/item':>14} {'total B/item':>12} {'top16 overlap':>13} {'min':>5} {'identical':>9} "
           f"{'X-MoRe agree':>12} {'text agree':>10} {'evidence s':>10}")
-    cap = lambda b: sum(v for k, v in b.items() if k.startswith("caption embeddings"))
+    def cap(b: dict) -> float:
+        return sum(v for k, v in b.items() if k.startswith("caption embeddings"))
     print(f"{'float16':<12} {cap(f16):>14.1f} {f16['total (every embedding role)']:>12.1f} {1:>13.3f} {1:>5.2f} {1:>9.2f} "
           f"{1:>12.3f} {1:>10.3f} {out['float16']['evidence_s']:>10.2f}")
     for r in out["codecs"]:

@@ -43,8 +43,8 @@ def machine() -> str:
     flags = ""
     try:
         cpu = Path("/proc/cpuinfo").read_text()
-        model = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("model name")), "")
-        have = set(next((l.split(":", 1)[1].split() for l in cpu.splitlines() if l.startswith("flags")), []))
+        model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")), "")
+        have = set(next((line.split(":", 1)[1].split() for line in cpu.splitlines() if line.startswith("flags")), []))
         flags = " ".join(f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in have)
     except (OSError, StopIteration):
         model = platform.processor()
@@ -115,11 +115,11 @@ def bench_encoder(spec: str, images: list, texts: list[str], repeats: int, batch
 
 
 def bench_xmore(items: int, pairs: int, batch: int, say) -> dict:
+    import bench_classify
+
     from xm.classify import Classifier
     from xm.indexes import open_index
     from xm.methods.retrieval import Timings
-
-    import bench_classify
 
     images = test_images(batch, seed=7)
     out: dict = {}

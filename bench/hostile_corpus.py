@@ -241,7 +241,7 @@ def run_case(case: Case, env: dict[str, str], root: Path) -> Outcome:
         code, err = r.returncode, r.stderr
     except subprocess.TimeoutExpired:
         return Outcome(case, -1, "timed out", "crash")
-    errors = [l for l in err.splitlines() if l.startswith("xm: error:") or l.startswith("Error:") or "Error: " in l[:20]]
+    errors = [line for line in err.splitlines() if line.startswith("xm: error:") or line.startswith("Error:") or "Error: " in line[:20]]
     if "Traceback" in err:
         verdict = "traceback"
     elif code < 0:
@@ -278,7 +278,7 @@ def main() -> None:
     root = a.keep or Path(tempfile.mkdtemp(prefix="xm-corpus-"))
     outcomes = run_corpus(root, a.jobs)
     for o in outcomes:
-        last = next((l for l in reversed(o.stderr.splitlines()) if l.strip()), "")
+        last = next((line for line in reversed(o.stderr.splitlines()) if line.strip()), "")
         print(f"{o.verdict:10} exit {o.code:3}  {o.case.name}: {last[:150]}", flush=True)
     print(summary(outcomes))
     if a.keep is None:

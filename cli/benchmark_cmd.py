@@ -52,12 +52,14 @@ def benchmark_cmd(
     precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Evaluate methods side by side on the same images, through the one method interface."""
+    from xm.encoders.precision import Precision
     from xm.evaluation.datasets import load_dataset
     from xm.evaluation.runner import BenchmarkConfig, run_benchmark, write_outputs
     from xm.indexes import home, open_index
     from xm.methods.protocols import protocol as get_protocol
     from xm.methods.registry import get
 
+    inference_precision = Precision.parse(precision)  # parsed once, before any work
     proto = get_protocol(protocol)
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
     if index is None and any(get(m).method.needs_memory for m in method_names):
@@ -69,7 +71,7 @@ def benchmark_cmd(
                           methods=method_names,
                           seeds=_ints("--seeds", seeds) if seeds else None, shots=_ints("--shots", shots), split=split,
                           split_file=split_file, classnames_file=classnames, templates=templates, limit=limit,
-                          options=options, batch_size=batch_size, precision=precision)
+                          options=options, batch_size=batch_size, precision=inference_precision)
     if cache_dir is not None:
         cfg.cache_dir = cache_dir
     ds = load_dataset(dataset, data_dir, split, split_file, classnames, names=proto["classnames"])

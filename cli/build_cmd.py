@@ -49,12 +49,14 @@ def build_index_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Download, embed and index image-text pairs into a resumable, sharded xm index."""
+    from xm.encoders.precision import Precision
     from xm.errors import XMError
     from xm.pipeline import STAGES, BuildConfig, build_index
     from xm.pipeline.laion import parse_parts
 
     from xm.indexes import home
 
+    embed_precision = Precision.parse(precision)  # parsed once, before any work
     if add_encoder is not None:
         if out is None:
             raise XMError("--add-encoder: give --out, the built index to extend")
@@ -63,7 +65,7 @@ def build_index_cmd(
         from xm.pipeline.extend import add_encoder as extend
 
         cfg = BuildConfig(source="", out=out, shards=shards, k=k, max_index_memory=max_index_memory,
-                          current_memory=current_memory, batch_size=batch_size, precision=precision,
+                          current_memory=current_memory, batch_size=batch_size, precision=embed_precision,
                           refine_k_factor=refine_k_factor)
         with progress_bars() as make:
             added = extend(str(out), add_encoder, cfg, progress=make)
@@ -83,7 +85,7 @@ def build_index_cmd(
         embeddings_root=embeddings_root, shards=shards, k=k, max_index_memory=max_index_memory,
         current_memory=current_memory, image_size=image_size, processes=processes, threads=threads,
         shard_size=shard_size, timeout=timeout, distributor=distributor, spark_master=spark_master, spark_conf=list(spark_conf), batch_size=batch_size,
-        index_text=not no_text_index, allow_file_urls=allow_file_urls, precision=precision,
+        index_text=not no_text_index, allow_file_urls=allow_file_urls, precision=embed_precision,
         refine_k_factor=refine_k_factor, text_codecs=list(text_codec), image_codecs=list(image_codec),
         stages=tuple(s.strip() for s in stages.split(",")) if stages else STAGES,
     )

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from xm.cli.app import app
 from xm.cli.method_options import method_options
 from xm.cli.output import console, err_console, print_json, table
+
+if TYPE_CHECKING:  # the command modules load at every `xm` start: numpy only when a command runs
+    from xm.methods.base import ExplanationSection
 
 
 @app.command("classify")
@@ -40,15 +44,17 @@ def classify_cmd(
 ) -> None:
     """Classify images with any method over a built index (default: X-MoRe, the authors' protocol)."""
     from xm.classify import Classifier
+    from xm.encoders.precision import Precision
     from xm.indexes import home
     from xm.methods.registry import get
 
+    inference_precision = Precision.parse(precision)  # parsed once, before any work
     if index is None and get(method).method.needs_memory:
         index = home.require_index(None)
     options = method_options(opt, k_coarse=k_coarse, k_fine=k_fine, ensemble=ensemble, retrieval=retrieval,
                              mode=reco_mode, checkpoint=reco_checkpoint, descriptions=descriptions, texts_file=texts_file)
     clf = Classifier(index, labels, method=method, model=model, templates=template, protocol_name=protocol,
-                     options=options, state_file=state, precision=precision)
+                     options=options, state_file=state, precision=inference_precision)
     failed = skipped = 0
     for result in clf.run(images, batch_size=batch_size, explain=explain):
         if "error" in result:
@@ -63,14 +69,14 @@ def classify_cmd(
         if as_json:
             print_json(result if timings else {k: v for k, v in result.items() if k != "timings"})
             continue
-        show_result(result, explain, timings)
+        show_result(result, clf.method.explanation_view(result) if explain else [], timings)
     clf.save_state()
     if failed:
         err_console.print(f"{failed} image(s) could not be classified")
         raise typer.Exit(1)
 
 
-def show_result(result: dict, explain: bool, timings: bool) -> None:
+def show_result(result: dict, explanation: Sequence[ExplanationSection], timings: bool) -> None:
     comps = [k for k in result["top5"][0] if k not in ("class", "prob")]
     title = f"{result['image']} · {result['method']}"
     if "stream_position" in result:
@@ -81,10 +87,8 @@ def show_result(result: dict, explain: bool, timings: bool) -> None:
                   f" · confidence img {c['img']:.3f} / txt {c['txt']:.3f}")
     console.print(table(title, ["rank", "class", "prob", *comps],
                         [(r + 1, t["class"], t["prob"], *[t[k] for k in comps]) for r, t in enumerate(result["top5"])]))
-    if explain and result.get("captions"):
-        console.print(table("captions used (fine re-ranked)", ["id", "fine sim", "vote", "vote p", "caption"], [
-            (c["id"], c["fine_similarity"], c["vote"], c["vote_prob"], c["caption"]) for c in result["captions"]
-        ]))
+    for section in explanation:  # whatever the method shows of what it used (Method.explanation_view)
+        console.print(table(section.title, section.columns, section.rows))
     if timings:
         console.print(table("time per image (ms, batch average)", ["step", "ms"],
                             [(k, f"{v * 1e3:.1f}") for k, v in result["timings"].items()]))

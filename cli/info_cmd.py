@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from xm.cli.app import app
 from xm.cli.output import console, print_json, table
+
+if TYPE_CHECKING:
+    from xm.indexes.records import EncoderEntry
 
 
 @app.command("info")
@@ -23,34 +26,34 @@ def info_cmd(
     memory = open_index(index, verify=True if verify else None)
     m = memory.manifest
     if as_json:
-        print_json(m)
+        print_json(m.to_json())
         return
     console.print(table(f"xm index {index}", ["", ""], [
-        ("id", m["id"]), ("format", m["format"] + (f" (read from {memory.format_read})" if memory.format_read != m["format"] else "")),
-        ("created", m["created"]), ("items", m["count"]),
-        ("source", f"{m['source']['kind']}: {m['source']['source']}"), ("parts", len(m["parts"])),
-        ("files", f"{len(m['files'])}, {sum(f['bytes'] for f in m['files'].values()) / 1e6:.1f} MB"),
+        ("id", m.id), ("format", m.format + (f" (read from {memory.format_read})" if memory.format_read != m.format else "")),
+        ("created", m.created), ("items", m.count),
+        ("source", f"{m.source.kind}: {m.source.source}"), ("parts", len(m.parts)),
+        ("files", f"{len(m.files)}, {m.total_bytes / 1e6:.1f} MB"),
         ("verified", "sizes and checksums" if verify else "sizes (checksums up to 256 MB)"),
     ]))
     console.print(table("roles (X-MoRe's defaults)", ["role", "encoder"], [
-        ("coarse", m["roles"]["coarse"]), ("fine", m["roles"]["fine"]),
-        *[("inference", s) for s in m["roles"]["inference"]],
+        ("coarse", m.roles.coarse), ("fine", m.roles.fine),
+        *[("inference", s) for s in m.roles.inference],
     ]))
-    indexed = {(e["encoder"], e["modality"]) for e in m["indexes"]}
+    indexed = {(e.encoder, e.modality) for e in m.indexes}
     console.print(table("encoders", ["encoder", "dim", "embedded", "indexed", "norms", "stored as", "folder"], [
-        (spec, e["dim"], ", ".join(e["embedded"]), ", ".join(mod for mod in ("image", "text") if (spec, mod) in indexed),
-         ", ".join(e.get("norms", [])), _stored_as(e), f"embeddings/{e['slug']}") for spec, e in m["encoders"].items()
+        (spec, e.dim, ", ".join(e.embedded), ", ".join(mod for mod in ("image", "text") if (spec, mod) in indexed),
+         ", ".join(e.norms), _stored_as(e), f"embeddings/{e.slug}") for spec, e in m.encoders.items()
     ]))
     console.print(table("kNN indexes", ["encoder", "modality", "faiss key", "search params", "shards", "vectors"], [
-        (e["encoder"], e["modality"], e["key"],
-         e["params"] + (f", refine x{e['refine_k_factor']}" if e.get("refine_k_factor") else ""),
-         len(e["shards"]), sum(s["ntotal"] for s in e["shards"]))
-        for e in m["indexes"]
+        (e.encoder, e.modality, e.key,
+         e.params + (f", refine x{e.refine_k_factor}" if e.refine_k_factor else ""),
+         len(e.shards), sum(s.ntotal for s in e.shards))
+        for e in m.indexes
     ]))
-    fails = m.get("stats", {}).get("failures") or {}
+    fails = m.stats.failures
     if fails:
         console.print(table("failures", ["reason", "count"], sorted(fails.items(), key=lambda kv: -kv[1])))
-    console.print(table("built with", ["package", "version"], sorted(m["versions"].items())))
+    console.print(table("built with", ["package", "version"], sorted(m.versions.items())))
 
 
 @app.command("search")
@@ -65,15 +68,17 @@ def search_cmd(
     precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Nearest memory items to an image or a text: id, similarity, caption, url."""
+    from xm.encoders.precision import Precision
     from xm.errors import XMError
     from xm.methods.retrieval import search_memory
 
+    query_precision = Precision.parse(precision)  # parsed once, before any work
     if (image is None) == (text is None):
         raise XMError("xm search: give exactly one of --image or --text")
     if modality not in ("image", "text"):
         raise XMError(f"--modality {modality!r}: choose image or text")
     hits = search_memory(index, image=image, text=text, k=k, modality=modality, encoder=encoder,
-                         precision=precision)
+                         precision=query_precision)
     if as_json:
         for h in hits:
             print_json(h)
@@ -98,8 +103,8 @@ def indexes_cmd(
     rows = []
     for path in home.list_indexes():
         m = read_manifest(path)
-        rows.append({"name": path.name, "default": path == current, "items": m["count"], "created": m["created"],
-                     "source": f"{m['source']['kind']}: {m['source']['source']}", "path": str(path)})
+        rows.append({"name": path.name, "default": path == current, "items": m.count, "created": m.created,
+                     "source": f"{m.source.kind}: {m.source.source}", "path": str(path)})
     if as_json:
         print_json({"home": str(home.home()), "indexes": rows})
         return
@@ -109,9 +114,9 @@ def indexes_cmd(
         console.print("none yet: `xm build-index --source ...` without --out builds one here and makes it the default")
 
 
-def _stored_as(entry: dict) -> str:
+def _stored_as(entry: EncoderEntry) -> str:
     """float16, or the codec of each compressed modality; and where precomputed arrays came from."""
-    codecs = entry.get("codecs", {})
-    kinds = [f"{m}: {codecs[m]} codes" if m in codecs else f"{m}: float16" for m in entry["embedded"]]
-    sources = entry.get("precomputed", {})
+    codecs = entry.codecs
+    kinds = [f"{m}: {codecs[m]} codes" if m in codecs else f"{m}: float16" for m in entry.embedded]
+    sources = entry.precomputed
     return ", ".join(kinds) + (f" (from {', '.join(sources.values())})" if sources else "")

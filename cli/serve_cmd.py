@@ -48,15 +48,17 @@ def serve_cmd(
     precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Serve indexes over HTTP the way clip-retrieval's `clip back` does, plus /classify and a web page."""
+    from xm.encoders.precision import Precision
     from xm.server.app import ServeConfig, make_server, read_token
     from xm.server.service import Limits
 
+    inference_precision = Precision.parse(precision)  # parsed once, before any work
     cfg = ServeConfig(
         indexes=parse_served(indexes), host=host, port=port, workers=workers,
         token=read_token(token_file) if token_file else None, insecure_no_auth=insecure_no_auth,
         allow_url_fetch=allow_url_fetch, inline_images=inline_images,
         columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
-        cors_origins=list(cors_origin), access_log=access_log, precision=precision,
+        cors_origins=list(cors_origin), access_log=access_log, precision=inference_precision,
         limits=Limits(max_body_bytes=max_body_mb << 20, max_pixels=int(max_megapixels * 1e6), max_results=max_results,
                       request_timeout_s=request_timeout),
     )

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 
 RANDOM = "random"
@@ -27,12 +28,6 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _configs_registered = False
 _cache_lock = threading.Lock()
 _loaded: dict[str, "Encoder"] = {}
-# Inference precisions (`--precision`): fp32 eager is the default and the reference. bf16 is
-# open_clip's own low-precision conversion (Conv/Linear/attention weights in bf16, LayerNorm in
-# fp32) run under CPU autocast; int8 is torch's dynamic quantization of the nn.Linear layers
-# (weights int8, activations quantized per batch), the rest fp32. Measured in bench/bench_precision.py.
-PRECISIONS = ("fp32", "bf16", "int8")
-DEFAULT_PRECISION = "fp32"
 # The stated agreement with fp32 eager: every embedding's cosine to its fp32 embedding is at
 # least this, asserted on a fixed set in tests/test_precision.py (tiny encoders) and checked
 # per real-size encoder by bench/bench_precision.py.
@@ -155,31 +150,23 @@ def _check_available(spec: EncoderSpec, cache_dir: str | None) -> None:
         )
 
 
-def check_precision(precision: str | None, flag: str = "--precision") -> str:
-    """The one validation of an inference precision: the name, or one line naming the choices."""
-    value = DEFAULT_PRECISION if precision is None else str(precision).strip().lower()
-    if value not in PRECISIONS:
-        raise XMError(f"{flag} {precision!r}: unknown precision; choose from {', '.join(PRECISIONS)}")
-    return value
-
-
 class Encoder:
     """A loaded CLIP model: normalised image and text embeddings as float32 numpy arrays.
 
-    `precision` is how the forward passes run (see PRECISIONS); the weights fingerprint
+    `precision` is how the forward passes run (see `Precision`); the weights fingerprint
     (`probe`) is always computed in fp32 before any conversion, so an index built at one
     precision accepts the same weights at another.
     """
 
     def __init__(self, spec: EncoderSpec, model: Any, preprocess: Callable, tokenizer: Callable,
-                 precision: str = DEFAULT_PRECISION) -> None:
+                 precision: Precision = DEFAULT_PRECISION) -> None:
         import torch
 
         self.spec = spec
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = tokenizer
-        self.precision = "fp32"
+        self.precision = Precision.fp32
         self.logit_scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else 100.0
         self._truncatable = _has_causal_eot_text(model)
         with torch.inference_mode():
@@ -187,8 +174,8 @@ class Encoder:
         self.dim = int(probe.shape[1])
         self._probe = [round(float(v), 5) for v in probe[0, :8]]
         self.image_size = getattr(getattr(model, "visual", None), "image_size", None)
-        self.precision = check_precision(precision)
-        if self.precision != "fp32":
+        self.precision = precision
+        if self.precision != Precision.fp32:
             self.model = _convert(self.model, self.precision)
 
     def __repr__(self) -> str:
@@ -302,7 +289,7 @@ class Encoder:
         return x
 
 
-def _convert(model: Any, precision: str) -> Any:
+def _convert(model: Any, precision: Precision) -> Any:
     """The model converted for `precision` (in place where torch allows)."""
     import torch
 
@@ -348,7 +335,7 @@ def _seed_for(spec: EncoderSpec) -> int:
 
 
 def load_encoder(spec: EncoderSpec | str, cache_dir: str | None = None, quiet: bool = False,
-                 precision: str | None = DEFAULT_PRECISION) -> Encoder:
+                 precision: Precision | str | None = DEFAULT_PRECISION) -> Encoder:
     """Load (once per process and precision) the CLIP model named by `spec`.
 
     `random` weights are seeded by the architecture name, so the same spec gives the
@@ -356,7 +343,8 @@ def load_encoder(spec: EncoderSpec | str, cache_dir: str | None = None, quiet: b
     with exactly the encoder that built it. `precision` (fp32 | bf16 | int8) is how its
     forward passes run; the weights and their fingerprint are the same at every precision.
     """
-    precision = check_precision(precision)
+    # every encoder is loaded here: a plain string given by a caller is coerced by the one parser
+    precision = Precision.parse(precision)
     if isinstance(spec, str):
         spec = EncoderSpec.parse(spec)
     key = f"{spec}|{cache_dir}|{precision}"

@@ -10,15 +10,17 @@ import csv
 import json
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from xm.encoders.images import IMAGE_SUFFIXES, load_image, to_rgb
 from xm.errors import XMError
-from xm.evaluation.classnames import clean_name, classnames_for, templates_for
+from xm.evaluation.classnames import classnames_for, clean_name, templates_for
 
 
 @dataclass
@@ -28,11 +30,11 @@ class Item:
     path: Path | None = None
     array: np.ndarray | None = None  # datasets shipped as arrays (CIFAR batches)
 
-    def image(self):
+    def image(self) -> Image.Image:
         if self.path is not None:
             return load_image(self.path)
-        from PIL import Image
-
+        if self.array is None:
+            raise ValueError("a dataset item needs a path or an array")
         return to_rgb(Image.fromarray(self.array))
 
 
@@ -118,7 +120,7 @@ def _caltech101(d: Path, split: str) -> DatasetSplit:
     index = {c: i for i, c in enumerate(classes)}
     listing = d / f"{split}.txt"
     if listing.is_file():
-        rels = [l.strip() for l in listing.read_text().splitlines() if l.strip()]
+        rels = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         source = f"{listing.name} shipped with the data"
     else:
         rels = [p.relative_to(root).as_posix() for c in classes for p in _images_under(root / c)]
@@ -154,7 +156,7 @@ def _imagefolder(d: Path, split: str) -> DatasetSplit:
 
 def _pets(d: Path, split: str) -> DatasetSplit:
     listing = _need(d / "annotations" / ("test.txt" if split == "test" else "trainval.txt"), "Oxford-IIIT Pets annotations")
-    rows = [l.split() for l in listing.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    rows = [line.split() for line in listing.read_text().splitlines() if line.strip() and not line.startswith("#")]
     names: dict[int, str] = {int(r[1]) - 1: r[0].rsplit("_", 1)[0] for r in rows}
     classes = [names.get(i, f"class {i}") for i in range(max(names) + 1)]
     items = [Item(f"{r[0]}.jpg", int(r[1]) - 1, d / "images" / f"{r[0]}.jpg") for r in rows]
@@ -194,17 +196,17 @@ def _flowers(d: Path, split: str) -> DatasetSplit:
 
 
 def _food101(d: Path, split: str) -> DatasetSplit:
-    classes = [l.strip() for l in _need(d / "meta" / "classes.txt", "Food-101 meta").read_text().splitlines() if l.strip()]
+    classes = [line.strip() for line in _need(d / "meta" / "classes.txt", "Food-101 meta").read_text().splitlines() if line.strip()]
     index = {c: i for i, c in enumerate(classes)}
     listing = _need(d / "meta" / ("test.txt" if split == "test" else "train.txt"), "Food-101 split list")
-    rels = [l.strip() for l in listing.read_text().splitlines() if l.strip()]
+    rels = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
     items = [Item(f"{r}.jpg", index[r.split("/")[0]], d / "images" / f"{r}.jpg") for r in rels]
     return DatasetSplit("food101", split, f"meta/{listing.name}", classes, items)
 
 
 def _aircraft(d: Path, split: str) -> DatasetSplit:
     data = d / "data" if (d / "data").is_dir() else d
-    classes = [l.strip() for l in _need(data / "variants.txt", "FGVC-Aircraft variants").read_text().splitlines() if l.strip()]
+    classes = [line.strip() for line in _need(data / "variants.txt", "FGVC-Aircraft variants").read_text().splitlines() if line.strip()]
     index = {c: i for i, c in enumerate(classes)}
     listing = _need(data / f"images_variant_{'test' if split == 'test' else 'trainval'}.txt", "FGVC-Aircraft split")
     items = []
@@ -217,12 +219,12 @@ def _aircraft(d: Path, split: str) -> DatasetSplit:
 
 def _sun397(d: Path, split: str) -> DatasetSplit:
     root = d / "SUN397" if (d / "SUN397").is_dir() else d
-    class_paths = [l.strip() for l in _need(root / "ClassName.txt", "SUN397 ClassName.txt").read_text().splitlines() if l.strip()]
+    class_paths = [line.strip() for line in _need(root / "ClassName.txt", "SUN397 ClassName.txt").read_text().splitlines() if line.strip()]
     index = {c: i for i, c in enumerate(class_paths)}
     classes = [" ".join(reversed(c.strip("/").split("/")[1:])).replace("_", " ") for c in class_paths]
     part = root / "Partitions" / f"{'Testing' if split == 'test' else 'Training'}_01.txt"
     if part.is_file():
-        rels, source = [l.strip() for l in part.read_text().splitlines() if l.strip()], part.name
+        rels, source = [line.strip() for line in part.read_text().splitlines() if line.strip()], part.name
     else:
         rels, source = ["/" + p.relative_to(root).as_posix() for p in _images_under(root)], "all images"
     items = [Item(r, index["/" + "/".join(r.strip("/").split("/")[:-1])], root / r.lstrip("/")) for r in rels]
@@ -234,7 +236,7 @@ def _dtd(d: Path, split: str) -> DatasetSplit:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     index = {c: i for i, c in enumerate(classes)}
     listing = _need(d / "labels" / f"{'test' if split == 'test' else 'train'}1.txt", "DTD labels/<split>1.txt")
-    rels = [l.strip() for l in listing.read_text().splitlines() if l.strip()]
+    rels = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
     items = [Item(r, index[r.split("/")[0]], root / r) for r in rels]
     return DatasetSplit("dtd", split, f"labels/{listing.name}", classes, items)
 
@@ -245,7 +247,7 @@ def _ucf101(d: Path, split: str) -> DatasetSplit:
     index = {c: i for i, c in enumerate(classes)}
     listing = d / "ucfTrainTestlist" / f"{'testlist' if split == 'test' else 'trainlist'}01.txt"
     if listing.is_file():
-        rels = [l.split()[0].rsplit(".", 1)[0] + ".jpg" for l in listing.read_text().splitlines() if l.strip()]
+        rels = [line.split()[0].rsplit(".", 1)[0] + ".jpg" for line in listing.read_text().splitlines() if line.strip()]
         source = listing.name
     else:
         rels, source = [p.relative_to(root).as_posix() for p in _images_under(root)], "all middle frames"
@@ -334,10 +336,10 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", split_fil
     if classnames_file:
         from xm.methods.zeroshot import read_labels
 
-        names = read_labels(classnames_file)
-        if len(names) != len(ds.classnames):
-            raise XMError(f"{classnames_file}: {len(names)} names, but {key} has {len(ds.classnames)} classes")
-        ds.classnames = names
+        labels = read_labels(classnames_file)
+        if len(labels) != len(ds.classnames):
+            raise XMError(f"{classnames_file}: {len(labels)} names, but {key} has {len(ds.classnames)} classes")
+        ds.classnames = labels
     elif not split_file:
         ds.classnames = classnames_for(key, names) or classnames_for(key) or [clean_name(c) for c in ds.classnames]
     ds.templates = templates_for(key)

@@ -26,12 +26,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 from xm.evaluation.datasets import DatasetSplit, load_dataset
-from xm.evaluation.metrics import l1_weight_ratios, modality_entropy, zeroshot_metrics
+from xm.evaluation.metrics import zeroshot_metrics
 from xm.indexes import MemoryIndex
 from xm.indexes.layout import atomic_path
-from xm.methods.base import Context, Example, Method, Queries, Support, stack_evidence, take_rows
+from xm.methods.base import Context, Decision, Example, Method, Queries, Support, stack_evidence, take_rows
 from xm.methods.protocols import DEFAULT_PROTOCOL, protocol
 from xm.methods.registry import create, get
 
@@ -57,7 +58,7 @@ class BenchmarkConfig:
     shots: list[int] = field(default_factory=lambda: [16])  # few-shot methods only
     val_per_class: int = 16
     batch_size: int = 32
-    precision: str = "fp32"  # encoder inference precision (xm.encoders.PRECISIONS)
+    precision: Precision | str = DEFAULT_PRECISION  # encoder inference precision, parsed by run_benchmark
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xm" / "benchmark")
 
 
@@ -185,8 +186,9 @@ class _LazyImages(Sequence):
         return self._images[i]
 
 
-def _stream_scores(method: Method, ev: dict[str, np.ndarray], labels: np.ndarray, seed: int) -> tuple[dict[str, float], dict]:
-    """One seeded stream order through `decide`; metrics over the scored (not skipped) images."""
+def _stream_scores(method: Method, ev: dict[str, np.ndarray], labels: np.ndarray, seed: int) -> tuple[dict[str, float], Decision]:
+    """One seeded stream order through `decide`; metrics over the scored (not skipped) images,
+    and the decision put back in dataset order."""
     order = np.random.default_rng(seed).permutation(len(labels))
     decision = method.decide(take_rows(ev, order), method.new_state())
     probs = np.empty_like(decision.probs)
@@ -199,8 +201,8 @@ def _stream_scores(method: Method, ev: dict[str, np.ndarray], labels: np.ndarray
         info[i] = decision.info[pos] if decision.info else {}
     scored = ~skipped
     metrics = zeroshot_metrics(probs[scored], labels[scored]) if scored.any() else {"acc1": float("nan")}
-    return metrics, {"probs": probs, "skipped": skipped, "info": info,
-                     "components": {k: v[np.argsort(order)] for k, v in decision.components.items()}}
+    return metrics, Decision(probs=probs, components={k: v[np.argsort(order)] for k, v in decision.components.items()},
+                             info=info, skipped=skipped)
 
 
 def _fit_splits(cfg: BenchmarkConfig, ds: DatasetSplit) -> tuple[DatasetSplit, DatasetSplit | None]:
@@ -237,6 +239,7 @@ def _support(cfg: BenchmarkConfig, train: DatasetSplit, val_split: DatasetSplit 
 
 def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | None,
                   progress: Progress = lambda label, total: (lambda n: None)) -> dict[str, Any]:
+    precision = Precision.parse(cfg.precision)  # the benchmark API's edge
     proto = protocol(cfg.protocol)
     for name in cfg.methods:
         get(name)  # unknown names fail before any work
@@ -246,7 +249,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | 
     model = cfg.model or (memory.default_model() if memory is not None else None)
     if model is None:
         raise XMError("--model: required without an index")
-    ctx = Context(memory, model, ds.classnames, templates, dataset=ds.dataset, precision=cfg.precision)
+    ctx = Context(memory, model, ds.classnames, templates, dataset=ds.dataset, precision=precision)
     takes = {o.name for n in cfg.methods for o in get(n).method.options}
     unknown = sorted(set(cfg.options) - takes)
     if unknown:
@@ -269,7 +272,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | 
         for seed in run_seeds:
             metrics, detail = _stream_scores(m, ev, labels, seed)
             per_seed.append(metrics)
-            first = first or detail
+            first = first if first is not None else detail
         keys = per_seed[0].keys()
         results[name] = {
             "method": getattr(m, "variant", m.name), "description": get(getattr(m, "variant", m.name)).summary,
@@ -277,17 +280,17 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | 
             "metrics": {k: float(np.mean([s[k] for s in per_seed])) for k in keys},
             "std": {k: float(np.std([s[k] for s in per_seed])) for k in keys},
             "per_seed": per_seed,
-            "images_scored": int((~first["skipped"]).sum()),
-            "images_skipped": int(first["skipped"].sum()),
+            "images_scored": int((~first.skipped).sum()),
+            "images_skipped": int(first.skipped.sum()),
             # per evaluated image (first seed), -1 where skipped: for per-image comparison of methods
-            "predictions": np.where(first["skipped"], -1, first["probs"].argmax(1)).tolist(),
+            "predictions": np.where(first.skipped, -1, first.probs.argmax(1)).tolist(),
             "decide_seconds": time.perf_counter() - t,
             "evidence_seconds": evidence.seconds.get(name, 0.0),
             "evidence_cached": evidence.cache_hits.get(name, False),
             **(extra or {}),
         }
-        if getattr(m, "variant", "") == "xmore" and not diagnostics:
-            diagnostics.update(_xmore_diagnostics(first, labels))
+        if not diagnostics:  # the first method that has any (labels reach it after its decisions)
+            diagnostics.update(m.diagnostics(first, labels))
 
     for name, m in plain.items():
         score(name, m, evs[name], seeds)
@@ -337,18 +340,6 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | 
         "timing": {"seconds": evidence_s, "images_per_second": n / evidence_s if evidence_s > 0 else None,
                    "cache_dir": str(cfg.cache_dir), "cache_hits": evidence.cache_hits},
     }
-
-
-def _xmore_diagnostics(detail: dict, labels: np.ndarray) -> dict[str, Any]:
-    """The paper's Table 6 (mean entropy per modality) and Table 8 (its analysis: over images the
-    ensemble got right, split by which single modality was right, mean per-image L1 weight ratio)."""
-    scored = ~detail["skipped"]
-    p_img, p_txt = detail["components"]["p_img"][scored], detail["components"]["p_txt"][scored]
-    info = [i for i, s in zip(detail["info"], scored) if s]
-    weights = np.array([[i["weights"]["img"], i["weights"]["txt"]] for i in info]).reshape(-1, 2)
-    final = detail["probs"][scored].argmax(1)
-    return {"mean_entropy": modality_entropy(p_img, p_txt),
-            "l1_weight_ratio_by_case": l1_weight_ratios(p_img, p_txt, final, weights, labels[scored])}
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:

@@ -37,8 +37,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 FORMAT = "xm-index/2"
 FORMAT_V1 = "xm-index/1"  # still read (see manifest.upgrade_v1)

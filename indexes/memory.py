@@ -12,6 +12,7 @@ from xm.errors import XMError
 from xm.indexes.embeddings import CodedEmbeddingMatrix, EmbeddingMatrix
 from xm.indexes.layout import Layout
 from xm.indexes.manifest import read_manifest, verify_files
+from xm.indexes.records import EncoderEntry, IndexEntry, Manifest
 from xm.indexes.shards import ShardedIndex, top_k
 from xm.indexes.store import CaptionStore
 
@@ -40,11 +41,11 @@ class MemoryIndex:
     def __init__(self, root: str | Path, verify: bool | None = None) -> None:
         self.layout = Layout(root)
         self.root = self.layout.root
-        self.manifest: dict[str, Any] = read_manifest(root)
-        total = sum(e["bytes"] for e in self.manifest["files"].values())
+        self.manifest: Manifest = read_manifest(root)
+        total = self.manifest.total_bytes
         verify_files(root, self.manifest, checksums=(total <= CHECKSUM_AT_LOAD_BYTES) if verify is None else verify)
-        self.count: int = int(self.manifest["count"])
-        self.parts: list[str] = [p["name"] for p in self.manifest["parts"]]
+        self.count: int = int(self.manifest.count)
+        self.parts: list[str] = [p.name for p in self.manifest.parts]
         self._matrices: dict[tuple[str, str], EmbeddingMatrix] = {}
         self._indexes: dict[str, ShardedIndex] = {}
         self._norms: dict[tuple[str, str], np.ndarray] = {}
@@ -54,62 +55,59 @@ class MemoryIndex:
     def check_counts(self) -> None:
         """The manifest's counts against the files themselves (`xm info --verify`): parts, every
         embedding part, every kNN index. A re-hashed manifest with an edited count fails here."""
-        rows = sum(p["rows"] for p in self.manifest["parts"])
+        rows = sum(p.rows for p in self.manifest.parts)
         if rows != self.count:
             raise XMError(f"{self.layout.manifest}: parts hold {rows} rows, the manifest says count {self.count}")
-        for spec, entry in self.manifest["encoders"].items():
-            for modality in entry["embedded"]:
-                for part in self.manifest["parts"]:
-                    coded = modality in entry.get("codecs", {})
-                    f = (self.layout.code_file if coded else self.layout.emb_file)(entry["slug"], modality, part["name"])
+        for spec, entry in self.manifest.encoders.items():
+            for modality in entry.embedded:
+                for part in self.manifest.parts:
+                    coded = modality in entry.codecs
+                    f = (self.layout.code_file if coded else self.layout.emb_file)(entry.slug, modality, part.name)
                     n = np.load(f, mmap_mode="r").shape[0]
-                    if n != part["rows"]:
-                        raise XMError(f"{f}: {n} rows, the manifest says {part['rows']}")
-        for entry in self.manifest["indexes"]:
-            self.index(entry["modality"], entry["encoder"])  # refuses shards that disagree with the count
+                    if n != part.rows:
+                        raise XMError(f"{f}: {n} rows, the manifest says {part.rows}")
+        for index in self.manifest.indexes:
+            self.index(index.modality, index.encoder)  # refuses shards that disagree with the count
 
     def __repr__(self) -> str:
         return f"MemoryIndex({self.root}, {self.count} items, id {self.id})"
 
     @property
     def id(self) -> str:
-        return self.manifest["id"]
+        return self.manifest.id
 
     @property
     def roles(self) -> dict[str, Any]:
-        return self.manifest["roles"]
+        return self.manifest.roles.to_json()
 
     @property
     def format_read(self) -> str:
         """The format the manifest was written in (v1 manifests are read as v2)."""
-        return self.manifest.get("format_read", self.manifest["format"])
+        return self.manifest.format_read or self.manifest.format
 
     def default_model(self) -> str:
         """The encoder `--model` defaults to: the index's first inference encoder."""
         inference = self.roles.get("inference") or []
         if inference:
             return inference[0]
-        texts = [s for s, e in self.manifest["encoders"].items() if "text" in e["embedded"]]
+        texts = [s for s, e in self.manifest.encoders.items() if "text" in e.embedded]
         if not texts:
             raise XMError(f"{self.layout.manifest}: no encoder with caption embeddings; give --model")
         return texts[0]
 
-    def encoder_entry(self, spec: str) -> dict[str, Any] | None:
-        return self.manifest["encoders"].get(str(spec))
+    def encoder_entry(self, spec: str) -> EncoderEntry | None:
+        return self.manifest.encoders.get(str(spec))
 
     def has_embeddings(self, spec: str, modality: str) -> bool:
         entry = self.encoder_entry(spec)
-        return bool(entry and modality in entry["embedded"])
+        return bool(entry and modality in entry.embedded)
 
     def has_norms(self, spec: str, modality: str) -> bool:
         entry = self.encoder_entry(spec)
-        return bool(entry and modality in entry.get("norms", []))
+        return bool(entry and modality in entry.norms)
 
-    def index_entry(self, spec: str, modality: str) -> dict[str, Any] | None:
-        for entry in self.manifest["indexes"]:
-            if entry["encoder"] == str(spec) and entry["modality"] == modality:
-                return entry
-        return None
+    def index_entry(self, spec: str, modality: str) -> IndexEntry | None:
+        return self.manifest.index_entry(str(spec), modality)
 
     def has_index(self, spec: str, modality: str) -> bool:
         return self.index_entry(spec, modality) is not None
@@ -130,18 +128,18 @@ class MemoryIndex:
         key = (str(spec), modality)
         if key not in self._matrices:
             entry = self.encoder_entry(spec)
-            if entry is None or modality not in entry["embedded"]:
+            if entry is None or modality not in entry.embedded:
                 raise XMError(f"{self.root}: no {modality} embeddings for encoder {spec} in this index; "
                               f"add them with `xm build-index --out {self.root} --add-encoder {spec}={modality}`")
-            codec = entry.get("codecs", {}).get(modality)
+            codec = entry.codecs.get(modality)
             if codec:  # compressed (`--text-codec`): the same gather, decoded rows
-                files = [self.layout.code_file(entry["slug"], modality, p) for p in self.parts]
-                matrix: EmbeddingMatrix = CodedEmbeddingMatrix(files, self.layout.codec_file(entry["slug"], modality))
+                files = [self.layout.code_file(entry.slug, modality, p) for p in self.parts]
+                matrix: EmbeddingMatrix = CodedEmbeddingMatrix(files, self.layout.codec_file(entry.slug, modality))
             else:
-                files = [self.layout.emb_file(entry["slug"], modality, p) for p in self.parts]
+                files = [self.layout.emb_file(entry.slug, modality, p) for p in self.parts]
                 matrix = EmbeddingMatrix(files)
             if len(matrix) != self.count:
-                raise XMError(f"{self.layout.emb_dir(entry['slug'], modality)}: {len(matrix)} rows, manifest says {self.count}")
+                raise XMError(f"{self.layout.emb_dir(entry.slug, modality)}: {len(matrix)} rows, manifest says {self.count}")
             self._matrices[key] = matrix
         return self._matrices[key]
 
@@ -150,12 +148,12 @@ class MemoryIndex:
         key = (str(spec), f"{modality}-norm")
         if key not in self._norms:
             entry = self.encoder_entry(spec)
-            if entry is None or modality not in entry.get("norms", []):
+            if entry is None or modality not in entry.norms:
                 raise XMError(f"{self.root}: no {modality} embedding norms for encoder {spec} in this index")
-            parts = [np.load(self.layout.norm_file(entry["slug"], modality, p), mmap_mode="r") for p in self.parts]
+            parts = [np.load(self.layout.norm_file(entry.slug, modality, p), mmap_mode="r") for p in self.parts]
             arr = np.concatenate(parts) if parts else np.zeros(0, np.float32)
             if len(arr) != self.count:
-                raise XMError(f"{self.layout.embeddings(entry['slug'])}: {len(arr)} {modality} norms, manifest says {self.count}")
+                raise XMError(f"{self.layout.embeddings(entry.slug)}: {len(arr)} {modality} norms, manifest says {self.count}")
             self._norms[key] = arr
         return self._norms[key]
 
@@ -168,11 +166,11 @@ class MemoryIndex:
             if entry is None:
                 raise XMError(f"{self.root}: this index has no {modality} kNN index for {spec}; add it with "
                               f"`xm build-index --out {self.root} --add-encoder {spec}=index-{modality}`")
-            folder = self.root / entry["dir"]
-            files = [folder / s["file"] for s in entry["shards"]]
+            folder = self.root / entry.dir
+            files = [folder / s.file for s in entry.shards]
             # IVF shards store global ids (their id range); Flat/HNSW local ones plus an offset
-            ranges = [tuple(s["id_range"]) if s["id_offset"] == 0 else (0, s["ntotal"]) for s in entry["shards"]]
-            idx = ShardedIndex(files, [s["id_offset"] for s in entry["shards"]], entry.get("params", ""), ranges)
+            ranges = [s.id_range if s.id_offset == 0 else (0, s.ntotal) for s in entry.shards]
+            idx = ShardedIndex(files, [s.id_offset for s in entry.shards], entry.params, ranges)
             if idx.ntotal != self.count:
                 raise XMError(f"{folder}: shards hold {idx.ntotal} vectors, manifest says {self.count}")
             self._indexes[key] = idx
@@ -186,13 +184,13 @@ class MemoryIndex:
         then exact inner products with the float16 embeddings (with the decoded rows, for
         embeddings stored as codes: `--image-codec`)."""
         spec = str(encoder or self.roles["coarse"])
-        entry = self.index_entry(spec, modality) or {}
-        factor = int(entry.get("refine_k_factor", 0) or 0)
+        entry = self.index_entry(spec, modality)
+        factor = int(entry.refine_k_factor or 0) if entry is not None else 0
         refine = factor > 1 and self.has_embeddings(spec, modality)
         fetch = min(k * factor, self.count) if refine else k
         sims, ids = self.index(modality, spec).search(queries, max(k, fetch))
         if ids.size and int(ids.max()) >= self.count:  # an index from elsewhere is not trusted
-            raise XMError(f"{self.root / entry['dir']}: returned id {int(ids.max())} for an index of {self.count} items; the shards are damaged")
+            raise XMError(f"{self.root / entry.dir if entry is not None else self.root}: returned id {int(ids.max())} for an index of {self.count} items; the shards are damaged")
         if refine:
             q = np.asarray(queries, dtype=np.float32)
             sims, ids = rescore(q[None] if q.ndim == 1 else q, ids, self.embeddings(spec, modality), k)
@@ -200,7 +198,7 @@ class MemoryIndex:
 
     @cached_property
     def store(self) -> CaptionStore:
-        rows = [p["rows"] for p in self.manifest["parts"]]
+        rows = [p.rows for p in self.manifest.parts]
         return CaptionStore([self.layout.store_part(p) for p in self.parts], rows, self.layout.caption_hash)
 
     @property
@@ -215,7 +213,7 @@ class MemoryIndex:
         if expected is not None and str(encoder.spec) != expected:
             raise XMError(f"{self.layout.manifest}: built with {role} encoder {expected}, not {encoder.spec}")
         entry = self.encoder_entry(str(encoder.spec))
-        if entry is not None and entry.get("probe") is not None and not encoder.fingerprint_matches(entry["probe"]):
+        if entry is not None and entry.probe is not None and not encoder.fingerprint_matches(entry.probe):
             raise XMError(
                 f"{self.layout.manifest}: encoder {encoder.spec} has other weights than the ones that built this index"
             )

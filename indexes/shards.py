@@ -14,10 +14,11 @@ does not depend on which finished first.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ class ShardInfo:
     id_range: tuple[int, int]
 
 
-def _is_ivf(index) -> bool:
+def _is_ivf(index: Any) -> bool:
     import faiss
 
     try:
@@ -49,7 +50,7 @@ def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
     return [(int(edges[i]), int(edges[i + 1])) for i in range(n_shards)]
 
 
-def write_shards(index, n_shards: int, path_for: "callable") -> list[ShardInfo]:
+def write_shards(index: Any, n_shards: int, path_for: Callable[[int], str | Path]) -> list[ShardInfo]:
     """Split a populated index into `n_shards` id ranges, each written atomically."""
     import faiss
 
@@ -77,7 +78,7 @@ def write_shards(index, n_shards: int, path_for: "callable") -> list[ShardInfo]:
     return infos
 
 
-def read_shard(path: Path):
+def read_shard(path: Path) -> Any:
     import faiss
 
     try:
@@ -94,7 +95,7 @@ def read_shard(path: Path):
 ID_CHECK_LIMIT = 5_000_000
 
 
-def validate_shard(index, path: Path, id_range: tuple[int, int] | None = None) -> None:
+def validate_shard(index: Any, path: Path, id_range: tuple[int, int] | None = None) -> None:
     """Refuse, in one line, a shard whose inverted lists do not fit its own file (a crafted or
     damaged shard: faiss reads memory-mapped lists without bound checks) or whose stored ids
     fall outside its id range. Cheap: O(number of lists), plus the ids up to ID_CHECK_LIMIT."""
@@ -128,7 +129,7 @@ def validate_shard(index, path: Path, id_range: tuple[int, int] | None = None) -
                     raise XMError(f"{path}: stores ids outside its range {lo}..{hi - 1}; the shard is damaged")
 
 
-def ivf_id_span(index, path: Path) -> tuple[int, int]:
+def ivf_id_span(index: Any, path: Path) -> tuple[int, int]:
     """(lowest, highest + 1) of the ids an IVF shard stores, refusing a shard whose ids do not
     fill that range exactly once per vector by count (a shard of a split by id range must).
     Reads every stored id once (8 bytes a vector), list by list."""
@@ -149,7 +150,7 @@ def ivf_id_span(index, path: Path) -> tuple[int, int]:
     return lo, hi + 1
 
 
-def set_params(index, params: str) -> None:
+def set_params(index: Any, params: str) -> None:
     import faiss
 
     if params:
@@ -163,7 +164,7 @@ class ShardedIndex:
                  id_ranges: Sequence[tuple[int, int]] | None = None) -> None:
         self.shards = [read_shard(f) for f in files]
         for i, (f, shard) in enumerate(zip(files, self.shards)):
-            validate_shard(shard, Path(f), tuple(id_ranges[i]) if id_ranges else None)
+            validate_shard(shard, Path(f), id_ranges[i] if id_ranges else None)
         self.offsets = list(offsets)
         self.params = params
         for s in self.shards:
@@ -174,7 +175,7 @@ class ShardedIndex:
         self._pool = ThreadPoolExecutor(max(1, min(len(self.shards), os.cpu_count() or 1)), thread_name_prefix="xm-shard") \
             if len(self.shards) > 1 else None
 
-    def _search_one(self, shard, offset: int, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_one(self, shard: Any, offset: int, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         d, i = shard.search(q, k)
         return np.where(i < 0, -np.inf, d).astype(np.float32), np.where(i < 0, -1, i + offset)
 

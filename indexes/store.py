@@ -8,8 +8,8 @@ methods needs no text at all: de-duplication uses `caption_hash.npy`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -72,15 +72,15 @@ class CaptionStore:
 
     def fetch(self, ids: Sequence[int], columns: Sequence[str] | None = None) -> list[dict]:
         """Rows for global ids, in the given order; ids out of range raise."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
+        wanted = np.asarray(ids, dtype=np.int64)
+        if len(wanted) and (wanted.min() < 0 or wanted.max() >= len(self)):
             raise XMError(f"caption store: id out of range 0..{len(self) - 1}")
         cols = tuple(columns) if columns else None
-        part_of = np.searchsorted(self.offsets, ids, side="right") - 1
-        rows: list[dict | None] = [None] * len(ids)
+        part_of = np.searchsorted(self.offsets, wanted, side="right") - 1
+        rows: list[dict | None] = [None] * len(wanted)
         for p in np.unique(part_of):
             sel = np.nonzero(part_of == p)[0]
-            local = ids[sel] - self.offsets[p]
+            local = wanted[sel] - self.offsets[p]
             rg_size = self._file(int(p)).metadata.row_group(0).num_rows
             groups = local // rg_size
             for g in np.unique(groups):

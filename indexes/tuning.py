@@ -14,9 +14,10 @@ nprobe within the query-time budget.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class Tuned:
         return asdict(self)
 
 
-def ivf_of(index):
+def ivf_of(index: Any) -> Any:
     """The IndexIVF inside `index` (through OPQ/pre-transforms), or None for a non-IVF index."""
     import faiss
 
@@ -58,14 +59,14 @@ def ivf_of(index):
         return None
 
 
-def has_hnsw_quantizer(index) -> bool:
+def has_hnsw_quantizer(index: Any) -> bool:
     import faiss
 
     ivf = ivf_of(index)
     return ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
 
 
-def param_string(index, nprobe: int) -> str:
+def param_string(index: Any, nprobe: int) -> str:
     """The one search-parameter string for `nprobe` lists (faiss ParameterSpace syntax)."""
     if has_hnsw_quantizer(index):
         ef = min(EF_SEARCH_CAP, max(EF_SEARCH_MIN, 2 * nprobe))
@@ -73,7 +74,7 @@ def param_string(index, nprobe: int) -> str:
     return f"nprobe={nprobe}"
 
 
-def apply_params(index, params: str) -> None:
+def apply_params(index: Any, params: str) -> None:
     import faiss
 
     if params:
@@ -111,13 +112,13 @@ def sample_queries(files: Sequence[Path], n: int, seed: int = 0) -> np.ndarray:
     return np.ascontiguousarray(q)
 
 
-def coverage(index, queries: np.ndarray, k: int) -> float:
+def coverage(index: Any, queries: np.ndarray, k: int) -> float:
     """Mean fraction of the k requested ids a search returns (the rest are -1)."""
     _, ids = index.search(queries, k)
     return float(1 - np.mean(ids < 0))
 
 
-def ms_per_query(index, queries: np.ndarray, k: int, budget_s: float = 1.0) -> float:
+def ms_per_query(index: Any, queries: np.ndarray, k: int, budget_s: float = 1.0) -> float:
     """Milliseconds per query searched one at a time (autofaiss's measure), stopping after
     `budget_s` so a slow setting costs at most about that much."""
     t0 = time.perf_counter()
@@ -130,7 +131,7 @@ def ms_per_query(index, queries: np.ndarray, k: int, budget_s: float = 1.0) -> f
     return (time.perf_counter() - t0) / n * 1e3
 
 
-def tune_ivf(index, queries: np.ndarray, k: int, max_ms: float, *, deadline_s: float = DEFAULT_DEADLINE_S,
+def tune_ivf(index: Any, queries: np.ndarray, k: int, max_ms: float, *, deadline_s: float = DEFAULT_DEADLINE_S,
              speed_k: int = 40) -> Tuned:
     """Search parameters for an IVF index (or a stacked view of its shards): the smallest
     nprobe reaching the coverage target for `k`, raised while one query stays under `max_ms`.
@@ -201,7 +202,7 @@ def tune_ivf(index, queries: np.ndarray, k: int, max_ms: float, *, deadline_s: f
                  evaluated=evaluated, stopped_by_deadline=late)
 
 
-def stacked_view(files: Sequence[Path]):
+def stacked_view(files: Sequence[Path]) -> Any:
     """One searchable index over IVF shards that share a trained quantizer: a memory-mapped
     copy of the first shard whose inverted lists are replaced by a `HStackInvertedLists` over
     every shard's (memory-mapped) lists. Its ids are the shards' global ids; nothing is copied."""

@@ -14,6 +14,16 @@ A method is a class (in the spirit of open_clip's one class per task) that decla
 Variants are named option presets of one method (`xmore-minmax` is X-MoRe with
 `ensemble=modal`), registered in `methods/registry.py`. Test labels never reach a
 method: `fit` sees support labels only, `evidence` and `decide` see images and class names.
+
+What the commands around a method need to know of it, it declares too (so that no
+command names a method):
+
+* `thread_safe_evidence`: whether `evidence` may run for several requests at once on one
+  instance (the server locks the others),
+* `explanation_view(explanation)`: its `explain()` output as titled tables of plain data,
+  which `xm classify --explain` prints,
+* `diagnostics(decision, labels)`: a benchmark's per-method analysis, called after a
+  whole scored stream was decided (the only place test labels meet a method).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
+from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 
 MODALITIES = ("image", "text")
@@ -172,6 +183,16 @@ class Support:
     seed: int
 
 
+@dataclass(frozen=True)
+class ExplanationSection:
+    """One titled table of a method's explanation, as plain data. A front end renders it;
+    every title, column and cell is data (captions, class names) and is escaped there."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+
 @dataclass
 class Decision:
     """A method's answer for n queries, in the order they were decided."""
@@ -187,10 +208,9 @@ class Context:
     none), the inference encoder, the class names and the prompt templates."""
 
     def __init__(self, memory: Any, model: str, classnames: Sequence[str], templates: Sequence[str],
-                 dataset: str | None = None, cache_dir: str | None = None, precision: str | None = None) -> None:
-        from xm.encoders import check_precision
-
-        self.precision = check_precision(precision)  # how every encoder of the methods runs
+                 dataset: str | None = None, cache_dir: str | None = None,
+                 precision: Precision = DEFAULT_PRECISION) -> None:
+        self.precision = precision  # how every encoder of the methods runs (parsed by the caller)
         self.memory = memory
         self.model = str(model)
         self.classnames = list(classnames)
@@ -222,6 +242,9 @@ class Method:
     few_shot: ClassVar[bool] = False  # `fit(support)` takes labelled support images
     stream: ClassVar[bool] = False  # `decide` depends on the order of the stream
     needs_memory: ClassVar[bool] = True
+    # `evidence` only reads state fixed at construction, so concurrent calls on one instance
+    # are safe (the server runs them unlocked); False: callers serialise them
+    thread_safe_evidence: ClassVar[bool] = False
 
     def __init__(self, ctx: Context, **options: Any) -> None:
         self.ctx = ctx
@@ -273,6 +296,19 @@ class Method:
 
     def explain(self, evidence: dict[str, np.ndarray], row: int) -> dict[str, Any]:
         """What a person needs to check one prediction (captions used, texts, ...)."""
+        return {}
+
+    # --- hooks for the commands around the method ----------------------------------------
+    def explanation_view(self, explanation: dict[str, Any]) -> list[ExplanationSection]:
+        """`explain()`'s output as titled tables for a reader (`xm classify --explain`).
+        `explanation` may hold other keys besides (a result row holds the explanation merged in):
+        read only the keys `explain` writes. Default: nothing to show."""
+        return []
+
+    def diagnostics(self, decision: Decision, labels: np.ndarray) -> dict[str, Any]:
+        """A benchmark's analysis of one scored stream (a JSON-ready dict; default none).
+        `decision` is in dataset order and complete: the labels arrive after every query was
+        decided, so they cannot reach `evidence` or `decide`."""
         return {}
 
     # --- caching -----------------------------------------------------------------------

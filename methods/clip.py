@@ -15,6 +15,7 @@ class ZeroShotCLIP(Method):
     name = "clip"
     summary = "zero-shot CLIP: softmax(s · f · Wᵀ) with template-averaged class weights; needs no memory"
     needs_memory = False
+    thread_safe_evidence = True  # fixed class weights and an encoder: nothing changes per call
 
     def __init__(self, ctx, **options: Any) -> None:
         super().__init__(ctx, **options)

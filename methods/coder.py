@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from xm.errors import XMError
-from xm.methods.base import Decision, Method, Need, Option, Queries
+from xm.methods.base import Decision, ExplanationSection, Method, Need, Option, Queries
 from xm.methods.registry import register
 from xm.methods.tip_adapter import ADAPTER_OPTIONS, CacheAdapter
 from xm.methods.zeroshot import softmax
@@ -257,6 +257,16 @@ class CODER(Method):
                         "texts": [{"text": self.coded.texts[j], "kind": self.coded.kinds[j],
                                    "source": self.coded.sources[j], "cosine": float(cos[j])} for j in best]})
         return {"candidates": out, "texts": len(self.coded.texts), "ovo_texts": self.coded.ovo_count}
+
+    def explanation_view(self, explanation: dict[str, Any]) -> list[ExplanationSection]:
+        candidates = explanation.get("candidates")
+        if not candidates:
+            return []
+        # one table: each candidate's score on its first text's row
+        rows = tuple((c["class"] if j == 0 else "", c["score"] if j == 0 else None, t["cosine"], t["kind"], t["source"], t["text"])
+                     for c in candidates for j, t in enumerate(c["texts"] or [{"cosine": None, "kind": "", "source": "", "text": ""}]))
+        return [ExplanationSection(f"candidates, closest texts ({explanation['texts']} texts, {explanation['ovo_texts']} one-vs-one)",
+                                   ("candidate", "score", "cosine", "kind", "source", "text"), rows)]
 
 
 class CODERAdapter(CacheAdapter):

@@ -3,7 +3,7 @@
 Uni-modal search, cross-modal fusion, under one frozen CLIP E (default: the index's
 coarse encoder): the query image's k nearest memory IMAGES contribute their TEXT
 embeddings, each class prompt's k nearest memory TEXTS contribute their IMAGE
-embeddings, and the fusion branches trained by `xm train reco` (training/reco.py) turn
+embeddings, and the fusion branches (methods/reco_model.py), trained by `xm train reco`, turn
 [original; retrieved] into refined embeddings. Scores are s · v̄ · t̄ᵀ with the trained
 logit scale s.
 
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from xm.errors import XMError
-from xm.methods.base import Decision, Method, Need, Option, Queries
+from xm.methods.base import Decision, ExplanationSection, Method, Need, Option, Queries
 from xm.methods.registry import register
 from xm.methods.zeroshot import check_templates, softmax
 
@@ -57,13 +57,14 @@ class Reco(Method):
         self.spec = o["encoder"] or (memory.roles.get("coarse", "") if memory is not None else "")
         self.weights_path: Path | None = None
         if memory is not None and self.spec and o["fusion"] == "transformer":
-            from xm.training.reco import default_dir, resolve_checkpoint
+            # the model module imports torch: only a RECO that runs loads it (`xm methods` does not)
+            from xm.methods.reco_model import default_dir, resolve_checkpoint
 
             self.weights_path = resolve_checkpoint(o["checkpoint"]) if o["checkpoint"] else default_dir(memory, self.spec) / "reco.safetensors"
         self.check()
         self.encoder = ctx.encoder(self.spec)
         entry = memory.encoder_entry(self.spec)
-        if not self.encoder.fingerprint_matches(entry["probe"]):
+        if not self.encoder.fingerprint_matches(entry.probe):
             raise XMError(f"{memory.root}: encoder {self.spec} has other weights than the ones that built this index")
         self.image_emb = memory.embeddings(self.spec, "image")
         self.text_emb = memory.embeddings(self.spec, "text")
@@ -92,7 +93,7 @@ class Reco(Method):
         super().check()
 
     def _load_checkpoint(self) -> None:
-        from xm.training.reco import load_model, meta_path, read_meta
+        from xm.methods.reco_model import load_model, meta_path, read_meta
 
         memory, path = self.ctx.memory, self.weights_path
         meta = read_meta(path)
@@ -115,7 +116,7 @@ class Reco(Method):
 
     # --- fusion ------------------------------------------------------------------------
     def _fuse(self, branch: str, query: np.ndarray, retrieved: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        from xm.training.reco import mean_fusion, refine
+        from xm.methods.reco_model import mean_fusion, refine
 
         if self.model is None:
             return mean_fusion(query, retrieved, valid)
@@ -184,6 +185,19 @@ class Reco(Method):
                             "retrieved": [{"id": r["id"], "caption": r["caption"], "url": r["url"], "text_similarity": float(s)}
                                           for r, s in zip(rows, psim[ok])]})
         return {"image_neighbours": image, "predicted": self.ctx.classnames[pred], "class_prompts": prompts}
+
+    def explanation_view(self, explanation: dict[str, Any]) -> list[ExplanationSection]:
+        if "image_neighbours" not in explanation:
+            return []
+        sections = [ExplanationSection("image + its neighbours' captions (fused)",
+                                       ("id", "image sim", "caption"),
+                                       tuple((n["id"], n["image_similarity"], n["caption"]) for n in explanation["image_neighbours"]))]
+        for p in explanation["class_prompts"]:
+            prompt = p["prompt"]
+            sections.append(ExplanationSection(
+                f'prompt "{prompt}" + its neighbours',
+                ("id", "text sim", "caption"), tuple((r["id"], r["text_similarity"], r["caption"]) for r in p["retrieved"])))
+        return sections
 
     def extra_key(self) -> dict[str, Any]:
         return {"encoder": self.spec, "checkpoint": self.meta.get("weights_sha256")}

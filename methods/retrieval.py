@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from xm.encoders import Encoder, load_encoder, load_image
+from xm.encoders import DEFAULT_PRECISION, Encoder, Precision, load_encoder, load_image
 from xm.errors import XMError
 from xm.indexes import MemoryIndex, open_index
 
@@ -152,12 +152,10 @@ class Retriever:
 
 
 def search_memory(index: str | Path | MemoryIndex, image: Path | None = None, text: str | None = None, k: int = 10,
-                  modality: str = "image", encoder: str | None = None, precision: str | None = None) -> list[dict[str, Any]]:
+                  modality: str = "image", encoder: str | None = None,
+                  precision: Precision = DEFAULT_PRECISION) -> list[dict[str, Any]]:
     """Nearest memory items to an image or text under an indexed encoder (default: coarse),
     the query embedded at `precision` (fp32 | bf16 | int8)."""
-    from xm.encoders import check_precision
-
-    precision = check_precision(precision)  # before the index is opened: a bad flag fails first
     memory = index if isinstance(index, MemoryIndex) else open_index(index)
     spec = encoder or memory.roles["coarse"]
     enc = load_encoder(spec, precision=precision)

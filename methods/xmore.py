@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from xm.methods.base import Decision, Method, Need, Option, Queries
+from xm.methods.base import Decision, ExplanationSection, Method, Need, Option, Queries
 from xm.methods.ensemble import MODES, StreamState, adjust, combine, confidence
 from xm.methods.registry import register
 from xm.methods.retrieval import POOLS, RERANKS, CaptionEmbeddings, Retriever
+from xm.methods.xmore_diagnostics import l1_weight_ratios, modality_entropy
 from xm.methods.zeroshot import class_probs, class_weights, softmax
 
 
@@ -32,6 +33,7 @@ class XMoRe(Method):
     name = "xmore"
     summary = "X-MoRe, the authors' protocol: image + retrieved-caption predictions, L1 confidence weighting"
     stream = True
+    thread_safe_evidence = True  # retrieval and encoders only read what the constructor set up
     options = (
         Option("ensemble", "l1", "how the two modalities are weighted", MODES, evidence=False),
         Option("text_vote", "probs", "text modality: mean of caption distributions (probs) or softmax of mean logits",
@@ -148,6 +150,28 @@ class XMoRe(Method):
             out.append({"id": r["id"], "caption": r["caption"], "url": r["url"], "fine_similarity": float(sim),
                         "vote": self.ctx.classnames[v], "vote_prob": float(p[v])})
         return {"captions": out}
+
+    def explanation_view(self, explanation: dict[str, Any]) -> list[ExplanationSection]:
+        captions = explanation.get("captions")
+        if not captions:
+            return []
+        return [ExplanationSection("captions used (fine re-ranked)", ("id", "fine sim", "vote", "vote p", "caption"), tuple(
+            (c["id"], c["fine_similarity"], c["vote"], c["vote_prob"], c["caption"]) for c in captions))]
+
+    def diagnostics(self, decision: Decision, labels: np.ndarray) -> dict[str, Any]:
+        """The paper's Table 6 (mean entropy per modality) and Table 8 (its analysis: over images the
+        ensemble got right, split by which single modality was right, mean per-image L1 weight ratio).
+        Of the plain `xmore` variant only: the paper's tables are of the authors' protocol, and the
+        presets are its ablations."""
+        if getattr(self, "variant", self.name) != self.name:
+            return {}
+        scored = ~decision.skipped if decision.skipped is not None else np.ones(len(decision.probs), bool)
+        p_img, p_txt = decision.components["p_img"][scored], decision.components["p_txt"][scored]
+        info = [i for i, s in zip(decision.info, scored) if s]
+        weights = np.array([[i["weights"]["img"], i["weights"]["txt"]] for i in info]).reshape(-1, 2)
+        final = decision.probs[scored].argmax(1)
+        return {"mean_entropy": modality_entropy(p_img, p_txt),
+                "l1_weight_ratio_by_case": l1_weight_ratios(p_img, p_txt, final, weights, labels[scored])}
 
 
 register(XMoRe, {

@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +24,7 @@ from xm.encoders import availability_problem
 from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, write_json
 from xm.indexes.manifest import write_manifest
+from xm.indexes.records import BuildStats, EncoderEntry, IndexEntry, Manifest, PartEntry, Roles, ShardEntry, SourceEntry
 from xm.pipeline import compress, sources
 from xm.pipeline.config import STAGES, BuildConfig
 from xm.pipeline.download import download
@@ -188,7 +189,7 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
 
     def manifest() -> None:
         written = _write_manifest(cfg, layout, kind, done, encoders, plan, summary, codecs, hasher_for(runner))
-        summary.manifest_id = written["id"]
+        summary.manifest_id = written.id
         compress.drop_superseded(layout, written)  # float16 parts of compressed roles: only once no manifest lists them
 
     timed("manifest", manifest)
@@ -227,15 +228,14 @@ def _indexed(plan: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
     return [(spec, p.removeprefix("index-")) for spec, parts in plan.items() for p in parts if p.startswith("index-")]
 
 
-def encoder_entry(enc: Any, embedded: list[str], norms: list[str], codecs: dict[str, str] | None = None) -> dict[str, Any]:
+def encoder_entry(enc: Any, embedded: list[str], norms: list[str], codecs: dict[str, str] | None = None) -> EncoderEntry:
     """The manifest's record of one encoder: who it is (weights probe) and what it contributed
     (`codecs`: modalities stored as codes of a FAISS codec instead of float16, `--text-codec`)."""
-    return {"slug": enc.spec.slug, "dim": enc.dim, "logit_scale": enc.logit_scale, "probe": enc.probe(),
-            "embedded": embedded, "norms": norms, "precision": getattr(enc, "precision", "fp32"),
-            **({"codecs": dict(codecs)} if codecs else {})}
+    return EncoderEntry(slug=enc.spec.slug, dim=enc.dim, logit_scale=enc.logit_scale, probe=enc.probe(),
+                        embedded=embedded, norms=norms, precision=getattr(enc, "precision", "fp32"), codecs=dict(codecs or {}))
 
 
-def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[dict[str, Any], list]:
+def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[IndexEntry, list]:
     """The manifest's record of one kNN index (from its build.json) and its shard files."""
     slug = slug_of(spec)
     info_path = layout.index_build_info(slug, modality)
@@ -245,31 +245,34 @@ def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[d
     if info["count"] != count:
         raise XMError(f"{info_path}: index holds {info['count']} rows but {count} are embedded; run the index stage")
     folder = layout.index_dir(slug, modality)
-    entry = {k: info[k] for k in ("key", "params", "metric", "dim", "shards", "k_target")}
-    if info.get("refine_k_factor", 0) > 1:  # a search parameter MemoryIndex.search applies
-        entry["refine_k_factor"] = int(info["refine_k_factor"])
-    entry |= {"encoder": spec, "modality": modality, "dir": layout.rel(folder)}
-    return entry, [folder / sh["file"] for sh in info["shards"]]
+    shards = [ShardEntry(file=sh["file"], ntotal=sh["ntotal"], id_offset=sh["id_offset"], id_range=tuple(sh["id_range"]))
+              for sh in info["shards"]]
+    # refine_k_factor: a search parameter MemoryIndex.search applies
+    entry = IndexEntry(key=info["key"], params=info["params"], metric=info["metric"], dim=info["dim"], shards=shards,
+                       k_target=info["k_target"],
+                       refine_k_factor=int(info["refine_k_factor"]) if info.get("refine_k_factor", 0) > 1 else None,
+                       encoder=spec, modality=modality, dir=layout.rel(folder))
+    return entry, [folder / sh.file for sh in shards]
 
 
 def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict], encoders: dict,
                     plan: dict[str, tuple[str, ...]], summary: BuildSummary, codecs: dict[str, dict[str, str]],
-                    hasher: Callable[[list[Path]], list[str]] | None = None) -> dict:
+                    hasher: Callable[[list[Path]], list[str]] | None = None) -> Manifest:
     files = []
     enc_entries = {}
     first = next(iter(plan))
     for spec, parts in plan.items():
         slug = slug_of(spec)
-        embedded = [m for m in ("image", "text") if m in parts]
+        embedded: list[str] = [m for m in ("image", "text") if m in parts]
         # precomputed caption arrays are unit-norm already and bring no norms
         norms = ["text"] if "text" in parts and all(layout.norm_file(slug, "text", m["part"]).is_file() for m in done) else []
-        enc_entries[spec] = (encoder_entry(encoders[spec], embedded, norms) if spec in encoders else
-                             unloaded_encoder_entry(layout, spec, embedded, norms, [m["part"] for m in done],
-                                                    sources.OPENAI_LOGIT_SCALE))
-        enc_entries[spec].update(sources.precomputed_record(cfg, spec, embedded))  # which source array is which
+        enc_entry = (encoder_entry(encoders[spec], embedded, norms) if spec in encoders else
+                     unloaded_encoder_entry(layout, spec, embedded, norms, [m["part"] for m in done],
+                                            sources.OPENAI_LOGIT_SCALE))
         coded = compress.finished_codecs(layout, spec, slug, codecs.get(spec, {}), [m["part"] for m in done])
-        if coded:  # codes + codec instead of float16 parts (pipeline/compress.py)
-            enc_entries[spec]["codecs"] = coded
+        # which source array is which; codes + codec instead of float16 parts (pipeline/compress.py)
+        enc_entries[spec] = replace(enc_entry, precomputed=sources.precomputed_record(cfg, spec, embedded).get("precomputed", {}),
+                                    codecs=coded)
         for modality in embedded:
             files += compress.embedding_files(layout, slug, modality, [m["part"] for m in done], coded.get(modality))
         files += [layout.norm_file(slug, "text", m["part"]) for m in done] if norms else []
@@ -283,14 +286,14 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
     for f in files:
         if not f.is_file():
             raise XMError(f"{f}: missing; run the stage that writes it (see --stages)")
-    body = {
-        "count": summary.count,
-        "source": {"kind": kind, "source": cfg.source, "limit": cfg.limit, "parts": cfg.parts, "shard_size": cfg.shard_size},
-        "roles": {"coarse": cfg.coarse, "fine": cfg.fine, "inference": list(cfg.inference)},
-        "encoders": enc_entries,
-        "parts": [{"name": m["part"], "rows": m["rows"]} for m in done],
-        "indexes": indexes,
-        "stats": {"failures": summary.failures, "selected": summary.selected,
-                  "empty_captions": sum(m.get("empty_captions", 0) for m in done)},
-    }
-    return write_manifest(layout, body, files, hasher=hasher, keep_if_same=True)
+    manifest = Manifest(
+        count=summary.count,
+        source=SourceEntry(kind=kind, source=cfg.source, limit=cfg.limit, parts=cfg.parts, shard_size=cfg.shard_size),
+        roles=Roles(coarse=cfg.coarse, fine=cfg.fine, inference=list(cfg.inference)),
+        encoders=enc_entries,
+        parts=[PartEntry(name=m["part"], rows=m["rows"]) for m in done],
+        indexes=indexes,
+        stats=BuildStats(failures=summary.failures, selected=summary.selected,
+                         empty_captions=sum(m.get("empty_captions", 0) for m in done)),
+    )
+    return write_manifest(layout, manifest, files, hasher=hasher, keep_if_same=True)

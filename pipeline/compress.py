@@ -30,6 +30,7 @@ from xm.errors import XMError
 from xm.indexes import codecs
 from xm.indexes.embeddings import EmbeddingMatrix
 from xm.indexes.layout import Layout, atomic_path, sha256_file, write_json
+from xm.indexes.records import Manifest
 from xm.pipeline.quiet import captured_stderr
 from xm.pipeline.runners.base import Runner
 from xm.pipeline.runners.local import LocalRunner
@@ -190,14 +191,14 @@ def embedding_files(layout: Layout, slug: str, modality: str, parts: list[str], 
     return [layout.emb_file(slug, modality, p) for p in parts]
 
 
-def drop_superseded(layout: Layout, manifest: dict[str, Any]) -> list[str]:
+def drop_superseded(layout: Layout, manifest: Manifest) -> list[str]:
     """Remove the float16 parts of compressed embeddings that `manifest` (already written) no
     longer lists; return what was removed (relative paths)."""
-    listed = set(manifest["files"])
+    listed = set(manifest.files)
     removed = []
-    for entry in manifest["encoders"].values():
-        for modality in entry.get("codecs", {}):
-            folder = layout.emb_dir(entry["slug"], modality)
+    for entry in manifest.encoders.values():
+        for modality in entry.codecs:
+            folder = layout.emb_dir(entry.slug, modality)
             if not folder.is_dir():
                 continue
             for f in sorted(folder.glob("*.npy")):

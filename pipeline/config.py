@@ -94,9 +94,9 @@ class BuildConfig:
                 raise XMError(f"{flag} {value}: must be at least 1")
         if not isinstance(self.refine_k_factor, int) or not 0 <= self.refine_k_factor <= 64:
             raise XMError(f"--refine-k-factor {self.refine_k_factor}: must be an integer from 0 (off) to 64")
-        from xm.encoders import check_precision
+        from xm.encoders.precision import Precision
 
-        self.precision = check_precision(self.precision)
+        self.precision = Precision.parse(self.precision)
         runner = self.runner_kind
         runner.check_options(self)
         if runner.absolute_paths:

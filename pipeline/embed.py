@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from xm.encoders import Encoder, EncoderSpec, load_image
 from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, write_json
+from xm.indexes.records import EncoderEntry
 from xm.pipeline.compress import read_record
 from xm.pipeline.sources.base import ArrayRef, Part, Sample
 
@@ -240,7 +241,7 @@ def read_array(ref: ArrayRef, rows: int, dim: int | None, spec: str) -> np.ndarr
 
 
 def unloaded_encoder_entry(layout: Layout, spec: str, embedded: list[str], norms: list[str], parts: list[str],
-                           logit_scale: float) -> dict[str, Any]:
+                           logit_scale: float) -> EncoderEntry:
     """The manifest's record of an encoder that was never loaded (every embedding of it came from
     the source): the same keys as a loaded one's, dim from the stored arrays, no weights probe
     (`probe: null`: not verifiable) and no precision (it never ran)."""
@@ -255,8 +256,8 @@ def unloaded_encoder_entry(layout: Layout, spec: str, embedded: list[str], norms
         if record is not None:
             dim = int(record["dim"])
             break
-    return {"slug": slug, "dim": dim, "logit_scale": logit_scale, "probe": None,
-            "embedded": embedded, "norms": norms, "precision": None}
+    return EncoderEntry(slug=slug, dim=dim, logit_scale=logit_scale, probe=None,
+                        embedded=embedded, norms=norms, precision=None)
 
 
 def read_marker(layout: Layout, part: str) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ the files it already listed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -20,14 +20,12 @@ from xm.encoders import load_encoder
 from xm.errors import XMError
 from xm.indexes.layout import Layout, write_json
 from xm.indexes.manifest import read_manifest, write_manifest
+from xm.indexes.records import Manifest
 from xm.pipeline.build import encoder_entry, index_entry
 from xm.pipeline.compress import embedding_files
 from xm.pipeline.config import BuildConfig, parse_encoder_flag
 from xm.pipeline.embed import _pixel_batches, _save_npy, write_text_embeddings
 from xm.pipeline.index_stage import build_modality_index, index_is_current
-
-# manifest keys that write_manifest sets itself
-_GENERATED = ("format", "format_read", "id", "created", "versions", "files")
 
 
 @dataclass
@@ -39,22 +37,22 @@ class AddSummary:
     manifest_id: str | None = None
 
 
-def _image_rows(cfg: BuildConfig, layout: Layout, manifest: dict[str, Any], part: str) -> list[Any]:
+def _image_rows(cfg: BuildConfig, layout: Layout, manifest: Manifest, part: str) -> list[Any]:
     """The part's samples from the recorded source, in the stored rows' order."""
-    src = manifest["source"]
-    build = BuildConfig(source=src["source"], out=layout.root, source_kind=src["kind"], limit=src.get("limit"),
-                        parts=src.get("parts"), shard_size=src.get("shard_size") or BuildConfig.shard_size)
+    src = manifest.source
+    build = BuildConfig(source=src.source, out=layout.root, source_kind=src.kind, limit=src.limit, parts=src.parts,
+                        shard_size=src.shard_size or BuildConfig.shard_size)
     if not build.kind.has_images:
         raise XMError(f"{layout.root}: built from precomputed embeddings; there are no images to embed under another encoder")
     parts = {p.name: p for p in build.kind.parts(build, layout)}
     if part not in parts:
-        raise XMError(f"{src['source']}: part {part} of {layout.root} is no longer in the source; images cannot be re-read")
-    first = next(iter(manifest["encoders"].values()))["slug"]
+        raise XMError(f"{src.source}: part {part} of {layout.root} is no longer in the source; images cannot be re-read")
+    first = next(iter(manifest.encoders.values())).slug
     keys = pq.read_table(layout.metadata_file(first, part), columns=["image_path"]).column("image_path").to_pylist()
     by_key = {s.key: s for s in parts[part].samples() if s.key in set(keys)}
     missing = [k for k in keys if k not in by_key]
     if missing:
-        raise XMError(f"{src['source']}: {len(missing)} image(s) of part {part} are gone (e.g. {missing[0]}); cannot add image embeddings")
+        raise XMError(f"{src.source}: {len(missing)} image(s) of part {part} are gone (e.g. {missing[0]}); cannot add image embeddings")
     return [by_key[k] for k in keys]
 
 
@@ -64,18 +62,16 @@ def add_encoder(out: str, flag: str, cfg: BuildConfig | None = None,
     manifest = read_manifest(out)
     spec, parts = parse_encoder_flag(flag, "--add-encoder")
     cfg = cfg or BuildConfig(source="", out=layout.root)
-    from xm.encoders import check_precision
-
-    enc = load_encoder(spec, cache_dir=cfg.cache_dir, precision=check_precision(cfg.precision))
-    prior = manifest["encoders"].get(spec)
-    if prior is not None and not enc.fingerprint_matches(prior["probe"]):
+    enc = load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision)
+    prior = manifest.encoders.get(spec)
+    if prior is not None and not enc.fingerprint_matches(prior.probe):
         raise XMError(f"{layout.manifest}: encoder {spec} has other weights than the ones that built this index")
     summary = AddSummary(out=str(layout.root), encoder=spec)
-    embedded = set(prior["embedded"]) if prior else set()
-    norms = set(prior.get("norms", [])) if prior else set()
+    embedded = set(prior.embedded) if prior else set()
+    norms = set(prior.norms) if prior else set()
     slug = enc.spec.slug
-    part_names = [p["name"] for p in manifest["parts"]]
-    rows = {p["name"]: p["rows"] for p in manifest["parts"]}
+    part_names = [p.name for p in manifest.parts]
+    rows = {p.name: p.rows for p in manifest.parts}
     for modality in ("text", "image"):
         if modality not in parts:
             continue
@@ -99,7 +95,7 @@ def add_encoder(out: str, flag: str, cfg: BuildConfig | None = None,
                 for _, pixels in _pixel_batches(_image_rows(cfg, layout, manifest, part), {spec: enc.preprocess}, cfg.batch_size, failures):
                     chunks.append(enc.encode_pixels(pixels[spec]))
                 if failures:
-                    raise XMError(f"{manifest['source']['source']}: {sum(failures.values())} image(s) of part {part} no longer decode")
+                    raise XMError(f"{manifest.source.source}: {sum(failures.values())} image(s) of part {part} no longer decode")
                 _save_npy(layout.emb_file(slug, "image", part), np.concatenate(chunks))
             write_json(layout.done_marker(stage, part), {"part": part, "rows": rows[part]})
             tick(rows[part])
@@ -108,34 +104,34 @@ def add_encoder(out: str, flag: str, cfg: BuildConfig | None = None,
             norms.add("text")
         summary.added.append(f"{modality} embeddings")
 
-    indexes = [e for e in manifest["indexes"] if not (e["encoder"] == spec and f"index-{e['modality']}" in parts)]
+    indexes = [e for e in manifest.indexes if not (e.encoder == spec and f"index-{e.modality}" in parts)]
     new_index_files = []
     for modality in ("image", "text"):
         if f"index-{modality}" not in parts:
             continue
-        existing = [e for e in manifest["indexes"] if e["encoder"] == spec and e["modality"] == modality]
+        existing = [e for e in manifest.indexes if e.encoder == spec and e.modality == modality]
         if existing:
             summary.skipped.append(f"{modality} kNN index: already in the index")
             indexes.append(existing[0])
             continue
-        if not index_is_current(layout, slug, modality, manifest["count"], cfg.shards):
-            build_modality_index(cfg, layout, slug, modality, manifest["count"])
-        entry, shard_files = index_entry(layout, spec, modality, manifest["count"])
+        if not index_is_current(layout, slug, modality, manifest.count, cfg.shards):
+            build_modality_index(cfg, layout, slug, modality, manifest.count)
+        entry, shard_files = index_entry(layout, spec, modality, manifest.count)
         indexes.append(entry)
         new_index_files += shard_files
         summary.added.append(f"{modality} kNN index")
 
     if not summary.added:
-        summary.manifest_id = manifest["id"]
+        summary.manifest_id = manifest.id
         return summary
-    files = [layout.root / rel for rel in manifest["files"]]
-    codecs = (prior or {}).get("codecs", {})  # a compressed modality stays compressed (pipeline/compress.py)
+    files = [layout.root / rel for rel in manifest.files]
+    codecs = prior.codecs if prior else {}  # a compressed modality stays compressed (pipeline/compress.py)
     for modality in sorted(embedded):
         files += embedding_files(layout, slug, modality, part_names, codecs.get(modality))
     files += [layout.norm_file(slug, "text", p) for p in part_names] if "text" in norms else []
-    body = {k: v for k, v in manifest.items() if k not in _GENERATED}
-    body["encoders"] = {**manifest["encoders"], spec: encoder_entry(enc, sorted(embedded), sorted(norms), codecs)}
-    body["indexes"] = indexes
-    summary.manifest_id = write_manifest(layout, body, files + new_index_files, known=manifest["files"])["id"]
+    # the rest as it was (a format-1 manifest is written back as format 2)
+    changed = replace(manifest, encoders={**manifest.encoders, spec: encoder_entry(enc, sorted(embedded), sorted(norms), codecs)},
+                      indexes=indexes)
+    summary.manifest_id = write_manifest(layout, changed, files + new_index_files, known=manifest.files).id
     return summary
 

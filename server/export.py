@@ -42,12 +42,12 @@ def merge_shards(memory: Any, spec: str, modality: str) -> Any:
     from xm.indexes.shards import set_params
 
     entry = memory.index_entry(spec, modality)
-    shards_meta = sorted(entry["shards"], key=lambda s: s["id_range"][0])
-    folder = memory.root / entry["dir"]
-    ends = [s["id_range"] for s in shards_meta]
+    shards_meta = sorted(entry.shards, key=lambda s: s.id_range[0])
+    folder = memory.root / entry.dir
+    ends = [list(s.id_range) for s in shards_meta]
     if ends[0][0] != 0 or any(a[1] != b[0] for a, b in zip(ends, ends[1:])) or ends[-1][1] != memory.count:
         raise XMError(f"{folder}: shard id ranges {ends} do not cover 0..{memory.count} contiguously")
-    shards = [faiss.read_index(str(folder / s["file"])) for s in shards_meta]
+    shards = [faiss.read_index(str(folder / s.file)) for s in shards_meta]
     merged = shards[0]
     try:
         ivf = faiss.extract_index_ivf(merged)
@@ -64,7 +64,7 @@ def merge_shards(memory: Any, spec: str, modality: str) -> Any:
                 merged.add(s.reconstruct_n(0, s.ntotal))
     if merged.ntotal != memory.count:
         raise XMError(f"{folder}: merged index holds {merged.ntotal} vectors, the manifest says {memory.count}")
-    set_params(merged, entry.get("params", ""))  # nprobe / efSearch are saved with the index
+    set_params(merged, entry.params)  # nprobe / efSearch are saved with the index
     return merged
 
 
@@ -111,8 +111,8 @@ def export_clip_back(index: str | Path, out: str | Path, name: str | None = None
             faiss.write_index(merged, str(tmp))
         written.append(target.name)
         del merged
-    src = memory.manifest.get("source", {})
-    src_root = Path(src["source"]).resolve() if src.get("source") and Path(src["source"]).is_dir() else None
+    src = memory.manifest.source
+    src_root = Path(src.source).resolve() if src.source and Path(src.source).is_dir() else None
     meta_dir = out / "metadata"
     meta_dir.mkdir(exist_ok=True)
     for stale in meta_dir.glob("*.parquet"):

@@ -191,10 +191,10 @@ class ServedIndex:
             m.index(mod, self.spec)
             if m.has_embeddings(self.spec, mod):
                 m.embeddings(self.spec, mod)
-        for spec, entry in m.manifest["encoders"].items():
-            if "text" in entry["embedded"]:
+        for spec, entry in m.manifest.encoders.items():
+            if "text" in entry.embedded:
                 m.embeddings(spec, "text")
-            if "text" in entry.get("norms", []):
+            if "text" in entry.norms:
                 m.norms(spec, "text")
         m.__dict__["store"] = _LockedStore(m.store)  # replaces the cached_property's value
         _ = m.caption_hashes
@@ -206,16 +206,16 @@ class ServedIndex:
                 raise XMError(f"--columns: {', '.join(unknown)} not in {path}'s caption store ({', '.join(available)})")
             available = [c for c in available if c in columns]
         self.columns = available
-        src = m.manifest.get("source", {})
-        root = Path(src.get("source", "")) if src.get("source") else None
+        src = m.manifest.source
+        root = Path(src.source) if src.source else None
         # local source files (the web page's thumbnails) are read only from under these folders
         self.image_roots = [r.resolve() for r in (root, self.path) if r is not None and r.is_dir()]
 
     def describe(self) -> dict[str, Any]:
         m = self.memory
         return {"id": m.id, "count": m.count, "roles": m.roles, "modalities": self.modalities, "columns": self.columns,
-                "encoders": {s: {"dim": e["dim"], "probe": e["probe"], "embedded": e["embedded"], "norms": e.get("norms", [])}
-                             for s, e in m.manifest["encoders"].items()}}
+                "encoders": {s: {"dim": e.dim, "probe": e.probe, "embedded": e.embedded, "norms": e.norms}
+                             for s, e in m.manifest.encoders.items()}}
 
     def local_image(self, row: dict) -> Path | None:
         """The source file of a memory item, if it lies under a served folder; else None."""
@@ -263,9 +263,9 @@ class Service:
     def __init__(self, indexes: Sequence[tuple[str, Path]], limits: Limits | None = None, allow_url_fetch: bool = False,
                  inline_images: bool = False, columns: Sequence[str] | None = None, batch_items: int = 32,
                  batch_wait_s: float = 0.004, precision: str | None = None) -> None:
-        from xm.encoders import check_precision
+        from xm.encoders.precision import Precision
 
-        self.precision = check_precision(precision)  # every encoder the server runs
+        self.precision = Precision.parse(precision)  # the server config's edge: every encoder the server runs
         self.limits = limits or Limits()
         self.allow_url_fetch = allow_url_fetch
         self.inline_images = inline_images
@@ -505,7 +505,7 @@ class Service:
         if both:
             raise RequestError(400, f"option(s) {', '.join(both)} given twice (top level and in options)")
         opts = {**flat, **opts}
-        encoders = set(served.memory.manifest["encoders"])
+        encoders = set(served.memory.manifest.encoders)
         for k, v in opts.items():
             if k in FILE_OPTIONS and v not in (None, ""):
                 raise RequestError(403, f"option {k}: names a file on the server; not accepted over HTTP")
@@ -533,9 +533,9 @@ class Service:
         if not isinstance(method, str) or len(method) > 64:
             raise RequestError(400, "method: expected a method name (see GET /xm/methods)")
         model = body.get("model")
-        if model is not None and (not isinstance(model, str) or model not in served.memory.manifest["encoders"]):
+        if model is not None and (not isinstance(model, str) or model not in served.memory.manifest.encoders):
             raise RequestError(400, f"model: {str(model)[:80]!r} is not an encoder of indice {served.name} "
-                                    f"({', '.join(served.memory.manifest['encoders'])})")
+                                    f"({', '.join(served.memory.manifest.encoders)})")
         templates = body.get("templates") or [DEFAULT_TEMPLATE]
         if isinstance(templates, str):
             templates = [templates]
@@ -562,7 +562,7 @@ class Service:
                                      protocol_name=protocol, options=options, precision=self.precision)
                 except XMError as exc:
                     raise RequestError(400, str(exc)) from exc
-                clf.evidence_lock = None if type(clf.method).__name__ in ("XMoRe", "ZeroShotCLIP") else threading.Lock()
+                clf.evidence_lock = None if clf.method.thread_safe_evidence else threading.Lock()
                 with self._lock:
                     self._classifiers[key] = clf
                     while len(self._classifiers) > lim.max_classifiers:

@@ -52,7 +52,7 @@ def test_the_cards_commands_as_written(newcomer, tmp_path) -> None:
     t = time.time()
     r = _xm(newcomer, "build-index", "--source", "laion400m")
     assert r.returncode == 2 and time.time() - t < 60
-    err = [l for l in r.stderr.splitlines() if l.startswith("xm: error:")]
+    err = [line for line in r.stderr.splitlines() if line.startswith("xm: error:")]
     assert len(err) == 1 and "--metadata-root" in err[0] and "checkpoint.pt" in err[0], r.stderr
     data_home = Path(newcomer["HOME"]) / ".local" / "share" / "xm"
     assert not (data_home / "indexes" / "laion400m").exists()  # a failed first run leaves nothing behind

@@ -140,7 +140,7 @@ def test_cli_classify_json_and_bad_inputs(memory, tmp_path) -> None:
     Image.open(queries[0]).convert("L").save(gray)
     Image.open(queries[0]).convert("RGBA").save(rgba)
     Image.open(queries[0]).convert("CMYK").save(cmyk)
-    Image.fromarray((np.asarray(Image.open(queries[0]).convert("L")).astype(np.uint16) * 257)).save(deep)
+    Image.fromarray(np.asarray(Image.open(queries[0]).convert("L")).astype(np.uint16) * 257).save(deep)
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8garbage")
     args = ["classify", str(queries[0]), str(tmp_path / "missing.jpg"), str(corrupt), str(gray), str(rgba), str(cmyk),
@@ -148,11 +148,11 @@ def test_cli_classify_json_and_bad_inputs(memory, tmp_path) -> None:
             "--k-coarse", "3", "--k-fine", "2"]
     out = _xm(*args)
     assert out.returncode == 1
-    lines = [json.loads(l) for l in out.stdout.splitlines()]
-    assert len(lines) == 7 and [l["image"] for l in lines] == args[1:8]
-    assert [("error" in l) for l in lines] == [False, True, True, False, False, False, False]
+    lines = [json.loads(text) for text in out.stdout.splitlines()]
+    assert len(lines) == 7 and [record["image"] for record in lines] == args[1:8]
+    assert [("error" in record) for record in lines] == [False, True, True, False, False, False, False]
     assert lines[0]["prediction"] == CLASSES[labels[0]]
-    errs = [l for l in out.stderr.splitlines() if l.startswith("xm: error")]
+    errs = [line for line in out.stderr.splitlines() if line.startswith("xm: error")]
     assert any("missing.jpg: no such image file" in e for e in errs) and any("corrupt.jpg: not a readable image" in e for e in errs)
     assert len(errs) == 2
 
@@ -167,7 +167,7 @@ def test_cli_classify_json_and_bad_inputs(memory, tmp_path) -> None:
             lab.write_text(labels_text)
         r = _xm("classify", str(queries[0]), "--labels", str(lab), "--index", str(index_path), "--model", TINY, *extra)
         assert r.returncode not in (0, None)
-        err = [l for l in r.stderr.splitlines() if l.startswith("xm: error")]
+        err = [line for line in r.stderr.splitlines() if line.startswith("xm: error")]
         assert len(err) == 1, r.stderr
         return err[0]
 
@@ -181,8 +181,8 @@ def test_mismatched_or_damaged_index_refused(memory, tmp_path) -> None:
     index, queries, _ = memory
     import shutil
 
-    from xm.encoders import loader
     from conftest import write_caption_folder
+    from xm.encoders import loader
 
     # an index built with a checkpoint whose file later holds other weights
     enc = load_encoder(TINY)

@@ -14,8 +14,7 @@ from xm.encoders import EncoderSpec, load_encoder
 from xm.errors import XMError
 from xm.indexes import open_index
 from xm.indexes.layout import Layout
-from xm.pipeline import BuildConfig, build_index
-from xm.pipeline import compress as compress_mod
+from xm.pipeline import BuildConfig, build_index, compress as compress_mod
 
 N = 20  # three parts of 8, 8, 4 rows
 FINE_SLUG = EncoderSpec.parse(TINY_WIDE).slug
@@ -137,7 +136,7 @@ def test_killed_compress_keeps_previous_index_and_resumes(captions_folder, tmp_p
         build_index(_cfg(captions_folder, out, text_codecs=CODEC))
     # the previous index is intact and usable: its manifest, its float16 parts
     memory = open_index(out, verify=True)
-    assert memory.id == first.manifest_id and "codecs" not in memory.encoder_entry(TINY_WIDE)
+    assert memory.id == first.manifest_id and not memory.encoder_entry(TINY_WIDE).codecs
     assert memory.embeddings(TINY_WIDE, "text").gather(np.arange(N)).shape[0] == N
     assert not list(layout.code_dir(FINE_SLUG, "text").glob(".*tmp"))
 
@@ -145,7 +144,7 @@ def test_killed_compress_keeps_previous_index_and_resumes(captions_folder, tmp_p
     done_first = written[0].stat().st_mtime_ns
     build_index(_cfg(captions_folder, out, text_codecs=CODEC))
     memory = open_index(out, verify=True)
-    assert memory.encoder_entry(TINY_WIDE)["codecs"] == {"text": "SQ8"}
+    assert memory.encoder_entry(TINY_WIDE).codecs == {"text": "SQ8"}
     assert written[0].stat().st_mtime_ns == done_first  # the part coded before the kill is kept
     assert not layout.emb_dir(FINE_SLUG, "text").exists()
     assert memory.embeddings(TINY_WIDE, "text").gather(np.arange(N)).shape == (N, load_encoder(TINY_WIDE).dim)

@@ -16,7 +16,6 @@ from xm.methods.registry import create, get
 from xm.texts import Text, TextOptions, TextSet, build_textset, read_descriptions, read_textset
 from xm.texts.wordnet import WordNet, find_wordnet
 
-
 # ------------------------------------------------------------------ a hand-made encoder
 
 class FakeEncoder:

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY
 import xm.encoders
+from conftest import TINY
 from xm.indexes import open_index
 from xm.indexes.layout import Layout
 
@@ -118,14 +118,14 @@ def test_datacomp_pool_is_an_index_without_images_or_weights(pool, tmp_path, mon
     np.testing.assert_allclose(memory.embeddings(TINY, "text").gather([5, 60]), tiny.encode_texts([texts[5], texts[60]]), atol=2e-3)
 
     # the manifest says which encoder and which array each embedding set is
-    enc = memory.manifest["encoders"]
-    assert enc[B32] == {"slug": B32_SLUG, "dim": 512, "logit_scale": 100.0, "probe": None, "embedded": ["image", "text"],
+    enc = memory.manifest.encoders
+    assert enc[B32].to_json() == {"slug": B32_SLUG, "dim": 512, "logit_scale": 100.0, "probe": None, "embedded": ["image", "text"],
                         "norms": [], "precision": None,
                         "precomputed": {"image": "datacomp:b32_img", "text": "datacomp:b32_txt"}}
-    assert enc[L14]["dim"] == 768 and enc[L14]["probe"] is None and enc[L14]["embedded"] == ["image", "text"]
-    assert enc[L14]["precomputed"] == {"image": "datacomp:l14_img", "text": "datacomp:l14_txt"}
-    assert enc[TINY]["probe"] is not None and "precomputed" not in enc[TINY]
-    assert {(e["encoder"], e["modality"]) for e in memory.manifest["indexes"]} == {(B32, "image"), (B32, "text")}
+    assert enc[L14].dim == 768 and enc[L14].probe is None and enc[L14].embedded == ["image", "text"]
+    assert enc[L14].precomputed == {"image": "datacomp:l14_img", "text": "datacomp:l14_txt"}
+    assert enc[TINY].probe is not None and "precomputed" not in enc[TINY].to_json()
+    assert {(e.encoder, e.modality) for e in memory.manifest.indexes} == {(B32, "image"), (B32, "text")}
     # a null probe is "not verifiable": the encoder is accepted by name, not refused or crashed on
     memory.check_encoder(SimpleNamespace(spec=B32, fingerprint_matches=lambda probe: False), "coarse")
     assert tiny.fingerprint_matches(None)

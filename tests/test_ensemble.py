@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from xm.errors import XMError
 from xm.methods.ensemble import StreamState, Weights, adjust, combine, confidence, run_stream
 from xm.methods.zeroshot import class_weights, read_labels
-from xm.errors import XMError
 
 
 def test_confidence_from_entropy() -> None:
@@ -124,7 +124,8 @@ def _authors_transcription(img, caps, W, scale=100.0):
 def test_equivalent_to_authors_code_l1() -> None:
     rng = np.random.default_rng(0)
     C, d, n, k = 7, 16, 25, 16
-    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
     W = unit(rng.standard_normal((C, d)))
     img = unit(rng.standard_normal((n, d)))
     caps = unit(rng.standard_normal((n, k, d)))

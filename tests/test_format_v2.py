@@ -36,10 +36,10 @@ def _xm(*args: str) -> subprocess.CompletedProcess:
 
 def test_manifest_declares_what_each_encoder_holds(built) -> None:
     m = open_index(built)
-    assert m.manifest["format"] == "xm-index/2" and m.format_read == "xm-index/2"
-    assert m.manifest["encoders"][TINY]["embedded"] == ["image", "text"] and m.manifest["encoders"][TINY]["norms"] == ["text"]
-    assert m.manifest["encoders"][TINY_WIDE]["embedded"] == ["text"]
-    assert {(e["encoder"], e["modality"]) for e in m.manifest["indexes"]} == {(TINY, "image"), (TINY, "text")}
+    assert m.manifest.format == "xm-index/2" and m.format_read == "xm-index/2"
+    assert m.manifest.encoders[TINY].embedded == ["image", "text"] and m.manifest.encoders[TINY].norms == ["text"]
+    assert m.manifest.encoders[TINY_WIDE].embedded == ["text"]
+    assert {(e.encoder, e.modality) for e in m.manifest.indexes} == {(TINY, "image"), (TINY, "text")}
     assert m.has_index(TINY, "text") and not m.has_index(TINY_WIDE, "image")
     assert m.default_model() == TINY
     # the stored norms are the caption embeddings' norms before normalisation
@@ -89,12 +89,12 @@ def test_v1_index_opens_and_is_upgraded_by_add_encoder(built, tmp_path) -> None:
     # the authors' raw-dot re-ranking needs the fine caption norms: one line naming the flag that adds them
     with pytest.raises(XMError, match=rf"needs {TINY_WIDE} text embedding norms.*--add-encoder {TINY_WIDE}=text"):
         Classifier(old, LABELS, model=TINY, options={"k_coarse": 4, "k_fine": 2})
-    before = {p: sha256_file(old / p) for p in m.manifest["files"]}
+    before = {p: sha256_file(old / p) for p in m.manifest.files}
     summary = add_encoder(str(old), f"{TINY_WIDE}=text")
     assert summary.added == ["text embeddings"]
     upgraded = open_index(old, verify=True)
-    assert upgraded.manifest["format"] == "xm-index/2" and "format_read" not in json.loads((old / "manifest.json").read_text())
-    assert upgraded.has_norms(TINY_WIDE, "text") and upgraded.index_entry(TINY, "image")["dir"] == "index/image"
+    assert upgraded.manifest.format == "xm-index/2" and "format_read" not in json.loads((old / "manifest.json").read_text())
+    assert upgraded.has_norms(TINY_WIDE, "text") and upgraded.index_entry(TINY, "image").dir == "index/image"
     assert all(sha256_file(old / p) == h for p, h in before.items() if "text_emb" not in p)
     r2 = Classifier(old, LABELS, model=TINY, options={"k_coarse": 4, "k_fine": 2}).classify_images([image])[0]
     assert r2["prediction"] in LABELS
@@ -110,7 +110,7 @@ def test_add_encoder_image_index_from_the_source(built, tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1])["added"] == ["image embeddings", "image kNN index"]
     m = open_index(idx, verify=True)
-    assert m.has_index(TINY_WIDE, "image") and m.manifest["encoders"][TINY_WIDE]["embedded"] == ["image", "text"]
+    assert m.has_index(TINY_WIDE, "image") and m.manifest.encoders[TINY_WIDE].embedded == ["image", "text"]
     # the added image embeddings are the wide encoder's, row-aligned with the store: an image finds itself
     enc = __import__("xm").load_encoder(TINY_WIDE)
     row = m.store.fetch([7])[0]
@@ -129,5 +129,5 @@ def test_encoder_flag_and_failures_summed_over_parts(tmp_path) -> None:
                                       encoders=[f"{TINY_WIDE}=image,index-text"], **TINY_ROLES))
     assert summary.failures == {"failed_to_decode": 3} and summary.count == 6
     m = open_index(tmp_path / "idx")
-    assert m.manifest["stats"]["failures"] == {"failed_to_decode": 3}
-    assert m.manifest["encoders"][TINY_WIDE]["embedded"] == ["image", "text"] and m.has_index(TINY_WIDE, "text")
+    assert m.manifest.stats.failures == {"failed_to_decode": 3}
+    assert m.manifest.encoders[TINY_WIDE].embedded == ["image", "text"] and m.has_index(TINY_WIDE, "text")

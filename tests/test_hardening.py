@@ -38,7 +38,7 @@ def _xm(*args: str, **kw) -> subprocess.CompletedProcess:
 
 def _one_error(r: subprocess.CompletedProcess) -> str:
     assert r.returncode not in (0, None), r
-    errs = [l for l in r.stderr.splitlines() if l.startswith("xm: error")]
+    errs = [line for line in r.stderr.splitlines() if line.startswith("xm: error")]
     assert len(errs) == 1 and "Traceback" not in r.stderr, r.stderr
     return errs[0]
 
@@ -230,7 +230,7 @@ def test_img2dataset_folders_other_formats_named_and_failures_counted(tmp_path) 
     (webdataset / "00000_stats.json").write_text(json.dumps({"status_dict": {"success": 4, "404 Not Found": 2}}))
     summary = build_index(BuildConfig(source=str(webdataset), out=tmp_path / "o2", limit=3, **TINY_ROLES))
     assert summary.count == 3 and summary.failures == {"404 Not Found": 2}
-    assert open_index(tmp_path / "o2").manifest["source"]["limit"] == 3
+    assert open_index(tmp_path / "o2").manifest.source.limit == 3
 
 
 def test_a_folder_without_captions_is_warned_about(tmp_path) -> None:

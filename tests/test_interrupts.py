@@ -50,7 +50,7 @@ def _interrupt_at(args: list[str], stage: str) -> str:
 def _contents(index: Path) -> tuple[int, list[tuple[str, str]], list[str]]:
     m = open_index(index, verify=True)
     rows = m.store.fetch(list(range(m.count)))
-    return m.count, [(r["source_id"], r["caption"]) for r in rows], sorted(m.manifest["files"])
+    return m.count, [(r["source_id"], r["caption"]) for r in rows], sorted(m.manifest.files)
 
 
 def _table(tmp_path: Path, server) -> Path:
@@ -60,7 +60,7 @@ def _table(tmp_path: Path, server) -> Path:
         routes[f"/i/{i}.jpg"] = jpeg_bytes(make_image(i))
         lines.append({"url": f"{base}/i/{i}.jpg", "caption": f"picture {i}"})
     table = tmp_path / "pairs.jsonl"
-    table.write_text("\n".join(json.dumps(l) for l in lines))
+    table.write_text("\n".join(json.dumps(line) for line in lines))
     return table
 
 

@@ -4,6 +4,7 @@ float16 embeddings on disk (`refine_k_factor`, applied by `MemoryIndex.search`).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -45,7 +46,9 @@ def test_memory_search_applies_recorded_refine(tmp_path) -> None:
     entry = memory.index_entry(spec, "image")
     q = memory.embeddings(spec, "image").gather(np.arange(12))[:4]
     before = memory.search("image", q, 3)
-    entry["refine_k_factor"] = 2  # as a compressed index's manifest entry records it
+    # as a compressed index's manifest entry records it
+    memory.manifest = replace(memory.manifest, indexes=[replace(e, refine_k_factor=2) if e is entry else e
+                                                        for e in memory.manifest.indexes])
     sims, ids = memory.search("image", q, 3)
     exact = q @ memory.embeddings(spec, "image").gather(np.arange(12)).T
     assert ids[:, 0].tolist() == [0, 1, 2, 3] and ids.shape == before[1].shape

@@ -74,7 +74,7 @@ def test_index_built_at_one_precision_finds_its_items_at_another(tmp_path, built
     src = write_caption_folder(tmp_path / "pairs", 10)
     build_index(BuildConfig(source=str(src), out=tmp_path / "idx", precision=built, **TINY_ROLES))
     memory = open_index(tmp_path / "idx")
-    assert {e["precision"] for e in memory.manifest["encoders"].values()} == {built}
+    assert {e.precision for e in memory.manifest.encoders.values()} == {built}
     for i in range(10):
         hits = search_memory(memory, image=src / f"im{i:03d}.jpg", k=3, precision=queried)
         assert hits[0]["caption"] == f"caption number {i}", (built, queried, i, hits)
@@ -89,5 +89,5 @@ def test_unknown_precision_is_one_line(tmp_path) -> None:
         BuildConfig(source="x", out=tmp_path / "o", precision="int4").validate()
     r = subprocess.run([sys.executable, "-m", "xm.cli", "search", str(tmp_path / "none"), "--text", "x", "--precision", "fp8"],
                        capture_output=True, text=True)
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode != 0 and len(lines) == 1 and "--precision 'fp8': unknown precision" in lines[0], r.stderr

@@ -24,12 +24,11 @@ from xm.indexes.memory import open_index
 from xm.methods.base import Context, Queries
 from xm.methods.registry import create, variants
 from xm.pipeline import BuildConfig, build_index
+from xm.methods.reco_model import build_model, mean_fusion
 from xm.training.reco import (
     NeighbourRule,
     TrainConfig,
-    build_model,
     build_tables,
-    mean_fusion,
     reco_loss,
     train_reco,
 )
@@ -369,7 +368,7 @@ def test_test_labels_never_reach_the_method(memory, trained) -> None:
         for param in ("evidence", "decide"):
             assert "label" not in " ".join(inspect.signature(getattr(create(name, _ctx(index), **method_opts), param)).parameters)
 
-        def run(items):
+        def run(items, name=name, method_opts=method_opts):  # this iteration's method, bound now
             method = create(name, _ctx(index), **method_opts)  # Context: memory, model, class names, templates
             return _predict(method, [image for image, _ in items])
 

@@ -162,7 +162,7 @@ def test_clip_client_payloads_equal_xm_search(memory, server) -> None:
     b64 = base64.b64encode(queries[1].read_bytes()).decode()
     cases = [("text", {"text": "my blue tram 1"}, {"text": "my blue tram 1"}),
              ("image", {"image": b64}, {"image": queries[1]})]
-    for kind, payload, query in cases:
+    for _kind, payload, query in cases:
         for modality in ("image", "text"):
             want = search_memory(mem, k=40, modality=modality, **query)
             # ClipClient's own payload: deduplicate and both safety flags on
@@ -364,7 +364,7 @@ def test_auth_host_and_token(memory, tmp_path) -> None:
     _, index, _, _ = memory
     refused = xm("serve", str(index), "--host", "0.0.0.0", "--port", "0")
     assert refused.returncode == 2 and "--token-file" in refused.stderr
-    assert len([l for l in refused.stderr.splitlines() if l.startswith("xm: error")]) == 1
+    assert len([line for line in refused.stderr.splitlines() if line.startswith("xm: error")]) == 1
     (tmp_path / "token").write_text("short\n")
     weak = xm("serve", str(index), "--token-file", str(tmp_path / "token"), "--port", "0")
     assert weak.returncode == 2 and "at least 16 characters" in weak.stderr
@@ -441,7 +441,7 @@ def test_export_clip_back(memory, tmp_path) -> None:
     indices = json.loads((out / "indices_paths.json").read_text())
     assert indices["mem"]["clip_model"] == f"open_clip:{arch}/{Path(ckpt).resolve()}"
     assert indices["mem"]["indice_folder"] == str(out.resolve())
-    assert len(mem.index_entry(spec, "image")["shards"]) == 2  # the merge is exercised
+    assert len(mem.index_entry(spec, "image").shards) == 2  # the merge is exercised
     for modality in ("image", "text"):
         merged = faiss.read_index(str(out / f"{modality}.index"))
         assert merged.ntotal == mem.count
@@ -465,7 +465,7 @@ def test_export_clip_back(memory, tmp_path) -> None:
     m["roles"]["coarse"] = TINY
     (rand / "manifest.json").write_text(json.dumps(m))
     r = xm("export", "clip-back", str(rand), str(tmp_path / "out2"))
-    errors = [l for l in r.stderr.splitlines() if l.startswith("xm: error")]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("xm: error")]
     assert r.returncode == 2 and len(errors) == 1 and "random weights" in errors[0]
 
 

@@ -59,8 +59,8 @@ def _content(root: Path) -> dict:
     queries = coarse.encode_images([make_image(i) for i in QUERIES])
     out = {"count": memory.count, "captions": memory.store.captions(range(memory.count)),
            "hashes": np.asarray(memory.caption_hashes).tolist()}
-    for spec, entry in memory.manifest["encoders"].items():
-        for modality in entry["embedded"]:
+    for spec, entry in memory.manifest.encoders.items():
+        for modality in entry.embedded:
             out[f"{spec}/{modality}"] = memory.embeddings(spec, modality).gather(np.arange(memory.count)).tobytes()
     for modality in ("image", "text"):
         sims, ids = memory.search(modality, queries, 8)

@@ -59,7 +59,8 @@ def test_authors_ensemble_transcription_agrees(xmore, classes: int) -> None:
     n, k = 150, 16
     img_logits = rng.standard_normal((n, classes)) * rng.uniform(1, 6, (n, 1))
     cap_logits = rng.standard_normal((n, k, classes)) * rng.uniform(1, 6, (n, 1, 1)) + 2 * rng.standard_normal((n, 1, classes))
-    softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    def softmax(z):
+        return np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
     evidence = {"p_img": softmax(img_logits), "p_txt": softmax(cap_logits).mean(1), "p_txt_logits": softmax(cap_logits.mean(1)),
                 "ids": np.zeros((n, 2), np.int64), "fine_sims": np.zeros((n, 2), np.float32),
                 "neighbours": np.full(n, 1000), "pool": np.full(n, 128)}
@@ -160,9 +161,10 @@ def test_shuffled_test_labels_give_identical_predictions(memory, tmp_path) -> No
         (data / CLASSES[y] / q.name).write_bytes(q.read_bytes())
     (tmp_path / "t.txt").write_text("\n".join(TEMPLATES))
     ds = load_dataset("imagefolder", data)
-    cfg = lambda cache: BenchmarkConfig(dataset="imagefolder", data_dir=data, index=index, model=TINY, templates=str(tmp_path / "t.txt"),
-                                        methods=["clip", "xmore", "xmore-minmax"], options={"k_coarse": DUPS, "k_fine": 2},
-                                        cache_dir=tmp_path / cache)
+    def cfg(cache):
+        return BenchmarkConfig(dataset="imagefolder", data_dir=data, index=index, model=TINY, templates=str(tmp_path / "t.txt"),
+                               methods=["clip", "xmore", "xmore-minmax"], options={"k_coarse": DUPS, "k_fine": 2},
+                               cache_dir=tmp_path / cache)
     memory_index = open_index(index)
     a = run_benchmark(cfg("c1"), ds, memory_index)
     perm = np.random.default_rng(0).permutation(len(ds.items))

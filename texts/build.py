@@ -20,8 +20,9 @@ Every rejected text is listed in the set's ``dropped`` with the reason.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -144,9 +145,9 @@ def _add_descriptions(ts: TextSet, desc: Descriptions, encoder: Any, opts: TextO
             else:
                 ts.add(c, Text(_fill(ANALOGOUS_TEMPLATE, c=c, ana=a), "analogous", "descriptions", extra={"analogous": a}))
     for c in classnames:
-        for other, sentences in desc.differences.get(c, {}).items():
+        for versus, sentences in desc.differences.get(c, {}).items():
             for s in sentences:
-                ts.add(c, Text(s, "ovo", "descriptions", versus=other))
+                ts.add(c, Text(s, "ovo", "descriptions", versus=versus))
 
 
 def _add_synonyms(ts: TextSet, wn: Any, encoder: Any, name_emb: np.ndarray, name_t: str, opts: TextOptions) -> None:

@@ -19,9 +19,10 @@ match the label names ignoring case, underscores and surrounding spaces.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from xm.errors import XMError
 from xm.userfiles import read_json

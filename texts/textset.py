@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from xm.errors import XMError
 from xm.userfiles import read_json
@@ -99,7 +100,7 @@ class TextSet:
                 if t.kind == "ovo" and (t.versus not in known or t.versus == c):
                     raise XMError(f"{where}: class {c!r}: ovo text {t.text!r} needs 'versus' naming another class")
 
-    def for_classes(self, classnames: Sequence[str], where: str) -> "TextSet":
+    def for_classes(self, classnames: Sequence[str], where: str) -> TextSet:
         """This set for the label set `classnames` (same names; any order); refuses a mismatch."""
         missing = [c for c in classnames if c not in self.texts]
         if missing:

@@ -9,7 +9,6 @@ reader is xm's own (a few lines of the WNDB format), so no Python package is nee
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 
 from xm.errors import XMError
@@ -48,10 +47,16 @@ class WordNet:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+        # read once per part of speech; kept on the instance (a cache on the method would keep every WordNet alive)
+        self._indexes: dict[str, dict[str, list[int]]] = {}
 
-    @lru_cache(maxsize=None)
     def _index(self, pos: str) -> dict[str, list[int]]:
         """lemma -> synset byte offsets into data.<pos>."""
+        if pos not in self._indexes:
+            self._indexes[pos] = self._read_index(pos)
+        return self._indexes[pos]
+
+    def _read_index(self, pos: str) -> dict[str, list[int]]:
         path = self.folder / f"index.{pos}"
         if not path.is_file():
             return {}
