@@ -14,9 +14,10 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -128,8 +129,8 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         todo = [p for p in parts if read_marker(layout, p.name) is None]
         if len(todo) < len(parts):
             summary.skipped.append(f"embed: {len(parts) - len(todo)} part(s) already done")
-        sizes = [p.size for p in todo]
-        total = sum(sizes) if None not in sizes else None
+        sizes = [p.size for p in todo if p.size is not None]
+        total = sum(sizes) if len(sizes) == len(todo) else None
         texts = sum(1 for parts in plan.values() if "text" in parts)
         if runner.in_process:  # here: progress by rows, the encoders loaded once above
             images = progress("embed images", total)

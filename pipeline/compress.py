@@ -19,8 +19,9 @@ A kill anywhere leaves the previous manifest's files in place; a re-run skips wh
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -84,7 +84,7 @@ class BuildConfig:
     text_codecs: list[str] = field(default_factory=list)
     image_codecs: list[str] = field(default_factory=list)  # the same for image embeddings (the refine step's)
 
-    def validate(self) -> "BuildConfig":
+    def validate(self) -> BuildConfig:
         """Every option checked here, once; one line naming the option."""
         positive = {"--limit": self.limit, "--shards": self.shards, "--k": self.k, "--batch-size": self.batch_size,
                     "--image-size": self.image_size, "--processes": self.processes, "--threads": self.threads,
@@ -92,7 +92,8 @@ class BuildConfig:
         for flag, value in positive.items():
             if value is not None and value < 1:
                 raise XMError(f"{flag} {value}: must be at least 1")
-        if not isinstance(self.refine_k_factor, int) or not 0 <= self.refine_k_factor <= 64:
+        refine: object = self.refine_k_factor  # the API may pass any value
+        if not isinstance(refine, int) or not 0 <= refine <= 64:
             raise XMError(f"--refine-k-factor {self.refine_k_factor}: must be an integer from 0 (off) to 64")
         from xm.encoders.precision import Precision
 
@@ -160,7 +161,7 @@ class BuildConfig:
         return {**dataclasses.asdict(self), "out": str(self.out)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
         return cls(**{**data, "out": Path(data["out"]), "stages": tuple(data["stages"])})
 
     def codecs(self) -> dict[str, dict[str, str]]:

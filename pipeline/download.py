@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -39,7 +41,7 @@ def download(cfg: BuildConfig, layout: Layout) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def _run(img2dataset_download, cfg: BuildConfig, layout: Layout, columns: list[str]) -> None:
+def _run(img2dataset_download: Callable[..., Any], cfg: BuildConfig, layout: Layout, columns: list[str]) -> None:
     img2dataset_download(
         url_list=str(layout.selection),
         input_format="parquet",

@@ -20,7 +20,9 @@ import queue
 import threading
 import zipfile
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -102,7 +104,7 @@ def _metadata_table(samples: list[Sample]) -> pa.Table:
     return pa.table(columns)
 
 
-def _save_npy(path, array: np.ndarray, dtype: Any = np.float16) -> None:
+def _save_npy(path: Path, array: np.ndarray, dtype: Any = np.float16) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(array).astype(dtype))

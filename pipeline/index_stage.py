@@ -23,8 +23,11 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from xm.errors import XMError
 from xm.indexes.layout import Layout, write_json
@@ -53,7 +56,8 @@ def index_is_current(layout: Layout, slug: str, modality: str, count: int, shard
     )
 
 
-def _autofaiss(build_index, cfg: BuildConfig, emb_dir: Path, index_path: Path, infos_path: Path, **extra: Any):
+def _autofaiss(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: Path, index_path: Path, infos_path: Path,
+               **extra: Any) -> Any:
     return build_index(
         embeddings=str(emb_dir),
         index_path=str(index_path),
@@ -71,16 +75,17 @@ def _autofaiss(build_index, cfg: BuildConfig, emb_dir: Path, index_path: Path, i
 
 
 def _report_faiss_lines(layout: Layout, emb_dir: Path, faiss_lines: list[str]) -> None:
-    few = sorted({l.split("please provide")[0].strip() for l in faiss_lines if "please provide at least" in l})
+    few = sorted({line.split("please provide")[0].strip() for line in faiss_lines if "please provide at least" in line})
     if few:  # faiss warns once per k-means run; one line of ours says it
         print(f"xm: {layout.rel(emb_dir)}: few training points for the index's clustering ({few[0]}); "
               "fine for a small memory, recall may suffer", file=sys.stderr)
-    other = [l for l in faiss_lines if l.strip() and "please provide at least" not in l and "Sampling a subset" not in l]
+    other = [line for line in faiss_lines if line.strip() and "please provide at least" not in line and "Sampling a subset" not in line]
     if other:
         print("\n".join(other), file=sys.stderr)
 
 
-def _single_machine(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for, queries,
+def _single_machine(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for: Callable[[int], Path],
+                    queries: np.ndarray,
                     index_key: str | None) -> tuple[list[ShardInfo], dict[str, Any], Any]:
     """One index built here, tuned, then split by id range into the shard files."""
     import faiss
@@ -96,7 +101,8 @@ def _single_machine(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, pat
     return shards, autofaiss_infos, (tuned, index)
 
 
-def _on_spark(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for, queries,
+def _on_spark(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for: Callable[[int], Path],
+              queries: np.ndarray,
               index_key: str | None, work: Path, distributed: str) -> tuple[list[ShardInfo], dict[str, Any], Any]:
     """autofaiss on the running SparkSession keeping cfg.shards indices; each becomes a shard
     as it is (global ids, one id range each), then all are tuned together once."""
@@ -135,7 +141,7 @@ def _on_spark(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for,
         infos[f.name] = json.loads(f.read_text())
     if not infos and metrics:
         infos = {"metrics": metrics}
-    view = stacked_view([target.parent / s.file for s in shards])
+    view = stacked_view([Path(path_for(i)) for i in range(len(shards))])  # the shards, renamed above
     tuned = tune_ivf(view, queries, cfg.k, cfg.max_query_time_ms, deadline_s=TUNE_DEADLINE_S)
     return shards, infos, (tuned, view)
 

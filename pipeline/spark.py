@@ -20,8 +20,9 @@ import socket
 import sys
 import threading
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from xm.errors import XMError
 
@@ -57,9 +58,8 @@ def parse_conf(conf: Sequence[str]) -> dict[str, str]:
 def spark_session(master: str | None, conf: Sequence[str], app_name: str) -> Iterator[Any]:
     """The build's one session: spark-submit's if one is active (then --spark-master must agree
     or be absent), else a new one, stopped when the build ends."""
-    from pyspark.sql import SparkSession
-
     from pyspark import SparkConf
+    from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
     if active is not None:

@@ -11,8 +11,9 @@ either finds the marker and returns it, or redoes the part into identical files.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq

@@ -3,8 +3,8 @@ in path order, `--limit` the first N."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 from xm.encoders.images import IMAGE_SUFFIXES

@@ -3,8 +3,8 @@ texts/, metadata/; `--parts`, taken whole), no images. Where they live: `pipelin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
