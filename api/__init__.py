@@ -27,8 +27,10 @@ _LAZY = {
     "Encoder": "xm.encoders",
     "load_encoder": "xm.encoders",
     "load_image": "xm.encoders",
-    "open_index": "xm.indexes",
-    "MemoryIndex": "xm.indexes",
+    "open_index": "xm.memories",
+    "open_memory": "xm.memories",
+    "Memory": "xm.memories",
+    "LocalMemory": "xm.memories",
     "build_index": "xm.pipeline",
     "BuildConfig": "xm.pipeline",
 }

@@ -21,8 +21,8 @@ import numpy as np
 
 from xm.encoders import load_image
 from xm.errors import XMError
-from xm.indexes import MemoryIndex, open_index
 from xm.indexes.layout import write_json
+from xm.memories import Memory, open_memory
 from xm.methods.base import Context, Decision, Queries
 from xm.methods.protocols import DEFAULT_PROTOCOL, protocol
 from xm.methods.registry import create, get
@@ -52,7 +52,7 @@ def result_rows(method: Any, classnames: Sequence[str], decision: Decision, evid
 
 
 class Classifier:
-    def __init__(self, index: str | Path | MemoryIndex | None, labels: str | Path | Sequence[str], method: str = "xmore",
+    def __init__(self, index: str | Path | Memory | None, labels: str | Path | Sequence[str], method: str = "xmore",
                  model: str | None = None, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
                  protocol_name: str = DEFAULT_PROTOCOL, options: dict[str, Any] | None = None,
                  state_file: str | Path | None = None, precision: str | None = None) -> None:
@@ -65,11 +65,8 @@ class Classifier:
             raise XMError(f"method {method}: few-shot (it needs labelled support images); use `xm benchmark --methods {method} --shots N`")
         if index is None and variant.method.needs_memory:
             raise XMError(f"method {method}: needs an index (--index, or a default index: see `xm indexes`)")
-        if isinstance(index, str) and index.lower().startswith(("http://", "https://")):
-            from xm.server.remote import RemoteMemory  # a clip-retrieval-compatible back, the authors' setting
-
-            index = RemoteMemory.from_url(index)
-        self.memory = index if isinstance(index, MemoryIndex) or index is None else open_index(index)
+        # a folder, or a clip-retrieval-compatible back's URL (the authors' setting): `open_memory` decides
+        self.memory = index if isinstance(index, Memory) or index is None else open_memory(index)
         self.model = model or (self.memory.default_model() if self.memory is not None else None)
         if self.model is None:
             raise XMError("--model: required when there is no index to take the inference encoder from")

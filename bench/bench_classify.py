@@ -84,7 +84,7 @@ def main() -> None:
     from PIL import Image
 
     from xm.classify import Classifier
-    from xm.indexes import open_index
+    from xm.memories import open_index
     from xm.methods.retrieval import Timings
 
     def say(title: str, data: dict) -> None:

@@ -226,7 +226,7 @@ def query_features(n: int) -> np.ndarray:
 def run_method(root: Path, feats: np.ndarray) -> dict:
     """The `xmore` method on one index: evidence (retrieval, re-ranking, text modality) + decisions."""
     from xm.classify import Classifier
-    from xm.indexes import open_index
+    from xm.memories import open_index
     from xm.methods.base import Queries
 
     memory = open_index(root)

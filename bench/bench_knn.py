@@ -1,5 +1,5 @@
 """kNN recall@128 against exact search, per ms/query: nprobe x refine (exact re-scoring of the
-top k*F IVF-PQ candidates with the float16 embeddings on disk, as `MemoryIndex.search` does).
+top k*F IVF-PQ candidates with the float16 embeddings on disk, as `LocalMemory.search` does).
 
     .venv/bin/python bench/bench_knn.py [--vectors 1000000] [--key IVF4096,PQ64] [--json]
 
@@ -42,7 +42,7 @@ def main() -> None:
     import faiss
 
     from xm.indexes.embeddings import EmbeddingMatrix
-    from xm.indexes.memory import rescore
+    from xm.memories.local import rescore
 
     def say(title: str, data) -> None:
         if not args.json:

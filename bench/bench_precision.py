@@ -118,7 +118,7 @@ def bench_xmore(items: int, pairs: int, batch: int, say) -> dict:
     import bench_classify
 
     from xm.classify import Classifier
-    from xm.indexes import open_index
+    from xm.memories import open_index
     from xm.methods.retrieval import Timings
 
     images = test_images(batch, seed=7)

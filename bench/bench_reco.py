@@ -75,7 +75,7 @@ class _Matrix:
 
 
 class SyntheticMemory:
-    """The part of MemoryIndex that the neighbour tables use, over generated embeddings
+    """The part of a memory that the neighbour tables use, over generated embeddings
     (clustered, so that neighbours are meaningful), with flat inner-product search."""
 
     def __init__(self, n: int, d: int, seed: int = 0) -> None:
@@ -175,7 +175,7 @@ def _write_parts(folder: Path, img: np.ndarray, labels: np.ndarray, classnames: 
 def e2e(a: argparse.Namespace) -> None:
     from xm.encoders import load_encoder
     from xm.evaluation.classnames import _CLIP_BENCHMARK, _CLIP_BENCHMARK_NAMES
-    from xm.indexes.memory import open_index
+    from xm.memories import open_index
     from xm.methods.base import Context, Queries
     from xm.methods.registry import create
     from xm.pipeline import BuildConfig, build_index

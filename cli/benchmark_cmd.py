@@ -55,7 +55,8 @@ def benchmark_cmd(
     from xm.encoders.precision import Precision
     from xm.evaluation.datasets import load_dataset
     from xm.evaluation.runner import BenchmarkConfig, run_benchmark, write_outputs
-    from xm.indexes import home, open_index
+    from xm.indexes import home
+    from xm.memories import open_index
     from xm.methods.protocols import protocol as get_protocol
     from xm.methods.registry import get
 

@@ -21,7 +21,7 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
 ) -> None:
     """Print an index's manifest readably (and check it against the files)."""
-    from xm.indexes import open_index
+    from xm.memories import open_index
 
     memory = open_index(index, verify=True if verify else None)
     m = memory.manifest

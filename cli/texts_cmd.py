@@ -41,7 +41,7 @@ def texts_cmd(
     opts.source_list("--sources")  # one line for a bad list before any encoder loads
     memory = None
     if index is not None:
-        from xm.indexes import open_index
+        from xm.memories import open_index
 
         memory = open_index(index)
     if model is None:

@@ -30,8 +30,8 @@ from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 from xm.evaluation.datasets import DatasetSplit, load_dataset
 from xm.evaluation.metrics import zeroshot_metrics
-from xm.indexes import MemoryIndex
 from xm.indexes.layout import atomic_path
+from xm.memories import Memory
 from xm.methods.base import Context, Decision, Example, Method, Queries, Support, stack_evidence, take_rows
 from xm.methods.protocols import DEFAULT_PROTOCOL, protocol
 from xm.methods.registry import create, get
@@ -237,7 +237,7 @@ def _support(cfg: BenchmarkConfig, train: DatasetSplit, val_split: DatasetSplit 
     return Support(support, val, shots, seed)
 
 
-def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: MemoryIndex | None,
+def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
                   progress: Progress = lambda label, total: (lambda n: None)) -> dict[str, Any]:
     precision = Precision.parse(cfg.precision)  # the benchmark API's edge
     proto = protocol(cfg.protocol)

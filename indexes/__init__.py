@@ -4,8 +4,7 @@ from xm.indexes import home
 from xm.indexes.embeddings import EmbeddingMatrix
 from xm.indexes.layout import Layout
 from xm.indexes.manifest import read_manifest
-from xm.indexes.memory import MemoryIndex, open_index
 from xm.indexes.shards import ShardedIndex
 from xm.indexes.store import CaptionStore
 
-__all__ = ["home", "CaptionStore", "EmbeddingMatrix", "Layout", "MemoryIndex", "ShardedIndex", "open_index", "read_manifest"]
+__all__ = ["home", "CaptionStore", "EmbeddingMatrix", "Layout", "ShardedIndex", "read_manifest"]

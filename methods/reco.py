@@ -63,8 +63,7 @@ class Reco(Method):
             self.weights_path = resolve_checkpoint(o["checkpoint"]) if o["checkpoint"] else default_dir(memory, self.spec) / "reco.safetensors"
         self.check()
         self.encoder = ctx.encoder(self.spec)
-        entry = memory.encoder_entry(self.spec)
-        if not self.encoder.fingerprint_matches(entry.probe):
+        if not self.encoder.fingerprint_matches(memory.probe(self.spec)):
             raise XMError(f"{memory.root}: encoder {self.spec} has other weights than the ones that built this index")
         self.image_emb = memory.embeddings(self.spec, "image")
         self.text_emb = memory.embeddings(self.spec, "text")
@@ -169,18 +168,18 @@ class Reco(Method):
 
     def explain(self, evidence: dict[str, np.ndarray], row: int) -> dict[str, Any]:
         """The captions fused into the image, and the items fused into the predicted class's prompts."""
-        store = self.ctx.memory.store
+        memory = self.ctx.memory
         ids, sims = evidence["neighbours"][row], evidence["neighbour_sims"][row]
         keep = ids >= 0
         image = [{"id": r["id"], "caption": r["caption"], "url": r["url"], "image_similarity": float(s)}
-                 for r, s in zip(store.fetch(ids[keep], columns=("id", "caption", "url")), sims[keep])]
+                 for r, s in zip(memory.rows(ids[keep], columns=("id", "caption", "url")), sims[keep])]
         pred = int(np.argmax(evidence[f"p_{self.opts['mode']}"][row]))
         m = self.prompt_ids.shape[1]
         prompts = []
         for j in range(m):
             pid, psim = self.prompt_ids[pred, j], self.prompt_sims[pred, j]
             ok = pid >= 0
-            rows = store.fetch(pid[ok], columns=("id", "caption", "url"))
+            rows = memory.rows(pid[ok], columns=("id", "caption", "url"))
             prompts.append({"prompt": self.prompt_texts[pred * m + j],
                             "retrieved": [{"id": r["id"], "caption": r["caption"], "url": r["url"], "text_similarity": float(s)}
                                           for r, s in zip(rows, psim[ok])]})

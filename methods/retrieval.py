@@ -25,7 +25,8 @@ import numpy as np
 
 from xm.encoders import DEFAULT_PRECISION, Encoder, Precision, load_encoder, load_image
 from xm.errors import XMError
-from xm.indexes import MemoryIndex, open_index
+from xm.memories import Memory, open_memory
+from xm.memories.base import ById
 
 POOLS = ("truncate-dedupe", "dedupe-truncate")
 RERANKS = ("dot", "cosine")
@@ -53,7 +54,7 @@ class CaptionEmbeddings:
     """Caption embeddings under one encoder: precomputed in the index, or computed once and
     cached (an encoder the index has none for, or captions encoded with a prefix)."""
 
-    def __init__(self, memory: MemoryIndex, encoder: Encoder, prefix: str = "") -> None:
+    def __init__(self, memory: Memory, encoder: Encoder, prefix: str = "") -> None:
         self.memory = memory
         self.encoder = encoder
         self.prefix = prefix
@@ -70,12 +71,12 @@ class CaptionEmbeddings:
             return self.memory.embeddings(str(self.encoder.spec), "text").gather(ids)
         missing = [int(i) for i in dict.fromkeys(int(i) for i in ids) if i not in self._cache]
         if missing:
-            texts = [self.prefix + c for c in self.memory.store.captions(missing)]
+            texts = [self.prefix + c for c in self.memory.captions(missing)]
             self._cache.update(zip(missing, self.encoder.encode_texts(texts)))
         return np.stack([self._cache[int(i)] for i in ids]) if len(ids) else np.zeros((0, self.encoder.dim), np.float32)
 
 
-def caption_pool(ids: np.ndarray, hashes: np.ndarray, k: int, pool: str) -> np.ndarray:
+def caption_pool(ids: np.ndarray, hashes: ById, k: int, pool: str) -> np.ndarray:
     """The candidate captions of one query, in kNN order (see the module docstring)."""
     ids = ids[ids >= 0]
     if pool == "truncate-dedupe":
@@ -96,7 +97,7 @@ def caption_pool(ids: np.ndarray, hashes: np.ndarray, k: int, pool: str) -> np.n
 class Retriever:
     """X-MoRe steps 3-4: coarse kNN of the query image, fine re-ranking of the captions."""
 
-    def __init__(self, memory: MemoryIndex, coarse: Encoder, fine: Encoder, k_coarse: int = 128, k_fine: int = 16,
+    def __init__(self, memory: Memory, coarse: Encoder, fine: Encoder, k_coarse: int = 128, k_fine: int = 16,
                  direct: bool = True, overfetch: int = 200, refetch: int = 1000, pool: str = "truncate-dedupe",
                  rerank: str = "dot") -> None:
         memory.check_encoder(coarse, "coarse")
@@ -151,12 +152,12 @@ class Retriever:
         return out
 
 
-def search_memory(index: str | Path | MemoryIndex, image: Path | None = None, text: str | None = None, k: int = 10,
+def search_memory(index: str | Path | Memory, image: Path | None = None, text: str | None = None, k: int = 10,
                   modality: str = "image", encoder: str | None = None,
                   precision: Precision = DEFAULT_PRECISION) -> list[dict[str, Any]]:
     """Nearest memory items to an image or text under an indexed encoder (default: coarse),
     the query embedded at `precision` (fp32 | bf16 | int8)."""
-    memory = index if isinstance(index, MemoryIndex) else open_index(index)
+    memory = index if isinstance(index, Memory) else open_memory(index)
     spec = encoder or memory.roles["coarse"]
     enc = load_encoder(spec, precision=precision)
     memory.check_encoder(enc, "coarse" if spec == memory.roles.get("coarse") else "inference")
@@ -168,6 +169,6 @@ def search_memory(index: str | Path | MemoryIndex, image: Path | None = None, te
         raise XMError("search: give an image or a text")
     sims, ids = memory.search(modality, query, min(k, memory.count), encoder=spec)
     keep = ids[0] >= 0
-    rows = memory.store.fetch(ids[0][keep])
+    rows = memory.rows(ids[0][keep])
     return [{"id": int(i), "similarity": float(s), "caption": r["caption"], "url": r["url"], "source_id": r["source_id"]}
             for i, s, r in zip(ids[0][keep], sims[0][keep], rows)]

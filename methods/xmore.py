@@ -142,7 +142,7 @@ class XMoRe(Method):
         """The kept captions, their fine similarity, and each one's own class vote."""
         ids = evidence["ids"][row]
         ids = ids[ids >= 0]
-        rows = self.ctx.memory.store.fetch(ids, columns=("id", "caption", "url"))
+        rows = self.ctx.memory.rows(ids, columns=("id", "caption", "url"))
         votes = softmax(self.caption_logits(ids)) if len(ids) else np.zeros((0, len(self.ctx.classnames)))
         out = []
         for r, sim, p in zip(rows, evidence["fine_sims"][row], votes):

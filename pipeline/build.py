@@ -248,7 +248,7 @@ def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[I
     folder = layout.index_dir(slug, modality)
     shards = [ShardEntry(file=sh["file"], ntotal=sh["ntotal"], id_offset=sh["id_offset"], id_range=tuple(sh["id_range"]))
               for sh in info["shards"]]
-    # refine_k_factor: a search parameter MemoryIndex.search applies
+    # refine_k_factor: a search parameter LocalMemory.search applies
     entry = IndexEntry(key=info["key"], params=info["params"], metric=info["metric"], dim=info["dim"], shards=shards,
                        k_target=info["k_target"],
                        refine_k_factor=int(info["refine_k_factor"]) if info.get("refine_k_factor", 0) > 1 else None,

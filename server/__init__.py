@@ -1,2 +1,3 @@
 """`xm serve`: a clip-retrieval-compatible kNN service over xm memories, a classify
-endpoint and a web page; and `RemoteMemory`, a clip-retrieval back used as a memory."""
+endpoint and a web page. Its client, a clip-retrieval back used as a memory, is
+`xm.memories.remote.RemoteMemory`."""

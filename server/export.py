@@ -87,8 +87,8 @@ def export_clip_back(index: str | Path, out: str | Path, name: str | None = None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from xm.indexes import open_index
     from xm.indexes.layout import atomic_path, write_json
+    from xm.memories import open_index
 
     memory = open_index(index)
     spec = memory.roles["coarse"]

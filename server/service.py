@@ -148,74 +148,40 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> Any:
         raise RequestError(400, str(exc)) from exc
 
 
-class _LockedStore:
-    """A caption store shared by request threads: its row-group cache is not thread-safe."""
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-        self._lock = threading.RLock()
-
-    def fetch(self, ids: Sequence[int], columns: Sequence[str] | None = None) -> list[dict]:
-        with self._lock:
-            return self._store.fetch(ids, columns)
-
-    def captions(self, ids: Sequence[int]) -> list[str]:
-        with self._lock:
-            return self._store.captions(ids)
-
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-
 class ServedIndex:
-    """One memory as clip back serves one indice: its coarse encoder embeds the queries."""
+    """One memory as clip back serves one indice: its coarse encoder embeds the queries.
+    Request threads share the memory, which is safe for concurrent readers (`Memory`)."""
 
     def __init__(self, name: str, path: Path, columns: Sequence[str] | None = None, precision: str = "fp32") -> None:
-        import pyarrow.parquet as pq
-
         from xm.encoders import load_encoder
-        from xm.indexes import open_index
+        from xm.memories import Memory, open_memory
 
         self.name = name
         self.path = Path(path)
-        self.memory = open_index(path)
+        self.memory: Memory = open_memory(self.path)
         m = self.memory
         self.spec = m.roles["coarse"]
         self.encoder = load_encoder(self.spec, quiet=True, precision=precision)
         m.check_encoder(self.encoder, "coarse")
         self.modalities = [mod for mod in ("image", "text") if m.has_index(self.spec, mod)]
-        for mod in self.modalities:  # load now: shards, embeddings, norms are then read-only
-            m.index(mod, self.spec)
-            if m.has_embeddings(self.spec, mod):
-                m.embeddings(self.spec, mod)
-        for spec, entry in m.manifest.encoders.items():
-            if "text" in entry.embedded:
-                m.embeddings(spec, "text")
-            if "text" in entry.norms:
-                m.norms(spec, "text")
-        m.__dict__["store"] = _LockedStore(m.store)  # replaces the cached_property's value
-        _ = m.caption_hashes
-        names = pq.ParquetFile(m.store.files[0]).schema_arrow.names if m.store.files else ["caption", "url"]
-        available = [c for c in names if c != "id"]
+        m.preload()  # shards, embeddings, norms, caption hashes: opened before the first request
+        self.info = m.describe()
+        available = list(self.info["columns"])
         if columns:
             unknown = [c for c in columns if c not in available]
             if unknown:
                 raise XMError(f"--columns: {', '.join(unknown)} not in {path}'s caption store ({', '.join(available)})")
             available = [c for c in available if c in columns]
         self.columns = available
-        src = m.manifest.source
-        root = Path(src.source) if src.source else None
+        src = self.info.get("source", {})
+        root = Path(src.get("source", "")) if src.get("source") else None
         # local source files (the web page's thumbnails) are read only from under these folders
         self.image_roots = [r.resolve() for r in (root, self.path) if r is not None and r.is_dir()]
 
     def describe(self) -> dict[str, Any]:
-        m = self.memory
-        return {"id": m.id, "count": m.count, "roles": m.roles, "modalities": self.modalities, "columns": self.columns,
-                "encoders": {s: {"dim": e.dim, "probe": e.probe, "embedded": e.embedded, "norms": e.norms}
-                             for s, e in m.manifest.encoders.items()}}
+        i = self.info
+        return {"id": i["id"], "count": i["count"], "roles": i["roles"], "modalities": self.modalities, "columns": self.columns,
+                "encoders": i["encoders"]}
 
     def local_image(self, row: dict) -> Path | None:
         """The source file of a memory item, if it lies under a served folder; else None."""
@@ -343,7 +309,7 @@ class Service:
         return list(self.indices)
 
     def rows(self, served: ServedIndex, ids: Sequence[int]) -> list[dict[str, Any]]:
-        rows = served.memory.store.fetch(list(ids), columns=tuple(served.columns)) if len(ids) else []
+        rows = served.memory.rows(list(ids), columns=tuple(served.columns)) if len(ids) else []
         out = []
         for r in rows:
             meta = {c: r.get(c) for c in served.columns}
@@ -459,7 +425,7 @@ class Service:
         served = self.index(name)
         if not item.isdigit() or not 0 <= int(item) < served.memory.count:
             raise RequestError(404, f"no item {item[:20]!r} in indice {served.name}")
-        row = served.memory.store.fetch([int(item)])[0]
+        row = served.memory.rows([int(item)])[0]
         path = served.local_image(row)
         if path is None:
             raise RequestError(404, f"item {item} of indice {served.name} has no local image under a served folder")
@@ -505,7 +471,7 @@ class Service:
         if both:
             raise RequestError(400, f"option(s) {', '.join(both)} given twice (top level and in options)")
         opts = {**flat, **opts}
-        encoders = set(served.memory.manifest.encoders)
+        encoders = set(served.memory.encoders)
         for k, v in opts.items():
             if k in FILE_OPTIONS and v not in (None, ""):
                 raise RequestError(403, f"option {k}: names a file on the server; not accepted over HTTP")
@@ -533,9 +499,9 @@ class Service:
         if not isinstance(method, str) or len(method) > 64:
             raise RequestError(400, "method: expected a method name (see GET /xm/methods)")
         model = body.get("model")
-        if model is not None and (not isinstance(model, str) or model not in served.memory.manifest.encoders):
+        if model is not None and (not isinstance(model, str) or model not in served.memory.encoders):
             raise RequestError(400, f"model: {str(model)[:80]!r} is not an encoder of indice {served.name} "
-                                    f"({', '.join(served.memory.manifest.encoders)})")
+                                    f"({', '.join(served.memory.encoders)})")
         templates = body.get("templates") or [DEFAULT_TEMPLATE]
         if isinstance(templates, str):
             templates = [templates]

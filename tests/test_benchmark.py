@@ -15,7 +15,7 @@ from test_classify_e2e import CLASSES, TEMPLATES, build_memory
 from xm.evaluation.datasets import load_dataset
 from xm.evaluation.runner import DEFAULT_METHODS as METHODS, BenchmarkConfig, run_benchmark, write_outputs
 from xm.evaluation.synthetic import informative_vs_noise
-from xm.indexes import open_index
+from xm.memories import open_index
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import TINY, TINY_ROLES, jpeg_bytes, make_image, write_caption_folder
 from xm.encoders import load_encoder
 from xm.errors import XMError
-from xm.indexes import open_index
+from xm.memories import open_index
 from xm.pipeline import BuildConfig, build_index
 
 N_GOOD = 40

@@ -12,8 +12,8 @@ from conftest import TINY, TINY_ROLES, TINY_WIDE, make_image, write_caption_fold
 from xm.classify import Classifier
 from xm.encoders import EncoderSpec, load_encoder
 from xm.errors import XMError
-from xm.indexes import open_index
 from xm.indexes.layout import Layout
+from xm.memories import open_index
 from xm.pipeline import BuildConfig, build_index, compress as compress_mod
 
 N = 20  # three parts of 8, 8, 4 rows

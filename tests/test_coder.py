@@ -338,7 +338,7 @@ def mined_index(tmp_path_factory):
 
 
 def test_memory_mining(mined_index) -> None:
-    from xm.indexes import open_index
+    from xm.memories import open_index
 
     memory = open_index(mined_index / "idx")
     enc = _ctx().encoder(TINY)
@@ -384,7 +384,7 @@ def test_texts_cli_round_trip(mined_index, tmp_path) -> None:
     assert data["format"] == "xm-texts/1" and data["classes"] == CLASSES and data["counts"]["vector"] == summary["vector_texts"]
     ts = read_textset(out)
     assert ts.to_json() == data  # read back exactly as written
-    from xm.indexes import open_index
+    from xm.memories import open_index
 
     ctx = Context(open_index(mined_index / "idx"), TINY, CLASSES, ["a photo of a {}."])
     from_file = create("coder", ctx, texts_file=str(out))

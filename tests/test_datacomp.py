@@ -16,8 +16,8 @@ import pytest
 
 import xm.encoders
 from conftest import TINY
-from xm.indexes import open_index
 from xm.indexes.layout import Layout
+from xm.memories import open_index
 
 B32, L14 = "ViT-B-32:openai", "ViT-L-14:openai"
 B32_SLUG, L14_SLUG = "ViT-B-32_openai", "ViT-L-14_openai"

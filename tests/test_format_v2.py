@@ -14,8 +14,8 @@ import pytest
 from conftest import TINY, TINY_ROLES, TINY_WIDE, make_image, write_caption_folder
 from xm.classify import Classifier
 from xm.errors import XMError
-from xm.indexes import open_index
 from xm.indexes.layout import sha256_file
+from xm.memories import open_index
 from xm.pipeline import BuildConfig, build_index
 from xm.pipeline.extend import add_encoder
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import TINY, TINY_ROLES, jpeg_bytes, make_image, write_caption_folder
 from xm.encoders import load_image
 from xm.errors import XMError
-from xm.indexes import open_index
+from xm.memories import open_index
 from xm.methods.zeroshot import read_labels
 from xm.pipeline import BuildConfig, build_index
 

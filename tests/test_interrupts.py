@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, TINY_WIDE, jpeg_bytes, make_image, write_caption_folder
-from xm.indexes import open_index
+from xm.memories import open_index
 
 pytestmark = pytest.mark.slow
 ROLES = ["--coarse", TINY, "--fine", TINY_WIDE, "--inference", TINY]

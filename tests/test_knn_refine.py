@@ -1,5 +1,5 @@
 """The kNN refine step: candidates of the approximate index re-scored exactly with the
-float16 embeddings on disk (`refine_k_factor`, applied by `MemoryIndex.search`)."""
+float16 embeddings on disk (`refine_k_factor`, applied by `LocalMemory.search`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 
 from conftest import TINY_ROLES, write_caption_folder
 from xm.errors import XMError
-from xm.indexes import open_index
 from xm.indexes.embeddings import EmbeddingMatrix
-from xm.indexes.memory import rescore
+from xm.memories import open_index
+from xm.memories.local import rescore
 from xm.pipeline import BuildConfig, build_index
 
 

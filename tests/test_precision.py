@@ -14,7 +14,7 @@ from conftest import TINY, TINY_ROLES, TINY_WIDE, make_image, write_caption_fold
 from xm.encoders import load_encoder
 from xm.encoders.loader import MIN_COSINE
 from xm.errors import XMError
-from xm.indexes import open_index
+from xm.memories import open_index
 from xm.methods.base import Queries
 from xm.methods.retrieval import search_memory
 from xm.pipeline import BuildConfig, build_index

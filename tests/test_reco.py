@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, TINY_WIDE, make_image, near_duplicate
 from xm.errors import XMError
-from xm.indexes.memory import open_index
+from xm.memories import open_index
 from xm.methods.base import Context, Queries
 from xm.methods.registry import create, variants
 from xm.pipeline import BuildConfig, build_index

@@ -155,7 +155,7 @@ def dedup_reference(memory_index, hits: list[dict], modality: str) -> list[int]:
 
 
 def test_clip_client_payloads_equal_xm_search(memory, server) -> None:
-    from xm.indexes import open_index
+    from xm.memories import open_index
 
     root, index, queries, _ = memory
     mem = open_index(index)
@@ -200,7 +200,7 @@ def test_clip_client_payloads_equal_xm_search(memory, server) -> None:
 
 
 def test_metadata_and_indices_list_in_clip_back_shapes(memory, server) -> None:
-    from xm.indexes import open_index
+    from xm.memories import open_index
 
     mem = open_index(memory[1])
     status, _, names = server.request("GET", "/indices-list")
@@ -385,7 +385,7 @@ def test_auth_host_and_token(memory, tmp_path) -> None:
 
 
 def test_remote_memory_classifies_as_local(memory, server, monkeypatch, tmp_path) -> None:
-    from xm.server.remote import RemoteMemory
+    from xm.memories import RemoteMemory
 
     monkeypatch.setenv("XM_CACHE_DIR", str(tmp_path / "cache"))
     _, index, queries, _ = memory
@@ -428,7 +428,7 @@ def test_export_clip_back(memory, tmp_path) -> None:
     import faiss
     import pyarrow.parquet as pq
 
-    from xm.indexes import open_index
+    from xm.memories import open_index
 
     _, index, _, _ = memory
     mem = open_index(index)

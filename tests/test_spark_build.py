@@ -24,7 +24,7 @@ pytest.importorskip("pyspark")
 from conftest import TINY, TINY_ROLES, jpeg_bytes, make_image  # noqa: E402
 from xm.encoders import load_encoder  # noqa: E402
 from xm.errors import XMError  # noqa: E402
-from xm.indexes import open_index  # noqa: E402
+from xm.memories import open_index  # noqa: E402
 from xm.pipeline import BuildConfig, build_index  # noqa: E402
 
 pytestmark = pytest.mark.slow

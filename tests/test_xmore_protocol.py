@@ -13,7 +13,7 @@ from test_classify_e2e import CLASSES, DUPS, TEMPLATES, build_memory
 from xm.classify import Classifier
 from xm.evaluation.datasets import load_dataset
 from xm.evaluation.runner import BenchmarkConfig, run_benchmark
-from xm.indexes import open_index
+from xm.memories import open_index
 from xm.methods.base import Context
 from xm.methods.registry import create
 from xm.methods.retrieval import Retriever, caption_pool

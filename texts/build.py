@@ -182,7 +182,7 @@ def _add_memory(ts: TextSet, memory: Any, encoder: Any, name_emb: np.ndarray, na
     flat = sorted({int(i) for i in ids.ravel() if i >= 0})
     if not flat:
         return
-    captions = dict(zip(flat, memory.store.captions(flat)))
+    captions = dict(zip(flat, memory.captions(flat)))
     uniq = sorted({(captions[i] or "").strip() for i in flat} - {""})
     emb = dict(zip(uniq, encoder.encode_texts(uniq).astype(np.float64))) if uniq else {}
     taken: set[str] = set()

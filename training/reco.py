@@ -376,7 +376,7 @@ def train_reco(cfg: TrainConfig, progress: Progress = _no_progress,
     as an uninterrupted run's); a finished run is left as it is. Other settings in the same
     folder are refused unless `restart`.
     """
-    from xm.indexes.memory import open_index
+    from xm.memories import open_index
 
     memory = open_index(cfg.index)
     spec = str(cfg.encoder or memory.roles.get("coarse") or "")

@@ -1,10 +1,13 @@
-"""Opening a built index: the memory the methods retrieve from."""
+"""A built index folder as a memory (`LocalMemory`): kNN shards, embeddings and the caption
+store, read through the artefact readers of `xm.indexes`."""
 
 from __future__ import annotations
 
-from functools import cached_property
+import threading
+from collections.abc import Callable, Sequence
+from functools import cached_property, wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -15,10 +18,25 @@ from xm.indexes.manifest import read_manifest, verify_files
 from xm.indexes.records import EncoderEntry, IndexEntry, Manifest
 from xm.indexes.shards import ShardedIndex, top_k
 from xm.indexes.store import CaptionStore
+from xm.memories.base import Memory
 
 # Checksumming every file at load is cheap for small indexes but a full read of a large
 # one on every `xm classify`; above this size only sizes are checked (`xm info --verify`).
 CHECKSUM_AT_LOAD_BYTES = 256 << 20
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(fn: F) -> F:
+    """Run a method under its memory's lock: a lazily opened reader is opened once, whichever
+    request threads ask first."""
+
+    @wraps(fn)
+    def run(self: LocalMemory, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def rescore(queries: np.ndarray, ids: np.ndarray, matrix: EmbeddingMatrix, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,8 +53,14 @@ def rescore(queries: np.ndarray, ids: np.ndarray, matrix: EmbeddingMatrix, k: in
     return top_k(sims, np.where(valid, ids, -1), k)
 
 
-class MemoryIndex:
-    """A built xm index: kNN over the coarse encoder, captions, and caption embeddings."""
+class LocalMemory(Memory):
+    """A built xm index: kNN over the coarse encoder, captions, and caption embeddings.
+
+    Safe for concurrent readers: kNN shards, embeddings and norms are read-only once opened
+    (opening takes the lock); the caption store's row-group cache is used under the lock."""
+
+    kind = "local"
+    root: Path
 
     def __init__(self, root: str | Path, verify: bool | None = None) -> None:
         self.layout = Layout(root)
@@ -49,6 +73,7 @@ class MemoryIndex:
         self._matrices: dict[tuple[str, str], EmbeddingMatrix] = {}
         self._indexes: dict[str, ShardedIndex] = {}
         self._norms: dict[tuple[str, str], np.ndarray] = {}
+        self._lock = threading.RLock()
         if verify:
             self.check_counts()
 
@@ -70,7 +95,7 @@ class MemoryIndex:
             self.index(index.modality, index.encoder)  # refuses shards that disagree with the count
 
     def __repr__(self) -> str:
-        return f"MemoryIndex({self.root}, {self.count} items, id {self.id})"
+        return f"LocalMemory({self.root}, {self.count} items, id {self.id})"
 
     @property
     def id(self) -> str:
@@ -79,6 +104,10 @@ class MemoryIndex:
     @property
     def roles(self) -> dict[str, Any]:
         return self.manifest.roles.to_json()
+
+    @property
+    def encoders(self) -> list[str]:
+        return list(self.manifest.encoders)
 
     @property
     def format_read(self) -> str:
@@ -98,6 +127,10 @@ class MemoryIndex:
     def encoder_entry(self, spec: str) -> EncoderEntry | None:
         return self.manifest.encoders.get(str(spec))
 
+    def probe(self, spec: str) -> list[float] | None:
+        entry = self.encoder_entry(spec)
+        return entry.probe if entry is not None else None
+
     def has_embeddings(self, spec: str, modality: str) -> bool:
         entry = self.encoder_entry(spec)
         return bool(entry and modality in entry.embedded)
@@ -112,18 +145,7 @@ class MemoryIndex:
     def has_index(self, spec: str, modality: str) -> bool:
         return self.index_entry(spec, modality) is not None
 
-    def provides(self, need: Any) -> bool:
-        """Whether this index holds what a method's `Need` asks for."""
-        if need.kind == "embeddings":
-            return self.has_embeddings(need.encoder, need.modality)
-        if need.kind == "index":
-            return self.has_index(need.encoder, need.modality)
-        if need.kind == "norms":
-            return self.has_norms(need.encoder, need.modality)
-        if need.kind == "trained":
-            return need.path is not None and Path(need.path).is_file()
-        raise ValueError(need.kind)
-
+    @_locked
     def embeddings(self, spec: str, modality: str) -> EmbeddingMatrix:
         key = (str(spec), modality)
         if key not in self._matrices:
@@ -143,6 +165,7 @@ class MemoryIndex:
             self._matrices[key] = matrix
         return self._matrices[key]
 
+    @_locked
     def norms(self, spec: str, modality: str) -> np.ndarray:
         """Per-item norms of the embeddings before normalisation (float32, by global id)."""
         key = (str(spec), f"{modality}-norm")
@@ -157,6 +180,7 @@ class MemoryIndex:
             self._norms[key] = arr
         return self._norms[key]
 
+    @_locked
     def index(self, modality: str, encoder: str | None = None) -> ShardedIndex:
         """The kNN index over `encoder`'s `modality` embeddings (default: the coarse encoder)."""
         spec = str(encoder or self.roles["coarse"])
@@ -205,6 +229,37 @@ class MemoryIndex:
     def caption_hashes(self) -> np.ndarray:
         return self.store.hashes  # type: ignore[return-value]
 
+    def rows(self, ids: Sequence[int], columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        with self._lock:  # the store's row-group cache is not thread-safe
+            return self.store.fetch(ids, columns)
+
+    def captions(self, ids: Sequence[int]) -> list[str]:
+        with self._lock:
+            return self.store.captions(ids)
+
+    def columns(self) -> list[str]:
+        """The columns of the caption store (every part has the same)."""
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.store.files[0]).schema_arrow.names if self.store.files else ["caption", "url"]
+
+    def describe(self) -> dict[str, Any]:
+        encoders = {s: {"dim": e.dim, "probe": e.probe, "embedded": e.embedded, "norms": e.norms}
+                    for s, e in self.manifest.encoders.items()}
+        return {"kind": self.kind, "location": str(self.root), "id": self.id, "count": self.count, "roles": self.roles,
+                "encoders": encoders, "source": self.manifest.source.to_json(),
+                "columns": [c for c in self.columns() if c != "id"]}
+
+    def preload(self) -> None:
+        for index in self.manifest.indexes:
+            self.index(index.modality, index.encoder)
+        for spec, entry in self.manifest.encoders.items():
+            for modality in entry.embedded:
+                self.embeddings(spec, modality)
+            for modality in entry.norms:
+                self.norms(spec, modality)
+        _ = self.caption_hashes
+
     def check_encoder(self, encoder: Any, role: str) -> None:
         """Refuse an encoder whose name or weights differ from the one that built this index.
         An entry with no probe (`probe: null`: embeddings taken precomputed from the source, the
@@ -219,6 +274,6 @@ class MemoryIndex:
             )
 
 
-def open_index(root: str | Path, verify: bool | None = None) -> MemoryIndex:
+def open_index(root: str | Path, verify: bool | None = None) -> LocalMemory:
     """Open a built index, refusing one whose manifest and files disagree."""
-    return MemoryIndex(root, verify=verify)
+    return LocalMemory(root, verify=verify)

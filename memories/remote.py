@@ -4,8 +4,8 @@ else here.
 
     xm classify photo.jpg --labels classes.txt --index "http://host:1234/?indice_name=NAME"
 
-    from xm.server.remote import RemoteMemory
-    memory = RemoteMemory.from_url("http://127.0.0.1:1234/?indice_name=NAME")
+    from xm.memories import open_memory
+    memory = open_memory("http://127.0.0.1:1234/?indice_name=NAME")   # a RemoteMemory
     Classifier(memory, labels, method="xmore")
 
 What crosses the wire: the query's coarse embedding (`embedding_input`) to `/knn-service`
@@ -29,23 +29,20 @@ import http.client
 import json
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
-from urllib.parse import parse_qs, urlsplit
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import numpy as np
 
 from xm.errors import XMError
 from xm.indexes.layout import caption_hash
-from xm.indexes.memory import MemoryIndex
+from xm.memories.base import Memory
 
 UNKNOWN_COUNT = 1 << 40  # a clip back does not say how many items it holds
 ENDPOINTS = ("/knn-service", "/metadata", "/indices-list")
-
-
-def is_remote(index: Any) -> bool:
-    return isinstance(index, str) and index.lower().startswith(("http://", "https://"))
 
 
 def _cache_root() -> Path:
@@ -53,7 +50,7 @@ def _cache_root() -> Path:
 
 
 class _Client:
-    """JSON over HTTP/1.1 with one keep-alive connection per thread."""
+    """clip-retrieval's HTTP API as a client: JSON over HTTP/1.1, one keep-alive connection per thread."""
 
     def __init__(self, base: str, token: str | None, timeout: float) -> None:
         parts = urlsplit(base)
@@ -74,6 +71,28 @@ class _Client:
             self._local.conn = conn
         return conn
 
+    def _exchange(self, method: str, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+        """(status, body) of one request; a kept-alive connection the server closed is retried once."""
+        try:
+            return self._exchange_once(method, path, data, headers)
+        except (http.client.HTTPException, ConnectionError, OSError):
+            pass
+        try:
+            return self._exchange_once(method, path, data, headers)
+        except (http.client.HTTPException, ConnectionError, OSError) as exc:
+            raise XMError(f"{self.base}: {method} {path} failed ({type(exc).__name__}: {exc})") from exc
+
+    def _exchange_once(self, method: str, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+        conn = self._conn()
+        try:
+            conn.request(method, self.prefix + path, body=data, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (http.client.HTTPException, ConnectionError, OSError):
+            conn.close()
+            self._local.conn = None
+            raise
+
     def request(self, method: str, path: str, body: Any = None, quiet_404: bool = False) -> Any:
         headers = {"Accept": "application/json"}
         data = None
@@ -82,26 +101,15 @@ class _Client:
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        for attempt in (0, 1):  # a kept-alive connection the server closed is retried once
-            conn = self._conn()
-            try:
-                conn.request(method, self.prefix + path, body=data, headers=headers)
-                resp = conn.getresponse()
-                raw = resp.read()
-                break
-            except (http.client.HTTPException, ConnectionError, OSError) as exc:
-                conn.close()
-                self._local.conn = None
-                if attempt:
-                    raise XMError(f"{self.base}: {method} {path} failed ({type(exc).__name__}: {exc})") from exc
-        if resp.status == 404 and quiet_404:
+        status, raw = self._exchange(method, path, data, headers)
+        if status == 404 and quiet_404:
             return None
-        if resp.status != 200:
+        if status != 200:
             try:
                 msg = json.loads(raw).get("error", "")
             except (ValueError, AttributeError):
                 msg = raw[:200].decode("utf-8", "replace")
-            raise XMError(f"{self.base}: {method} {path} answered {resp.status}" + (f": {msg}" if msg else ""))
+            raise XMError(f"{self.base}: {method} {path} answered {status}" + (f": {msg}" if msg else ""))
         try:
             return json.loads(raw)
         except ValueError as exc:
@@ -112,7 +120,7 @@ class _CaptionVectors:
     """Caption embeddings (and norms) under one encoder, computed here from fetched captions,
     cached by the caption's text hash; `gather(ids)` is what `EmbeddingMatrix.gather` is."""
 
-    def __init__(self, memory: "RemoteMemory", spec: str) -> None:
+    def __init__(self, memory: RemoteMemory, spec: str) -> None:
         from xm.encoders import load_encoder
 
         self.memory = memory
@@ -190,7 +198,7 @@ class _Norms:
 class _Hashes:
     """Indexable like `caption_hash.npy` (`hashes[i]`), from the captions the back returned."""
 
-    def __init__(self, memory: "RemoteMemory") -> None:
+    def __init__(self, memory: RemoteMemory) -> None:
         self.memory = memory
 
     def __getitem__(self, i: Any) -> Any:
@@ -199,38 +207,18 @@ class _Hashes:
         return out if np.ndim(i) else out[0]
 
 
-class RemoteStore:
-    """The caption store's `fetch` and `captions`, answered from the back's metadata."""
+class RemoteMemory(Memory):
+    """A memory whose kNN index is on a clip-retrieval back (X-MoRe's retrieval over HTTP).
 
-    def __init__(self, memory: "RemoteMemory") -> None:
-        self.memory = memory
+    It holds no folder: search and rows are asked of the back; caption embeddings and norms
+    are computed here from the captions, for any encoder; what a back cannot give (image
+    embeddings, kNN indexes for other encoders) is refused in one line.
 
-    def fetch(self, ids: Sequence[int], columns: Sequence[str] | None = None) -> list[dict]:
-        rows = self.memory.metadata(ids)
-        out = []
-        for i, r in zip(ids, rows):
-            row = {"id": int(i), **{k: v for k, v in r.items() if k not in ("id", "similarity", "image")}}
-            row.setdefault("caption", None)
-            row.setdefault("url", None)
-            out.append({c: row.get(c) for c in columns} if columns else row)
-        return out
-
-    def captions(self, ids: Sequence[int]) -> list[str]:
-        return [r.get("caption") or "" for r in self.memory.metadata(ids)]
-
-    @property
-    def hashes(self) -> _Hashes:
-        return _Hashes(self.memory)
-
-
-class RemoteMemory(MemoryIndex):
-    """The subset of `MemoryIndex` that X-MoRe's retrieval uses, over HTTP.
-
-    A `MemoryIndex` subclass so that everything that takes a memory takes this one; it
-    never reads a local folder (its parent's constructor is not called), and what a remote
-    back cannot give (image embeddings, kNN indexes for other encoders) is refused in one line.
+    Safe for concurrent readers: the fetched rows and computed vectors are cached under locks,
+    and each thread keeps its own connection.
     """
 
+    kind = "remote"
     remote = True
 
     def __init__(self, url: str, indice_name: str | None = None, coarse: str | None = None, fine: str | None = None,
@@ -270,35 +258,33 @@ class RemoteMemory(MemoryIndex):
                 raise XMError(f"{base}: indice {name} was built with coarse encoder {roles['coarse']}, not {coarse}")
             self._roles = {"coarse": roles["coarse"], "fine": fine or roles["fine"],
                            "inference": [inference] if inference else list(roles["inference"])}
-            self._count = int(info["count"])
+            self.count = int(info["count"])
             self._id = f"remote-{info['id']}"
+            self._encoders: dict[str, dict[str, Any]] = dict(info["encoders"])
             self._probes = {s: e["probe"] for s, e in info["encoders"].items()}
             self._modalities = list(info.get("modalities", ["image", "text"]))
+            self._columns = list(info.get("columns", ["caption", "url"]))
         else:
             if not coarse:
                 raise XMError(f"{base}: a clip back does not say its encoder; add &coarse=ARCH:PRETRAINED "
                               "(the encoder its index was built with) to the URL")
             self._roles = {"coarse": coarse, "fine": fine or coarse, "inference": [inference or coarse]}
-            self._count = UNKNOWN_COUNT
+            self.count = UNKNOWN_COUNT
             self._id = "remote-" + hashlib.sha256(f"{base}|{name}|{coarse}".encode()).hexdigest()[:16]
+            self._encoders = {}
             self._probes = {}
             self._modalities = ["image", "text"]
-        self.manifest = {"id": self._id, "count": self._count, "roles": self._roles, "source": {"kind": "remote", "source": url},
-                         "encoders": {s: {"probe": p} for s, p in self._probes.items()}, "indexes": [], "parts": []}
+            self._columns = ["caption", "url"]
         self._meta: dict[int, dict[str, Any]] = {}
         self._meta_lock = threading.Lock()
         self._vectors: dict[str, _CaptionVectors] = {}
         self._vectors_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="xm-remote")
 
-    @classmethod
-    def from_url(cls, url: str, **kw: Any) -> "RemoteMemory":
-        return cls(url, **kw)
-
     def __repr__(self) -> str:
         return f"RemoteMemory({self.root}, indice {self.indice_name})"
 
-    # --- what MemoryIndex answers from its manifest ---------------------------------
+    # --- what the back says of itself --------------------------------------------------
     @property
     def id(self) -> str:
         return self._id
@@ -308,18 +294,25 @@ class RemoteMemory(MemoryIndex):
         return self._roles
 
     @property
-    def count(self) -> int:  # type: ignore[override]
-        return self._count
-
-    @property
-    def format_read(self) -> str:
-        return "remote"
+    def encoders(self) -> list[str]:
+        """The back's encoders (an xm back says them), or the roles' (a clip back does not)."""
+        if self._encoders:
+            return list(self._encoders)
+        return list(dict.fromkeys([self._roles["coarse"], self._roles["fine"], *self._roles["inference"]]))
 
     def default_model(self) -> str:
         return self._roles["inference"][0]
 
-    def encoder_entry(self, spec: str) -> dict[str, Any] | None:
-        return None
+    def probe(self, spec: str) -> list[float] | None:
+        return self._probes.get(str(spec))
+
+    def describe(self) -> dict[str, Any]:
+        parts = urlsplit(self.url)  # the URL as given, less any token in it
+        query = urlencode([(k, v) for k, v in parse_qs(parts.query).items() if k != "token"], doseq=True)
+        location = parts._replace(query=query).geturl()
+        return {"kind": self.kind, "location": location, "id": self.id, "count": self.count, "roles": self.roles,
+                "encoders": dict(self._encoders), "source": {"kind": "remote", "source": location},
+                "columns": list(self._columns), "indice_name": self.indice_name}
 
     def has_embeddings(self, spec: str, modality: str) -> bool:
         return modality == "text"  # caption embeddings: computed here, for any encoder
@@ -346,18 +339,15 @@ class RemoteMemory(MemoryIndex):
                 self._vectors[spec] = _CaptionVectors(self, spec)
             return self._vectors[spec]
 
-    def embeddings(self, spec: str, modality: str) -> Any:
+    def embeddings(self, spec: str, modality: str) -> _CaptionVectors:
         if modality != "text":
             raise XMError(f"{self.root}: a remote memory has no {modality} embeddings (only its kNN index is remote)")
         return self._vectors_for(str(spec))
 
-    def norms(self, spec: str, modality: str) -> Any:
+    def norms(self, spec: str, modality: str) -> _Norms:
         if modality != "text":
             raise XMError(f"{self.root}: a remote memory has no {modality} embedding norms")
         return _Norms(self._vectors_for(str(spec)))
-
-    def index(self, modality: str, encoder: str | None = None) -> Any:
-        raise XMError(f"{self.root}: a remote memory's kNN index is on the back; it is searched with search()")
 
     # --- the back -------------------------------------------------------------------------
     def _knn_one(self, vector: np.ndarray, modality: str, k: int) -> list[dict[str, Any]]:
@@ -406,12 +396,21 @@ class RemoteMemory(MemoryIndex):
     def captions_by_hash(self, ids: np.ndarray) -> dict[int, str]:
         return {caption_hash(c): c for c in (m.get("caption") or "" for m in self.metadata(np.asarray(ids).tolist()))}
 
-    @property
-    def store(self) -> RemoteStore:  # type: ignore[override]
-        return RemoteStore(self)
+    def rows(self, ids: Sequence[int], columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """The back's metadata as rows of a caption store (id, caption, url, and what else it sends)."""
+        out = []
+        for i, r in zip(ids, self.metadata(ids)):
+            row = {"id": int(i), **{k: v for k, v in r.items() if k not in ("id", "similarity", "image")}}
+            row.setdefault("caption", None)
+            row.setdefault("url", None)
+            out.append({c: row.get(c) for c in columns} if columns else row)
+        return out
+
+    def captions(self, ids: Sequence[int]) -> list[str]:
+        return [r.get("caption") or "" for r in self.metadata(ids)]
 
     @property
-    def caption_hashes(self) -> _Hashes:  # type: ignore[override]
+    def caption_hashes(self) -> _Hashes:
         return _Hashes(self)
 
     def close(self) -> None:
@@ -420,11 +419,3 @@ class RemoteMemory(MemoryIndex):
                 v.save()
         self._pool.shutdown(wait=False)
 
-
-def open_memory(index: Any) -> Any:
-    """A local index folder, or a remote one for an http(s) URL."""
-    if is_remote(index):
-        return RemoteMemory.from_url(index)
-    from xm.indexes import open_index
-
-    return open_index(index)
