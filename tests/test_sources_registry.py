@@ -13,8 +13,8 @@ import pytest
 from conftest import TINY, TINY_ROLES, jpeg_bytes, make_image, write_caption_folder
 from xm.encoders import load_encoder
 from xm.errors import XMError
-from xm.indexes import open_index
 from xm.indexes.layout import Layout
+from xm.memories import open_index
 from xm.pipeline import BuildConfig, Part, Sample, Source, build_index, register_source
 from xm.pipeline.sources import registry
 
