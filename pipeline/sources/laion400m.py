@@ -4,7 +4,6 @@ img2dataset download. Where the parts live: `pipeline/laion.py`."""
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from xm.indexes.layout import Layout
@@ -25,6 +24,8 @@ class Laion400m(DownloadedSource):
             path = laion.fetch(root, name, layout.work / "select" / name, f"LAION-400M metadata part {i}", "--metadata-root")
             table = pq.read_table(path)
             if cfg.nsfw_filter and "NSFW" in table.column_names:
+                import pyarrow.compute as pc  # Arrow's compute kernels: loaded only by the sources that filter rows
+
                 table = table.filter(pc.equal(table["NSFW"], "UNLIKELY"))
             tables.append(table)
             have += table.num_rows

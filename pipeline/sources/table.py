@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from xm.errors import XMError
 from xm.indexes.layout import Layout
@@ -66,6 +65,8 @@ def read_table(path: Path, url_col: str, caption_col: str) -> pa.Table:
 
 def _check_schemes(path: Path, table: pa.Table, allow_file: bool) -> None:
     """An untrusted table must not read the local disk into the memory: http(s) only."""
+    import pyarrow.compute as pc  # Arrow's compute kernels: loaded only by the sources that filter rows
+
     urls = pc.utf8_lower(pc.cast(table["url"], pa.string()))
     ok = pc.starts_with(urls, "http://")
     for scheme in ["https"] + (["file"] if allow_file else []):
