@@ -42,6 +42,14 @@ def register(method: type[Method], variants: dict[str, tuple[dict[str, Any], str
     return method
 
 
+def unregister(name: str) -> None:
+    """Forget a method and every variant of it (a plug-in registered by a test, when it ends)."""
+    variant = _VARIANTS.get(name)
+    if variant is not None:
+        for key in [k for k, v in _VARIANTS.items() if v.method is variant.method]:
+            del _VARIANTS[key]
+
+
 def _load() -> None:
     global _loaded
     if not _loaded:

@@ -12,10 +12,11 @@ import pytest
 
 from conftest import TINY, TINY_ROLES, TINY_WIDE, write_caption_folder
 from xm.errors import XMError
-from xm.indexes import open_index, read_manifest
+from xm.indexes import read_manifest
 from xm.indexes.layout import Layout, write_json
 from xm.indexes.manifest import upgrade_v1, write_manifest
 from xm.indexes.records import NOT_RECORDED, Manifest
+from xm.memories import open_index
 from xm.pipeline import BuildConfig, build_index
 
 

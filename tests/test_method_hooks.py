@@ -19,7 +19,7 @@ from xm.classify import Classifier
 from xm.errors import XMError
 from xm.evaluation.datasets import load_dataset
 from xm.evaluation.runner import BenchmarkConfig, run_benchmark
-from xm.indexes import open_index
+from xm.memories import open_index
 from xm.methods.registry import variants
 from xm.methods.xmore import XMoRe
 
