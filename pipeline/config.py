@@ -95,7 +95,7 @@ class BuildConfig:
         refine: object = self.refine_k_factor  # the API may pass any value
         if not isinstance(refine, int) or not 0 <= refine <= 64:
             raise XMError(f"--refine-k-factor {self.refine_k_factor}: must be an integer from 0 (off) to 64")
-        from xm.encoders.precision import Precision
+        from xm.encoders.precision import Precision  # here: the xm.encoders package imports torch
 
         self.precision = Precision.parse(self.precision)
         runner = self.runner_kind

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from xm.errors import XMError
+from xm.indexes.manifest import package_versions
 
 # Versions that must agree between the driver and every executor: a part embedded or an
 # index trained under another faiss or xm would not be the index the manifest describes.
@@ -109,8 +110,6 @@ def active_session() -> Any:
 
 def _probe_executor(token_file: str, token: str, _: Any) -> dict[str, Any]:
     """On an executor: who it is, whether it sees the driver's --out, its package versions."""
-    from xm.indexes.manifest import package_versions
-
     try:
         seen = Path(token_file).read_text() == token
     except OSError:
@@ -123,8 +122,6 @@ def preflight(spark: Any, out: Path) -> int:
     """A short job of one task per task slot (Spark spreads them over the executors it has, but
     does not promise to reach each): each must see `out` at the same path and run the driver's
     xm, faiss, autofaiss and img2dataset; otherwise one line. Returns the task slots."""
-    from xm.indexes.manifest import package_versions
-
     folder = out / "_work" / "spark-preflight"
     folder.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
