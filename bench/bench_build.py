@@ -35,7 +35,7 @@ def bench_embed(n_images: int, batch: int, repeats: int = 3) -> dict:
     from xm.encoders import load_encoder, load_image
     from xm.indexes.layout import Layout
     from xm.pipeline.embed import embed_part
-    from xm.pipeline.sources import _folder_parts
+    from xm.pipeline.sources.folder import folder_parts
 
     spec = "ViT-B-32:random"
     enc = load_encoder(spec)
@@ -47,7 +47,7 @@ def bench_embed(n_images: int, batch: int, repeats: int = 3) -> dict:
         captions = [f.with_suffix(".txt").read_text() for f in files]
         enc.encode_pixels(torch.stack([enc.preprocess(load_image(files[0]))]))  # warm-up
 
-        part = _folder_parts(src, n_images)[0]
+        part = folder_parts(src, n_images)[0]
 
         def bare() -> tuple[float, float]:  # read, preprocess, forward; then the captions
             t = time.perf_counter()

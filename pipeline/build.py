@@ -14,21 +14,27 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
+from xm.encoders import availability_problem
 from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, write_json
 from xm.indexes.manifest import write_manifest
 from xm.indexes.records import BuildStats, EncoderEntry, IndexEntry, Manifest, PartEntry, Roles, ShardEntry, SourceEntry
 from xm.pipeline import compress, sources
-from xm.pipeline.config import STAGES, BuildConfig, pin_params
+from xm.pipeline.config import STAGES, BuildConfig
+from xm.pipeline.download import download
 from xm.pipeline.embed import embed_part, read_marker, slug_of, unloaded_encoder_entry
 from xm.pipeline.index_stage import build_modality_index, index_is_current
-from xm.pipeline.tasks import LocalRunner, Runner, SparkRunner, embed_task, hasher_for, load_plan_encoders, store_task
+from xm.pipeline.pins import pin_params
+from xm.pipeline.runners.base import Runner
+from xm.pipeline.sources.base import Source
+from xm.pipeline.tasks import embed_task, hasher_for, load_plan_encoders, store_task
 
 
 @dataclass
@@ -68,7 +74,9 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
     fresh = not layout.root.exists()
     layout.root.mkdir(parents=True, exist_ok=True)
     try:
-        with _runner(cfg, layout) as runner:
+        # where the stages' units of work run: here, or as tasks on the build's one Spark session
+        # (created before img2dataset and autofaiss look for it; every executor checked first)
+        with contextlib.closing(cfg.runner_kind.open(cfg, layout)) as runner:
             return _run_stages(cfg, layout, progress, runner)
     except BaseException:
         # a first run that failed before writing anything leaves no empty --out behind
@@ -85,23 +93,10 @@ def _pause_point(stage: str) -> None:
         time.sleep(float(os.environ.get("XM_PAUSE_SECONDS", "30")))
 
 
-@contextlib.contextmanager
-def _runner(cfg: BuildConfig, layout: Layout) -> Iterator[Runner]:
-    """Where the stages' units of work run: here, or as tasks on the build's one Spark session
-    (created before img2dataset and autofaiss look for it; every executor checked first)."""
-    if cfg.distributor != "pyspark":
-        yield LocalRunner()
-        return
-    from xm.pipeline.spark import preflight, spark_session
-
-    with spark_session(cfg.spark_master, cfg.spark_conf, f"xm build-index {layout.root.name}") as spark:
-        slots = preflight(spark, layout.root)
-        yield SparkRunner(spark, f"Spark {spark.sparkContext.master} ({slots} task slots)")
-
-
 def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Runner) -> BuildSummary:
-    kind = sources.source_kind(cfg.source)
-    summary = BuildSummary(out=str(layout.root), source_kind=kind, ran_on=runner.name)
+    source = cfg.kind
+    kind = source.name  # as the summary and the manifest record it
+    summary = BuildSummary(out=str(layout.root), source_kind=kind, ran_on=runner.description)
     encoders_needed = "embed" in cfg.stages or "manifest" in cfg.stages
 
     def timed(stage: str, fn: Callable[[], Any]) -> Any:
@@ -116,16 +111,11 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
     plan = cfg.plan()
     codecs = cfg.codecs()  # parsed once: each parse builds a FAISS codec to check it
     if encoders_needed:
-        _preflight(cfg, kind, plan)
-    if sources.needs_download(kind):
-        summary.selected = timed("select", lambda: sources.select(cfg, layout, kind))
-        if "download" in cfg.stages:
-            from xm.pipeline.download import download
-
-            timed("download", lambda: download(cfg, layout))
-        _add_failures(summary, sources.download_failures(layout.download))
-    elif kind == "img2dataset":  # an existing img2dataset folder: its own download failures count too
-        _add_failures(summary, sources.download_failures(Path(cfg.source)))
+        _preflight(cfg, source, plan)
+    if source.needs_download:
+        summary.selected = timed("select", lambda: source.select(cfg, layout))
+        timed("download", lambda: download(cfg, layout))
+    _add_failures(summary, source.failures(cfg, layout))  # an img2dataset folder's own download failures count too
 
     encoders = load_plan_encoders(cfg, plan) if encoders_needed else {}
     # pinned once they load: a first run that fails on an unavailable encoder may be retried with another
@@ -135,21 +125,21 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         pin_params(layout.work / "precision.json", {"precision": cfg.precision}, "--precision")
 
     def embed() -> None:
-        parts = sources.parts_for(cfg, layout, kind)
+        parts = source.parts(cfg, layout)
         todo = [p for p in parts if read_marker(layout, p.name) is None]
         if len(todo) < len(parts):
             summary.skipped.append(f"embed: {len(parts) - len(todo)} part(s) already done")
-        sizes = [p.size for p in todo]
-        total = sum(sizes) if None not in sizes else None
+        sizes = [p.size for p in todo if p.size is not None]
+        total = sum(sizes) if len(sizes) == len(todo) else None
         texts = sum(1 for parts in plan.values() if "text" in parts)
-        if isinstance(runner, LocalRunner):  # here: progress by rows, the encoders loaded once above
+        if runner.in_process:  # here: progress by rows, the encoders loaded once above
             images = progress("embed images", total)
             captions = progress(f"embed captions ({texts} encoder{'s' if texts != 1 else ''})", total * texts if total else None)
             for part in todo:
                 embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=images, on_captions=captions)
         else:
             jobs = [{"config": cfg.to_dict(), "part": p.name} for p in todo]
-            runner.map(embed_task, jobs, "xm embed", on_done=progress(f"embed ({len(jobs)} parts as Spark tasks)", len(jobs)))
+            runner.map(embed_task, jobs, "xm embed", on_done=progress(f"embed ({len(jobs)} parts as {runner.tasks})", len(jobs)))
 
     timed("embed", embed)
     markers = _embedded_parts(layout)
@@ -160,7 +150,7 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
     empty = sum(m.get("empty_captions", 0) for m in done)
     if empty:
         summary.warnings.append(f"{empty} of {summary.count} items have an empty caption"
-                                + (" (no .txt beside the image)" if kind == "images" else ""))
+                                + source.empty_caption_hint)
     later = set(cfg.stages) & {"index", "store", "manifest"}
     if later and summary.count == 0:
         raise XMError(f"{cfg.source}: no usable image-text pairs embedded (failures: {dict(summary.failures) or 'none'})")
@@ -220,21 +210,12 @@ def _store_is_current(layout: Layout, record: dict[str, Any]) -> bool:
     return all(layout.store_part(name).is_file() for name, _ in record["parts"])
 
 
-def _preflight(cfg: BuildConfig, kind: str, plan: dict[str, tuple[str, ...]]) -> None:
+def _preflight(cfg: BuildConfig, source: Source, plan: dict[str, tuple[str, ...]]) -> None:
     """Everything that cannot be had here, said at once in one line, before any download or
     work (offline: LAION's metadata and the encoders' weights)."""
-    from xm.encoders import availability_problem
-    from xm.pipeline import laion
-
+    problems = source.problems(cfg, plan)
     # an encoder whose every embedding the source provides is never loaded: its weights need not exist
-    problems = [p for spec in sources.encoders_to_load(cfg, plan) if (p := availability_problem(spec, cfg.cache_dir))]
-    problems[:0] = sources.source_problems(cfg, kind, plan)
-    if kind == "laion400m" and laion.offline() and not laion.usable_offline(cfg.metadata_root):
-        problems.insert(0, "LAION-400M metadata: XM_OFFLINE is set and no --metadata-root; download the 32 metadata "
-                           "parquet parts on a connected machine and pass --metadata-root FOLDER")
-    if kind == "laion400m-embeddings" and laion.offline() and not laion.usable_offline(cfg.embeddings_root):
-        problems.insert(0, "LAION-400M embeddings: XM_OFFLINE is set and no --embeddings-root; download the images/ texts/ "
-                           "metadata/ parts on a connected machine and pass --embeddings-root FOLDER")
+    problems += [p for spec in source.encoders_to_load(cfg, plan) if (p := availability_problem(spec, cfg.cache_dir))]
     if problems:
         raise XMError("; ".join(problems))
 

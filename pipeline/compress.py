@@ -19,17 +19,22 @@ A kill anywhere leaves the previous manifest's files in place; a re-run skips wh
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from xm.encoders import EncoderSpec
+from xm.encoders.loader import _register_configs
 from xm.errors import XMError
 from xm.indexes import codecs
 from xm.indexes.embeddings import EmbeddingMatrix
 from xm.indexes.layout import Layout, atomic_path, sha256_file, write_json
 from xm.indexes.records import Manifest
 from xm.pipeline.quiet import captured_stderr
+from xm.pipeline.runners.base import Runner
+from xm.pipeline.runners.local import LocalRunner
 
 FLAG = "--text-codec"
 FLAGS = {"text": FLAG, "image": "--image-codec"}  # the same mechanism for the coarse image refine embeddings
@@ -63,10 +68,7 @@ def _embed_dim(spec: str) -> int | None:
     """The embedding width of an open_clip architecture from its config (no weights loaded);
     None when unknown here (the compress stage checks it against the loaded encoder anyway)."""
     try:
-        import open_clip
-
-        from xm.encoders import EncoderSpec
-        from xm.encoders.loader import _register_configs
+        import open_clip  # heavy (torch): only when a codec flag is given
 
         _register_configs()
         config = open_clip.get_model_config(EncoderSpec.parse(spec).arch)
@@ -116,7 +118,7 @@ def _train(layout: Layout, spec: str, slug: str, modality: str, codec: str, part
 
 
 def compress(layout: Layout, spec: str, slug: str, modality: str, codec: str, parts: list[tuple[str, int]],
-             progress: Callable[[str, int | None], Callable[[int], None]] | None = None, runner: Any = None) -> bool:
+             progress: Callable[[str, int | None], Callable[[int], None]] | None = None, runner: Runner | None = None) -> bool:
     """Codes for every part of (spec, modality) under `codec`, trained here and applied one part
     per job on `runner` (Spark tasks on a distributed build); False if all were done already."""
     record = read_record(layout, slug, modality)
@@ -133,8 +135,6 @@ def compress(layout: Layout, spec: str, slug: str, modality: str, codec: str, pa
         if not path.is_file() or sha256_file(path) != record["codec_sha256"]:
             raise XMError(f"{path}: missing or altered since its parts were coded; build a new --out")
     if runner is None:
-        from xm.pipeline.tasks import LocalRunner
-
         runner = LocalRunner()
     jobs = [{"out": str(layout.root), "slug": slug, "modality": modality, "codec": codec, "part": part, "rows": rows}
             for part, rows in todo]
@@ -212,10 +212,8 @@ def drop_superseded(layout: Layout, manifest: Manifest) -> list[str]:
 
 
 def run_stage(layout: Layout, requested: dict[str, dict[str, str]], parts: list[tuple[str, int]],
-              progress: Callable[[str, int | None], Callable[[int], None]], runner: Any = None) -> list[str]:
+              progress: Callable[[str, int | None], Callable[[int], None]], runner: Runner | None = None) -> list[str]:
     """The build's compress stage: every requested (encoder, modality); returns what was skipped."""
-    from xm.encoders import EncoderSpec
-
     skipped = []
     for spec, by_modality in requested.items():
         slug = EncoderSpec.parse(spec).slug

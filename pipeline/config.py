@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from xm.errors import XMError
-from xm.indexes.layout import write_json
+from xm.pipeline import compress
+from xm.pipeline.memory_sizes import parse_size
+from xm.pipeline.runners import registry as runners
+from xm.pipeline.runners.base import Runner
+from xm.pipeline.sources import registry as sources
+from xm.pipeline.sources.base import Source
 
 STAGES = ("select", "download", "embed", "index", "compress", "store", "manifest")
 # what one encoder can contribute to an index: embeddings of a modality, a kNN index over them
@@ -31,11 +36,13 @@ def parse_encoder_flag(text: str, flag: str = "--encoder") -> tuple[str, tuple[s
 
 @dataclass
 class BuildConfig:
-    source: str
+    source: str  # the --source value
     out: Path
     coarse: str = "ViT-B-32:openai"
     fine: str = "ViT-L-14:openai"
     inference: list[str] = field(default_factory=lambda: ["RN50:openai"])
+    # the kind of source (`Source.name`), resolved from `source` once by `validate` (`kind`)
+    source_kind: str | None = None
     # source selection
     limit: int | None = None
     parts: list[int] | None = None
@@ -51,7 +58,7 @@ class BuildConfig:
     threads: int = 16
     shard_size: int = 10_000
     timeout: int = 10
-    distributor: str = "multiprocessing"
+    distributor: str = "multiprocessing"  # which runner (`runner_kind`): pipeline/runners/
     # Spark (--distributor pyspark): master URL (local[N], local[N,F], spark://, yarn, k8s://) and
     # key=value settings; none under spark-submit, whose session is used as it is
     spark_master: str | None = None
@@ -77,7 +84,7 @@ class BuildConfig:
     text_codecs: list[str] = field(default_factory=list)
     image_codecs: list[str] = field(default_factory=list)  # the same for image embeddings (the refine step's)
 
-    def validate(self) -> "BuildConfig":
+    def validate(self) -> BuildConfig:
         """Every option checked here, once; one line naming the option."""
         positive = {"--limit": self.limit, "--shards": self.shards, "--k": self.k, "--batch-size": self.batch_size,
                     "--image-size": self.image_size, "--processes": self.processes, "--threads": self.threads,
@@ -85,22 +92,16 @@ class BuildConfig:
         for flag, value in positive.items():
             if value is not None and value < 1:
                 raise XMError(f"{flag} {value}: must be at least 1")
-        if not isinstance(self.refine_k_factor, int) or not 0 <= self.refine_k_factor <= 64:
+        refine: object = self.refine_k_factor  # the API may pass any value
+        if not isinstance(refine, int) or not 0 <= refine <= 64:
             raise XMError(f"--refine-k-factor {self.refine_k_factor}: must be an integer from 0 (off) to 64")
-        from xm.encoders.precision import Precision
+        from xm.encoders.precision import Precision  # here: the xm.encoders package imports torch
 
         self.precision = Precision.parse(self.precision)
-        if self.distributor not in ("multiprocessing", "pyspark"):
-            raise XMError(f"--distributor {self.distributor!r}: choose multiprocessing or pyspark")
-        if self.distributor == "pyspark":
-            from xm.pipeline.spark import check_spark_options
-
-            check_spark_options(self.spark_master, self.spark_conf)
+        runner = self.runner_kind
+        runner.check_options(self)
+        if runner.absolute_paths:
             self._absolute_paths()
-        elif self.spark_master or self.spark_conf:
-            raise XMError(f"{'--spark-master' if self.spark_master else '--spark-conf'}: only with --distributor pyspark")
-        from xm.pipeline.memory_sizes import parse_size
-
         budget, available = parse_size("--max-index-memory", self.max_index_memory), parse_size("--current-memory", self.current_memory)
         if budget >= available:
             raise XMError(f"--current-memory {self.current_memory}: must exceed --max-index-memory {self.max_index_memory} "
@@ -112,7 +113,18 @@ class BuildConfig:
             raise XMError(f"--out {out}: a non-empty folder that is not an xm index; choose a new or empty folder")
         self.plan()  # --encoder flags parse
         self.codecs()  # --text-codec/--image-codec flags parse, name an encoder with that modality and a FAISS codec
+        self.source_kind = self.kind.name  # resolved once, the flags checked first; one line if it names no source
         return self
+
+    @property
+    def kind(self) -> Source:
+        """The build's source, as `validate` resolved it (a Spark task's config carries its name)."""
+        return sources.get(self.source_kind) if self.source_kind is not None else sources.lookup(self.source)
+
+    @property
+    def runner_kind(self) -> type[Runner]:
+        """Where the build's work runs (`--distributor`), asked for everything that differs."""
+        return runners.get(self.distributor)
 
     def plan(self) -> dict[str, tuple[str, ...]]:
         """What each encoder contributes, coarse first. X-MoRe's roles are named defaults:
@@ -120,15 +132,15 @@ class BuildConfig:
         fine and inference = caption embeddings; `--encoder` adds to that. A source's
         precomputed arrays of a planned encoder are stored too (a copy: DataComp's l14_img
         gives the fine encoder image embeddings, RECO's memory)."""
-        from xm.pipeline.sources import provided_arrays  # here: sources imports this module
-
         wanted: dict[str, set[str]] = {self.coarse: {"image", "text", "index-image"} | ({"index-text"} if self.index_text else set())}
         for spec in [self.fine, *self.inference]:
             wanted.setdefault(spec, set()).add("text")
         for flag in self.encoders:
             spec, parts = parse_encoder_flag(flag)
             wanted.setdefault(spec, set()).update(parts)
-        for spec, modality in provided_arrays(self):
+        # before `validate` resolves the source, a value that names none has no arrays (validate says why)
+        source = self.kind if self.source_kind is not None else sources.find(self.source)
+        for spec, modality in source.provided(self) if source is not None else {}:
             if spec in wanted:
                 wanted[spec].add(modality)
         return {spec: tuple(p for p in ENCODER_PARTS if p in parts) for spec, parts in wanted.items()}
@@ -146,32 +158,17 @@ class BuildConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, for a Spark task (the unit of work carries no closures)."""
-        import dataclasses
-
         return {**dataclasses.asdict(self), "out": str(self.out)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
         return cls(**{**data, "out": Path(data["out"]), "stages": tuple(data["stages"])})
 
     def codecs(self) -> dict[str, dict[str, str]]:
         """{spec: {modality: codec}} from --text-codec and --image-codec (pipeline/compress.py)."""
-        from xm.pipeline.compress import parse_codecs
-
         plan = self.plan()
-        return parse_codecs(list(self.image_codecs), plan, "image", parse_codecs(list(self.text_codecs), plan))
+        return compress.parse_codecs(list(self.image_codecs), plan, "image", compress.parse_codecs(list(self.text_codecs), plan))
 
     def encoder_specs(self) -> list[str]:
         """Every distinct encoder of the index, coarse first."""
         return list(self.plan())
-
-
-def pin_params(path: Path, params: dict[str, Any], what: str) -> None:
-    """Record the parameters a build folder was started with; refuse to resume it with others."""
-    if path.is_file():
-        before = json.loads(path.read_text())
-        if before != params:
-            raise XMError(f"{path}: this build folder was started with other {what} ({before}); "
-                          "use a new --out, or delete the folder to start over")
-    else:
-        write_json(path, params)

@@ -1,5 +1,5 @@
 """Where DataComp's metadata lives and what it holds (CommonPool small/medium/large/xlarge
-and DataComp-1B): the layout knowledge only; `sources.py` turns it into parts.
+and DataComp-1B): the layout knowledge only; `sources/datacomp.py` turns it into parts.
 
 The layout, as mlfoundations/datacomp writes and reads it:
 

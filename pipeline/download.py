@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -17,7 +19,7 @@ _OWN = {"url", "caption"}
 
 
 def download(cfg: BuildConfig, layout: Layout) -> None:
-    from img2dataset import download as img2dataset_download
+    from img2dataset import download as img2dataset_download  # heavy, and only a downloading build needs it
 
     files = layout.selection_files()
     if not files:
@@ -39,7 +41,7 @@ def download(cfg: BuildConfig, layout: Layout) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def _run(img2dataset_download, cfg: BuildConfig, layout: Layout, columns: list[str]) -> None:
+def _run(img2dataset_download: Callable[..., Any], cfg: BuildConfig, layout: Layout, columns: list[str]) -> None:
     img2dataset_download(
         url_list=str(layout.selection),
         input_format="parquet",
@@ -56,7 +58,7 @@ def _run(img2dataset_download, cfg: BuildConfig, layout: Layout, columns: list[s
         number_sample_per_shard=cfg.shard_size,
         timeout=cfg.timeout,
         retries=0,
-        distributor=cfg.distributor,
+        distributor=cfg.runner_kind.img2dataset_distributor,  # on Spark: the build's session, already started
         incremental_mode="incremental",
         enable_wandb=False,
         compute_hash=None,

@@ -20,7 +20,9 @@ import queue
 import threading
 import zipfile
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +32,8 @@ from xm.encoders import Encoder, EncoderSpec, load_image
 from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, write_json
 from xm.indexes.records import EncoderEntry
-from xm.pipeline.sources import ArrayRef, Part, Sample
+from xm.pipeline.compress import read_record
+from xm.pipeline.sources.base import ArrayRef, Part, Sample
 
 T = TypeVar("T")
 
@@ -101,7 +104,7 @@ def _metadata_table(samples: list[Sample]) -> pa.Table:
     return pa.table(columns)
 
 
-def _save_npy(path, array: np.ndarray, dtype: Any = np.float16) -> None:
+def _save_npy(path: Path, array: np.ndarray, dtype: Any = np.float16) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(array).astype(dtype))
@@ -244,8 +247,6 @@ def unloaded_encoder_entry(layout: Layout, spec: str, embedded: list[str], norms
     """The manifest's record of an encoder that was never loaded (every embedding of it came from
     the source): the same keys as a loaded one's, dim from the stored arrays, no weights probe
     (`probe: null`: not verifiable) and no precision (it never ran)."""
-    from xm.pipeline.compress import read_record
-
     slug = slug_of(spec)
     dim = None
     for modality in embedded if parts else []:

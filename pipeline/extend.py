@@ -10,8 +10,9 @@ the files it already listed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,7 +22,6 @@ from xm.errors import XMError
 from xm.indexes.layout import Layout, write_json
 from xm.indexes.manifest import read_manifest, write_manifest
 from xm.indexes.records import Manifest
-from xm.pipeline import sources
 from xm.pipeline.build import encoder_entry, index_entry
 from xm.pipeline.compress import embedding_files
 from xm.pipeline.config import BuildConfig, parse_encoder_flag
@@ -41,12 +41,11 @@ class AddSummary:
 def _image_rows(cfg: BuildConfig, layout: Layout, manifest: Manifest, part: str) -> list[Any]:
     """The part's samples from the recorded source, in the stored rows' order."""
     src = manifest.source
-    kind = src.kind
-    if kind in sources.PRECOMPUTED_KINDS:
-        raise XMError(f"{layout.root}: built from precomputed embeddings; there are no images to embed under another encoder")
-    build = BuildConfig(source=src.source, out=layout.root, limit=src.limit, parts=src.parts,
+    build = BuildConfig(source=src.source, out=layout.root, source_kind=src.kind, limit=src.limit, parts=src.parts,
                         shard_size=src.shard_size or BuildConfig.shard_size)
-    parts = {p.name: p for p in sources.parts_for(build, layout, kind)}
+    if not build.kind.has_images:
+        raise XMError(f"{layout.root}: built from precomputed embeddings; there are no images to embed under another encoder")
+    parts = {p.name: p for p in build.kind.parts(build, layout)}
     if part not in parts:
         raise XMError(f"{src.source}: part {part} of {layout.root} is no longer in the source; images cannot be re-read")
     first = next(iter(manifest.encoders.values())).slug

@@ -23,8 +23,11 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from xm.errors import XMError
 from xm.indexes.layout import Layout, write_json
@@ -53,7 +56,8 @@ def index_is_current(layout: Layout, slug: str, modality: str, count: int, shard
     )
 
 
-def _autofaiss(build_index, cfg: BuildConfig, emb_dir: Path, index_path: Path, infos_path: Path, **extra: Any):
+def _autofaiss(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: Path, index_path: Path, infos_path: Path,
+               **extra: Any) -> Any:
     return build_index(
         embeddings=str(emb_dir),
         index_path=str(index_path),
@@ -71,16 +75,17 @@ def _autofaiss(build_index, cfg: BuildConfig, emb_dir: Path, index_path: Path, i
 
 
 def _report_faiss_lines(layout: Layout, emb_dir: Path, faiss_lines: list[str]) -> None:
-    few = sorted({l.split("please provide")[0].strip() for l in faiss_lines if "please provide at least" in l})
+    few = sorted({line.split("please provide")[0].strip() for line in faiss_lines if "please provide at least" in line})
     if few:  # faiss warns once per k-means run; one line of ours says it
         print(f"xm: {layout.rel(emb_dir)}: few training points for the index's clustering ({few[0]}); "
               "fine for a small memory, recall may suffer", file=sys.stderr)
-    other = [l for l in faiss_lines if l.strip() and "please provide at least" not in l and "Sampling a subset" not in l]
+    other = [line for line in faiss_lines if line.strip() and "please provide at least" not in line and "Sampling a subset" not in line]
     if other:
         print("\n".join(other), file=sys.stderr)
 
 
-def _single_machine(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for, queries,
+def _single_machine(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for: Callable[[int], Path],
+                    queries: np.ndarray,
                     index_key: str | None) -> tuple[list[ShardInfo], dict[str, Any], Any]:
     """One index built here, tuned, then split by id range into the shard files."""
     import faiss
@@ -96,8 +101,9 @@ def _single_machine(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, pat
     return shards, autofaiss_infos, (tuned, index)
 
 
-def _on_spark(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for, queries,
-              index_key: str | None, work: Path) -> tuple[list[ShardInfo], dict[str, Any], Any]:
+def _on_spark(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for: Callable[[int], Path],
+              queries: np.ndarray,
+              index_key: str | None, work: Path, distributed: str) -> tuple[list[ShardInfo], dict[str, Any], Any]:
     """autofaiss on the running SparkSession keeping cfg.shards indices; each becomes a shard
     as it is (global ids, one id range each), then all are tuned together once."""
     import faiss
@@ -107,7 +113,7 @@ def _on_spark(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for,
     work.mkdir(parents=True, exist_ok=True)
     index_path, infos_path = tmp / "full.index", tmp / "infos.json"
     _, metrics = _autofaiss(build_index, cfg, emb_dir, index_path, infos_path, index_key=index_key,
-                            distributed="pyspark", nb_indices_to_keep=cfg.shards,
+                            distributed=distributed, nb_indices_to_keep=cfg.shards,
                             # its default is an HDFS path; executors must see this folder (--out on a shared disk)
                             temporary_indices_folder=str(work.resolve()))
     shutil.rmtree(work, ignore_errors=True)
@@ -135,7 +141,7 @@ def _on_spark(build_index, cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for,
         infos[f.name] = json.loads(f.read_text())
     if not infos and metrics:
         infos = {"metrics": metrics}
-    view = stacked_view([target.parent / s.file for s in shards])
+    view = stacked_view([Path(path_for(i)) for i in range(len(shards))])  # the shards, renamed above
     tuned = tune_ivf(view, queries, cfg.k, cfg.max_query_time_ms, deadline_s=TUNE_DEADLINE_S)
     return shards, infos, (tuned, view)
 
@@ -154,9 +160,10 @@ def _key_of(infos: dict[str, Any]) -> str:
 def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: str, count: int,
                          index_key: str | None = None) -> dict[str, Any]:
     """Build, tune and shard the kNN index over one encoder's `modality` embeddings; write its
-    build.json and return it. `cfg.distributor == "pyspark"` builds on the running SparkSession.
+    build.json and return it. A runner with an autofaiss `distributed` mode (Spark) builds on the
+    running SparkSession.
     `index_key` overrides autofaiss's choice (tests; autofaiss picks when None)."""
-    from autofaiss import build_index
+    from autofaiss import build_index  # heavy: only the index stage needs it
 
     emb_dir = layout.emb_dir(slug, modality)
     out_dir = layout.index_dir(slug, modality)
@@ -173,10 +180,11 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
         # K=128 query return 128 ids instead of -1 padding
         faiss_lines: list[str] = []
         with captured_stderr(faiss_lines):
-            if cfg.distributor == "pyspark":
+            distributed = cfg.runner_kind.autofaiss_distributed
+            if distributed is not None:
                 work = layout.work / "autofaiss" / f"{slug}-{modality}"
                 shards, autofaiss_infos, (tuned, index) = _on_spark(build_index, cfg, emb_dir, Path(tmp), path_for,
-                                                                    queries, index_key, work)
+                                                                    queries, index_key, work, distributed)
             else:
                 shards, autofaiss_infos, (tuned, index) = _single_machine(build_index, cfg, emb_dir, Path(tmp), path_for,
                                                                           queries, index_key)
@@ -206,7 +214,7 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
         # exact re-scoring over the embeddings on disk; pointless for an exact (Flat) index
         "refine_k_factor": 0 if key.startswith("Flat") or key.endswith(",Flat") else int(cfg.refine_k_factor),
         "shards": [s.__dict__ for s in shards],
-        "distributor": cfg.distributor,
+        "distributor": cfg.runner_kind.name,
         "tuning": tuned.as_dict(),
         "autofaiss": autofaiss_infos,
     }

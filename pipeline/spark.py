@@ -20,10 +20,12 @@ import socket
 import sys
 import threading
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from xm.errors import XMError
+from xm.indexes.manifest import package_versions
 
 # Versions that must agree between the driver and every executor: a part embedded or an
 # index trained under another faiss or xm would not be the index the manifest describes.
@@ -57,9 +59,8 @@ def parse_conf(conf: Sequence[str]) -> dict[str, str]:
 def spark_session(master: str | None, conf: Sequence[str], app_name: str) -> Iterator[Any]:
     """The build's one session: spark-submit's if one is active (then --spark-master must agree
     or be absent), else a new one, stopped when the build ends."""
-    from pyspark.sql import SparkSession
-
     from pyspark import SparkConf
+    from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
     if active is not None:
@@ -109,8 +110,6 @@ def active_session() -> Any:
 
 def _probe_executor(token_file: str, token: str, _: Any) -> dict[str, Any]:
     """On an executor: who it is, whether it sees the driver's --out, its package versions."""
-    from xm.indexes.manifest import package_versions
-
     try:
         seen = Path(token_file).read_text() == token
     except OSError:
@@ -123,8 +122,6 @@ def preflight(spark: Any, out: Path) -> int:
     """A short job of one task per task slot (Spark spreads them over the executors it has, but
     does not promise to reach each): each must see `out` at the same path and run the driver's
     xm, faiss, autofaiss and img2dataset; otherwise one line. Returns the task slots."""
-    from xm.indexes.manifest import package_versions
-
     folder = out / "_work" / "spark-preflight"
     folder.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex

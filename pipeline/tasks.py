@@ -11,61 +11,28 @@ either finds the marker and returns it, or redoes the part into identical files.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
+import xm.encoders
+from xm.errors import XMError
 from xm.indexes.layout import Layout, sha256_file
 from xm.indexes.store import write_store_part
 from xm.pipeline.config import BuildConfig
+from xm.pipeline.embed import embed_part, read_marker
+from xm.pipeline.runners.base import Runner
 
 
 def load_plan_encoders(cfg: BuildConfig, plan: dict[str, tuple[str, ...]], quiet: bool = False) -> dict[str, Any]:
     """The encoders a build's plan embeds with (cached per process by the one loader); one whose
     every embedding the source provides precomputed is not loaded (its weights need not exist)."""
-    from xm.encoders import load_encoder
-    from xm.pipeline.sources import encoders_to_load
-
-    return {spec: load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision, quiet=quiet)
-            for spec in encoders_to_load(cfg, plan)}
-
-
-class Runner(Protocol):
-    name: str
-
-    def map(self, fn: Callable[[Any], Any], jobs: list[Any], description: str,
-            on_done: Callable[[int], None] | None = None) -> list[Any]: ...
-
-
-class LocalRunner:
-    """Jobs one after another in this process."""
-
-    name = "this machine"
-
-    def map(self, fn: Callable[[Any], Any], jobs: list[Any], description: str,
-            on_done: Callable[[int], None] | None = None) -> list[Any]:
-        out = []
-        for job in jobs:
-            out.append(fn(job))
-            if on_done is not None:
-                on_done(1)
-        return out
-
-
-class SparkRunner:
-    """One Spark task per job on the build's session."""
-
-    def __init__(self, spark: Any, name: str) -> None:
-        self.spark = spark
-        self.name = name
-
-    def map(self, fn: Callable[[Any], Any], jobs: list[Any], description: str,
-            on_done: Callable[[int], None] | None = None) -> list[Any]:
-        from xm.pipeline.spark import run_tasks
-
-        return run_tasks(self.spark, fn, jobs, description, on_done)
+    # xm.encoders.load_encoder looked up per call, so that a test may count the loads
+    return {spec: xm.encoders.load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision, quiet=quiet)
+            for spec in cfg.kind.encoders_to_load(cfg, plan)}
 
 
 # ---------------------------------------------------------------- fault injection
@@ -100,29 +67,23 @@ def kill_point(stage: str, part: str) -> Callable[[int], None]:
 # ---------------------------------------------------------------- embed
 
 def embed_task(job: dict[str, Any]) -> dict[str, Any]:
-    """Embed one part (job: {"config", "part"}); return its marker."""
-    from xm.pipeline import sources
-    from xm.pipeline.embed import embed_part, read_marker
-
+    """Embed one part (job: {"config", "part"}) as a task of a runner that is not `in_process`
+    (the local build calls embed_part itself); return its marker."""
     cfg = BuildConfig.from_dict(job["config"])
     layout = Layout(cfg.out)
     done = read_marker(layout, job["part"])
     if done is not None:
         return done
-    from xm.pipeline.spark import task_gpu, task_threads  # a Spark task: the local build calls embed_part itself
+    import torch  # heavy: imported by the task that computes, not by the driver that plans
 
-    import torch
-
-    torch.set_num_threads(task_threads())  # the cores Spark gave the task, not every core of the node
-    kind = sources.source_kind(cfg.source)
-    part = sources.part_named(cfg, layout, kind, job["part"])
+    runner = cfg.runner_kind
+    torch.set_num_threads(runner.task_threads())  # the cores the runner gave the task, not every core of the node
+    part = cfg.kind.part_named(cfg, layout, job["part"])
     if part is None:
-        from xm.errors import XMError
-
         raise XMError(f"{cfg.source}: part {job['part']} is not there from this executor")
     plan = cfg.plan()
     encoders = load_plan_encoders(cfg, plan, quiet=True)
-    gpu = task_gpu()
+    gpu = runner.task_gpu()
     if gpu is not None:  # spark.task.resource.gpu.amount: this task's GPU, whichever the last task had
         for enc in encoders.values():
             enc.to(f"cuda:{gpu}")

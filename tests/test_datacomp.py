@@ -150,11 +150,12 @@ def test_parts_and_limit(pool, tmp_path, monkeypatch, capsys) -> None:
     code, _, err = _build(monkeypatch, capsys, root, out, "--limit", "50", "--stages", "embed")
     assert code == 2 and "--limit" in err  # a folder keeps the selection it was started with
 
-    from xm.pipeline import BuildConfig, sources
+    from xm.pipeline import BuildConfig
 
     cfg = BuildConfig(source="datacomp", out=tmp_path / "p", metadata_root=str(root), parts=[2], inference=[TINY])
     # the embed stage's unit of work is plain data: a part is re-derived from (config, name)
-    parts = sources.parts_for(BuildConfig.from_dict(cfg.to_dict()), Layout(cfg.out), "datacomp")
+    task_cfg = BuildConfig.from_dict(cfg.to_dict())
+    parts = task_cfg.kind.parts(task_cfg, Layout(cfg.out))
     assert [p.name for p in parts] == [STEMS[2]] and parts[0].size == ROWS[2]
     assert parts[0].precomputed[(L14, "image")].key == "l14_img"
     assert cfg.plan()[L14] == ("image", "text")  # the pool's l14_img: RECO's memory, for free

@@ -1,0 +1,31 @@
+"""`--distributor multiprocessing`: everything on this machine; img2dataset downloads with
+its process pool, xm's jobs run one after another in this process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from xm.errors import XMError
+from xm.pipeline.runners.base import Runner, RunnerOptions
+
+
+class LocalRunner(Runner):
+    """Jobs one after another in this process."""
+
+    name = "multiprocessing"
+    img2dataset_distributor = "multiprocessing"
+
+    @classmethod
+    def check_options(cls, options: RunnerOptions) -> None:
+        if options.spark_master or options.spark_conf:
+            raise XMError(f"{'--spark-master' if options.spark_master else '--spark-conf'}: only with --distributor pyspark")
+
+    def map(self, fn: Callable[[Any], Any], jobs: list[Any], description: str,
+            on_done: Callable[[int], None] | None = None) -> list[Any]:
+        out = []
+        for job in jobs:
+            out.append(fn(job))
+            if on_done is not None:
+                on_done(1)
+        return out

@@ -1,0 +1,77 @@
+"""What the sources img2dataset downloads for have in common (`laion400m`, `table`): the select
+stage writes their URL list (`_work/select/urls`), the download stage fetches it into
+`_work/download`, and the parts are its shards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from xm.indexes.layout import Layout
+from xm.pipeline.pins import pin_params
+from xm.pipeline.sources.base import Part, Source, SourceOptions
+from xm.pipeline.sources.img2dataset_output import download_failures, img2dataset_parts, shard_part
+
+SELECT_FILE_ROWS = 1_000_000  # about what img2dataset's driver holds at once, per file
+
+
+class DownloadedSource(Source):
+    """A source of URLs and captions; subclasses say how to read them (`url_table`)."""
+
+    needs_download = True
+
+    def url_table(self, cfg: SourceOptions, layout: Layout) -> pa.Table:
+        """The URLs (`url`) and captions (`caption`) to download, other columns carried along,
+        `--limit` not yet applied."""
+        raise NotImplementedError
+
+    def check_selection(self, cfg: SourceOptions, table: pa.Table) -> None:
+        """Refuse a selection before it is written (one line); nothing by default."""
+
+    def select(self, cfg: SourceOptions, layout: Layout) -> int:
+        """Write the URL list img2dataset reads; return its row count."""
+        params = {"source": cfg.source, "limit": cfg.limit, "parts": cfg.parts, "url_col": cfg.url_col,
+                  "caption_col": cfg.caption_col, "nsfw_filter": cfg.nsfw_filter}
+        params_file = layout.selection.with_name("params.json")
+        if layout.selection.is_dir():
+            pin_params(params_file, params, "selection")
+            return sum(pq.read_metadata(f).num_rows for f in layout.selection_files())
+        table = self.url_table(cfg, layout)
+        if cfg.limit:
+            table = table.slice(0, cfg.limit)
+        self.check_selection(cfg, table)
+        pin_params(params_file, params, "selection")  # only once a selection exists to resume
+        _write_selection(layout.selection, table, cfg.shard_size)
+        return table.num_rows
+
+    def parts(self, cfg: SourceOptions, layout: Layout) -> list[Part]:
+        return img2dataset_parts(layout.download)
+
+    def part_named(self, cfg: SourceOptions, layout: Layout, name: str) -> Part | None:
+        return shard_part(layout.download, name) or super().part_named(cfg, layout, name)
+
+    def failures(self, cfg: SourceOptions, layout: Layout) -> dict[str, int]:
+        return download_failures(layout.download)
+
+
+def _write_selection(folder: Path, table: pa.Table, shard_size: int) -> None:
+    """The selection as files of a whole number of shards each: img2dataset numbers shards on
+    across files, so the download's shards are the same as from one file. Written into a
+    sibling folder and renamed, so a selection exists whole or not at all."""
+    rows = shard_size * max(1, SELECT_FILE_ROWS // shard_size)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".urls.", dir=folder.parent))
+    try:
+        for i, start in enumerate(range(0, max(table.num_rows, 1), rows)):
+            pq.write_table(table.slice(start, rows), tmp / f"part-{i:05d}.parquet")
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would hide it from executors run as others
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
