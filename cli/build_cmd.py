@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any
 
 import typer
 
@@ -13,19 +13,19 @@ from xm.cli.output import console, err_console, print_json, progress_bars, table
 
 @app.command("build-index")
 def build_index_cmd(
-    source: Optional[str] = typer.Option(None, "--source", help="laion400m | laion400m-embeddings | datacomp (with --metadata-root) | a table of URLs+captions | a folder of images with .txt captions | an img2dataset output folder"),
-    out: Optional[Path] = typer.Option(None, "--out", help="index folder to create or resume (default: $XM_HOME/indexes/<source name>, which then becomes the default index)"),
+    source: str | None = typer.Option(None, "--source", help="laion400m | laion400m-embeddings | datacomp (with --metadata-root) | a table of URLs+captions | a folder of images with .txt captions | an img2dataset output folder"),
+    out: Path | None = typer.Option(None, "--out", help="index folder to create or resume (default: $XM_HOME/indexes/<source name>, which then becomes the default index)"),
     coarse: str = typer.Option("ViT-B-32:openai", help="encoder whose image embeddings are searched (ARCH:PRETRAINED)"),
     fine: str = typer.Option("ViT-L-14:openai", help="encoder that re-ranks captions"),
-    inference: List[str] = typer.Option(["RN50:openai"], metavar="ARCH:PRETRAINED", help="encoder(s) that classify; repeat for several"),
-    encoder: List[str] = typer.Option([], "--encoder", metavar="ARCH:PRETRAINED=PARTS", help="general form, repeatable: ARCH:PRETRAINED=image,text,index-image,index-text (added to the roles' encoders)"),
-    add_encoder: Optional[str] = typer.Option(None, "--add-encoder", help="extend the built index at --out with ARCH:PRETRAINED=parts; nothing else is rebuilt"),
-    limit: Optional[int] = typer.Option(None, help="at most this many pairs from the source"),
-    parts: Optional[str] = typer.Option(None, help="LAION part numbers, or DataComp metadata pairs by position in file-name order, e.g. 0-3,7"),
+    inference: list[str] = typer.Option(["RN50:openai"], metavar="ARCH:PRETRAINED", help="encoder(s) that classify; repeat for several"),
+    encoder: list[str] = typer.Option([], "--encoder", metavar="ARCH:PRETRAINED=PARTS", help="general form, repeatable: ARCH:PRETRAINED=image,text,index-image,index-text (added to the roles' encoders)"),
+    add_encoder: str | None = typer.Option(None, "--add-encoder", help="extend the built index at --out with ARCH:PRETRAINED=parts; nothing else is rebuilt"),
+    limit: int | None = typer.Option(None, help="at most this many pairs from the source"),
+    parts: str | None = typer.Option(None, help="LAION part numbers, or DataComp metadata pairs by position in file-name order, e.g. 0-3,7"),
     url_col: str = typer.Option("url", help="URL column of a table source"),
     caption_col: str = typer.Option("caption", help="caption column of a table source"),
-    metadata_root: Optional[str] = typer.Option(None, help="folder or URL holding LAION-400M metadata parquet parts; for datacomp, the folder of DataComp .parquet + .npz pairs"),
-    embeddings_root: Optional[str] = typer.Option(None, help="folder or URL holding LAION-400M images/ texts/ metadata/ embedding parts"),
+    metadata_root: str | None = typer.Option(None, help="folder or URL holding LAION-400M metadata parquet parts; for datacomp, the folder of DataComp .parquet + .npz pairs"),
+    embeddings_root: str | None = typer.Option(None, help="folder or URL holding LAION-400M images/ texts/ metadata/ embedding parts"),
     shards: int = typer.Option(1, help="number of index shards"),
     k: int = typer.Option(128, help="neighbours a query must be able to return (autofaiss coverage target)"),
     max_index_memory: str = typer.Option("4G", help="autofaiss memory budget for one index"),
@@ -36,25 +36,24 @@ def build_index_cmd(
     shard_size: int = typer.Option(10_000, help="samples per download shard or folder part (= per embedding part)"),
     timeout: int = typer.Option(10, help="download timeout per image, seconds"),
     distributor: str = typer.Option("multiprocessing", help="multiprocessing (this machine) | pyspark (download, embed, index, store and hashing as Spark tasks)"),
-    spark_master: Optional[str] = typer.Option(None, "--spark-master", help="with --distributor pyspark: local[N], local[N,F], spark://HOST:PORT, yarn, k8s://... (default: the spark-submit session, else local[*])"),
-    spark_conf: List[str] = typer.Option([], "--spark-conf", metavar="KEY=VALUE", help="a Spark setting, repeatable (e.g. spark.executor.memory=8g)"),
+    spark_master: str | None = typer.Option(None, "--spark-master", help="with --distributor pyspark: local[N], local[N,F], spark://HOST:PORT, yarn, k8s://... (default: the spark-submit session, else local[*])"),
+    spark_conf: list[str] = typer.Option([], "--spark-conf", metavar="KEY=VALUE", help="a Spark setting, repeatable (e.g. spark.executor.memory=8g)"),
     batch_size: int = typer.Option(64, help="images per encoder batch"),
     no_text_index: bool = typer.Option(False, "--no-text-index", help="skip the caption kNN index"),
     allow_file_urls: bool = typer.Option(False, "--allow-file-urls", help="let a table's file:// URLs read local files (off: an untrusted table must not read your disk)"),
-    stages: Optional[str] = typer.Option(None, help="comma-separated stages to run (select,download,embed,index,compress,store,manifest)"),
+    stages: str | None = typer.Option(None, help="comma-separated stages to run (select,download,embed,index,compress,store,manifest)"),
     refine_k_factor: int = typer.Option(4, "--refine-k-factor", help="a kNN query of k re-scores the top k*F candidates of a compressed index exactly with the stored float16 embeddings (0: off)"),
     precision: str = typer.Option("fp32", "--precision", help="encoder inference precision while embedding: fp32 | bf16 | int8 (recorded in the manifest)"),
-    text_codec: List[str] = typer.Option([], "--text-codec", metavar="ARCH:PRETRAINED=CODEC", help="store that encoder's caption embeddings as codes of a FAISS codec (SQ8, SQ4, PQ64, OPQ32,PQ32, ...) instead of float16; repeatable"),
-    image_codec: List[str] = typer.Option([], "--image-codec", metavar="ARCH:PRETRAINED=CODEC", help="the same for that encoder's image embeddings (read by the kNN refine step); repeatable"),
+    text_codec: list[str] = typer.Option([], "--text-codec", metavar="ARCH:PRETRAINED=CODEC", help="store that encoder's caption embeddings as codes of a FAISS codec (SQ8, SQ4, PQ64, OPQ32,PQ32, ...) instead of float16; repeatable"),
+    image_codec: list[str] = typer.Option([], "--image-codec", metavar="ARCH:PRETRAINED=CODEC", help="the same for that encoder's image embeddings (read by the kNN refine step); repeatable"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Download, embed and index image-text pairs into a resumable, sharded xm index."""
     from xm.encoders.precision import Precision
     from xm.errors import XMError
+    from xm.indexes import home
     from xm.pipeline import STAGES, BuildConfig, build_index
     from xm.pipeline.laion import parse_parts
-
-    from xm.indexes import home
 
     embed_precision = Precision.parse(precision)  # parsed once, before any work
     if add_encoder is not None:
@@ -72,7 +71,8 @@ def build_index_cmd(
         if as_json:
             print_json(added.__dict__)
             return
-        rows = [("added", a) for a in added.added] + [("skipped", s) for s in added.skipped] + [("manifest id", added.manifest_id)]
+        # (label, value): the add-encoder summary here, the build summary below; table() formats any value
+        rows: list[tuple[str, Any]] = [("added", a) for a in added.added] + [("skipped", s) for s in added.skipped] + [("manifest id", added.manifest_id)]
         console.print(table(f"xm build-index --add-encoder {added.encoder} -> {added.out}", ["", ""], rows))
         return
     if source is None:
