@@ -38,24 +38,45 @@ from xm.pipeline.sources.base import ArrayRef, Part, Sample
 T = TypeVar("T")
 
 
-def prefetch(items: Iterable[T], depth: int = 3) -> Iterator[T]:
-    """Produce items in a background thread, so decoding overlaps the model's forward pass."""
+def prefetch(items: Iterable[T], depth: int = 3, stop_wait: float = 60.0) -> Iterator[T]:
+    """Produce items in a background thread, so decoding overlaps the model's forward pass.
+
+    Close the generator when done with it (`contextlib.closing`): closing stops the producer and
+    waits for the item it is making. A producer left running inside native code (an image decoder,
+    a torch op) while the interpreter exits after Ctrl-C makes the C++ runtime abort the process
+    ("terminate called without an active exception", SIGABRT instead of exit 130)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
+    stop = threading.Event()
     errors: list[BaseException] = []
+
+    def put(item: object) -> bool:
+        while not stop.is_set():  # never block for good on a consumer that has gone
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def run() -> None:
         try:
             for item in items:
-                q.put(item)
+                if not put(item):
+                    return
         except BaseException as exc:  # re-raised in the consumer
             errors.append(exc)
         finally:
-            q.put(done)
+            put(done)
 
-    threading.Thread(target=run, daemon=True).start()
-    while (item := q.get()) is not done:
-        yield item
+    producer = threading.Thread(target=run, daemon=True, name="xm-prefetch")
+    producer.start()
+    try:
+        while (item := q.get()) is not done:
+            yield item
+    finally:
+        stop.set()
+        producer.join(stop_wait)
     if errors:
         raise errors[0]
 
@@ -141,11 +162,13 @@ def embed_part(
         preprocesses = {spec: encoders[spec].preprocess for spec in image_specs}
         if not image_specs:  # caption-only plan: still decode, so the same rows are kept
             preprocesses = {first: encoders[first].preprocess}
-        for batch, pixels in prefetch(_pixel_batches(part.samples(), preprocesses, batch_size, failures)):
-            for spec in image_specs:
-                chunks[spec].append(encoders[spec].encode_pixels(pixels[spec]))
-            kept.extend(batch)
-            on_rows(len(batch))
+        batches = prefetch(_pixel_batches(part.samples(), preprocesses, batch_size, failures))
+        with contextlib.closing(batches):  # on Ctrl-C the decoding thread stops before the process exits
+            for batch, pixels in batches:
+                for spec in image_specs:
+                    chunks[spec].append(encoders[spec].encode_pixels(pixels[spec]))
+                kept.extend(batch)
+                on_rows(len(batch))
         images = {spec: np.concatenate(c) if c else np.zeros((0, encoders[spec].dim), np.float32) for spec, c in chunks.items()}
     else:
         if image_specs:  # the build's preflight says so first; a part never gets half its files

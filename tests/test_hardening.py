@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,34 @@ def test_a_killed_index_builds_leftovers_are_swept(tmp_path) -> None:
     (folder / "build.json").unlink()  # so that the index stage runs again
     build_index(BuildConfig(source=str(src), out=tmp_path / "idx", stages=("index", "manifest"), **TINY_ROLES))
     assert not stale.exists() and open_index(tmp_path / "idx", verify=True).count == 6
+
+
+def test_closing_the_decoding_prefetch_stops_its_thread() -> None:
+    """Ctrl-C mid-embed closes the prefetch: its producer must be gone before the process exits,
+    or the C++ runtime aborts the exit (SIGABRT instead of 130) while it is inside a decoder."""
+    import contextlib
+    import threading
+
+    from xm.pipeline.embed import prefetch
+
+    made: list[int] = []
+
+    def slow() -> Iterator[int]:
+        for i in range(1000):
+            time.sleep(0.01)
+            made.append(i)
+            yield i
+
+    before = set(threading.enumerate())
+    batches = prefetch(slow(), depth=2)
+    with contextlib.closing(batches):
+        assert next(batches) == 0
+    assert set(threading.enumerate()) == before  # the producer has ended, not merely been left behind
+    assert len(made) < 10  # it stopped, it did not drain the source
+    with pytest.raises(ValueError, match="bad item"):  # a producer's error still reaches the consumer
+
+        def bad() -> Iterator[int]:
+            yield 1
+            raise ValueError("bad item")
+
+        list(prefetch(bad()))
