@@ -26,14 +26,14 @@ from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, write_json
 from xm.indexes.manifest import write_manifest
 from xm.indexes.records import BuildStats, EncoderEntry, IndexEntry, Manifest, PartEntry, Roles, ShardEntry, SourceEntry
-from xm.pipeline import compress, sources
+from xm.pipeline import compress
 from xm.pipeline.config import STAGES, BuildConfig
 from xm.pipeline.download import download
 from xm.pipeline.embed import embed_part, read_marker, slug_of, unloaded_encoder_entry
 from xm.pipeline.index_stage import build_modality_index, index_is_current
 from xm.pipeline.pins import pin_params
 from xm.pipeline.runners.base import Runner
-from xm.pipeline.sources.base import Source
+from xm.pipeline.sources.base import OPENAI_LOGIT_SCALE, Source
 from xm.pipeline.tasks import embed_task, hasher_for, load_plan_encoders, store_task
 
 
@@ -269,10 +269,10 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
         norms = ["text"] if "text" in parts and all(layout.norm_file(slug, "text", m["part"]).is_file() for m in done) else []
         enc_entry = (encoder_entry(encoders[spec], embedded, norms) if spec in encoders else
                      unloaded_encoder_entry(layout, spec, embedded, norms, [m["part"] for m in done],
-                                            sources.OPENAI_LOGIT_SCALE))
+                                            OPENAI_LOGIT_SCALE))
         coded = compress.finished_codecs(layout, spec, slug, codecs.get(spec, {}), [m["part"] for m in done])
         # which source array is which; codes + codec instead of float16 parts (pipeline/compress.py)
-        enc_entries[spec] = replace(enc_entry, precomputed=sources.precomputed_record(cfg, spec, embedded).get("precomputed", {}),
+        enc_entries[spec] = replace(enc_entry, precomputed=cfg.kind.precomputed(cfg, spec, embedded),
                                     codecs=coded)
         for modality in embedded:
             files += compress.embedding_files(layout, slug, modality, [m["part"] for m in done], coded.get(modality))

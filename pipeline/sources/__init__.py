@@ -33,19 +33,6 @@ arrays and no weights probe. Images under any other encoder cannot be made (no i
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from xm.pipeline.sources.base import OPENAI_LOGIT_SCALE, ArrayRef, Part, Sample, Source, SourceOptions
 
-__all__ = ["OPENAI_LOGIT_SCALE", "ArrayRef", "Part", "Sample", "Source", "precomputed_record"]
-
-
-class _Resolved(SourceOptions, Protocol):  # BuildConfig: the options and the source they resolved to
-    @property
-    def kind(self) -> Source: ...
-
-
-def precomputed_record(cfg: _Resolved, spec: str, embedded: list[str]) -> dict[str, dict[str, str]]:
-    """The manifest's note of which source array each provided embedding set of `spec` is
-    (the build's source, `cfg.kind`, says)."""
-    return cfg.kind.precomputed_record(cfg, spec, embedded)
+__all__ = ["OPENAI_LOGIT_SCALE", "ArrayRef", "Part", "Sample", "Source", "SourceOptions"]

@@ -140,8 +140,8 @@ class Source:
         given = self.provided(cfg)
         return [spec for spec, parts in plan.items() if any(m in parts and (spec, m) not in given for m in ("image", "text"))]
 
-    def precomputed_record(self, cfg: SourceOptions, spec: str, embedded: list[str]) -> dict[str, dict[str, str]]:
-        """The manifest's note of which stored embeddings of `spec` are the source's arrays."""
+    def precomputed(self, cfg: SourceOptions, spec: str, embedded: list[str]) -> dict[str, str]:
+        """Which of `spec`'s stored embeddings are the source's arrays: modality -> the array's
+        label (the manifest's `precomputed`; empty where the build computed them)."""
         given = self.provided(cfg)
-        origin = {m: given[(spec, m)] for m in embedded if (spec, m) in given}
-        return {"precomputed": origin} if origin else {}
+        return {m: given[(spec, m)] for m in embedded if (spec, m) in given}
