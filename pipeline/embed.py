@@ -20,7 +20,7 @@ import queue
 import threading
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +38,7 @@ from xm.pipeline.sources.base import ArrayRef, Part, Sample
 T = TypeVar("T")
 
 
-def prefetch(items: Iterable[T], depth: int = 3, stop_wait: float = 60.0) -> Iterator[T]:
+def prefetch(items: Iterable[T], depth: int = 3, stop_wait: float = 60.0) -> Generator[T, None, None]:
     """Produce items in a background thread, so decoding overlaps the model's forward pass.
 
     Close the generator when done with it (`contextlib.closing`): closing stops the producer and
