@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xm.encoders.precision import Precision
 from xm.errors import XMError
 from xm.pipeline import compress
 from xm.pipeline.memory_sizes import parse_size
@@ -95,8 +96,6 @@ class BuildConfig:
         refine: object = self.refine_k_factor  # the API may pass any value
         if not isinstance(refine, int) or not 0 <= refine <= 64:
             raise XMError(f"--refine-k-factor {self.refine_k_factor}: must be an integer from 0 (off) to 64")
-        from xm.encoders.precision import Precision  # here: the xm.encoders package imports torch
-
         self.precision = Precision.parse(self.precision)
         runner = self.runner_kind
         runner.check_options(self)
