@@ -297,9 +297,12 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
         if not diagnostics:  # the first method that has any (labels reach it after its decisions)
             diagnostics.update(m.diagnostics(first, labels))
 
+    tuned = [n for n, m in plain.items() if m.wants_validation()]
+    splits = _fit_splits(cfg, ds) if few or tuned else None
     for name, m in plain.items():
-        score(name, m, evs[name], seeds)
-    splits = _fit_splits(cfg, ds) if few else None
+        # a zero-shot method that chooses on the validation split (RECO's mode=auto): no support images
+        fit = [{"seed": seeds[0], **m.fit(_support(cfg, *splits, 0, seeds[0]))}] if name in tuned and splits else None
+        score(name, m, evs[name], seeds, {"fit": fit} if fit else None)
     for name in few:
         assert splits is not None  # read above whenever there are few-shot methods
         for shots in cfg.shots:
@@ -365,7 +368,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:
             "index_manifest_id": result["index_manifest_id"], "encoders": result["encoders"],
             "protocol": result["protocol"], "options": r["options"], "templates": result["templates"], "run_id": run_id,
             "images_scored": r["images_scored"], "images_skipped": r["images_skipped"],
-            **({"shots": r["shots"], "fit": r["fit"]} if "shots" in r else {}),
+            **({"shots": r["shots"], "fit": r["fit"]} if "shots" in r else {"fit": r["fit"]} if "fit" in r else {}),
         }
         path = out / f"{result['dataset']}_{name.replace('@', '_')}shot_{run_id}.json" if "@" in name else out / f"{result['dataset']}_{name}_{run_id}.json"
         with atomic_path(path) as tmp:
