@@ -177,16 +177,22 @@ def run_suite(suite: Suite, cfg: SuiteConfig, memory: Memory | None,
             run = run_benchmark(base, ds, memory, progress)
             results, images = run["methods"], run["images_evaluated"]
         except XMError:
-            # one method cannot run here (no checkpoint, no one-vs-one texts...): each on its own, its reason kept
+            # a method cannot run here (no checkpoint, no one-vs-one texts...): each tried alone on one image,
+            # its reason kept, then the others together (one pass over the images, as above)
+            ok = []
             for m in methods:
+                takes = {o.name for o in get(m).method.options}
+                alone = replace(base, methods=[m], limit=1, options={k: v for k, v in base.options.items() if k in takes})
                 try:
-                    takes = {o.name for o in get(m).method.options}
-                    alone = replace(base, methods=[m], options={k: v for k, v in base.options.items() if k in takes})
-                    run = run_benchmark(alone, ds, memory, progress)
-                    results.update(run["methods"])
-                    images = run["images_evaluated"]
+                    run_benchmark(alone, ds, memory)
+                    ok.append(m)
                 except XMError as exc:
                     method_notes.setdefault(m, str(exc))
+            if ok:
+                taken = {o.name for m in ok for o in get(m).method.options}
+                run = run_benchmark(replace(base, methods=ok, options={k: v for k, v in base.options.items() if k in taken}),
+                                    ds, memory, progress)
+                results, images = run["methods"], run["images_evaluated"]
         for name, r in results.items():
             xm.setdefault(name, {})[col.label] = 100.0 * r["metrics"]["acc1"]
         runs[col.label] = {"dataset": col.dataset, "images": images, "split_source": ds.split_source,
