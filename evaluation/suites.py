@@ -230,7 +230,7 @@ def _averages(suite: Suite, values: dict[str, float]) -> dict[str, float]:
 # ------------------------------------------------------------------ the table, three ways
 
 def _cell(v: float | None, signed: bool = False) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None or math.isnan(v):
         return "–"
     return f"{v:+.2f}" if signed else f"{v:.2f}"
 
