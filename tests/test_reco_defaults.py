@@ -75,6 +75,7 @@ def test_default_batch_gives_a_small_memory_enough_steps_and_keeps_4096_at_scale
     assert math.ceil(n / default_batch_size(n)) == 97_657
 
 
+@pytest.mark.slow  # builds a 1,000-item index and trains 160 steps: ~20 s on a quiet 2-core machine
 def test_defaults_on_a_1k_memory_beat_clip_on_held_out_images(memory, tmp_path) -> None:
     from typer.testing import CliRunner
 
