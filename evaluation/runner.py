@@ -149,14 +149,14 @@ class EvidencePass:
         # features are kept for later passes only if every chunk computed every method's
         whole_features = not any(v is not None for h in have for v in h.values())
         tick = self.progress(label, len(rows))
-        for (lo, hi), cached in zip(spans, have):
+        for (lo, hi), kept in zip(spans, have):
             span = rows[lo:hi]
-            need = {n: m for n, m in todo.items() if cached[n] is None}
+            need = {n: m for n, m in todo.items() if kept[n] is None}
             span_ok: list[int] = []
             span_failed: list[int] = []
             span_ev: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in need}
             if not need:
-                first = next(v for v in cached.values() if v is not None)
+                first = next(v for v in kept.values() if v is not None)
                 span_ok, span_failed = first[ROWS].tolist(), first[FAILED].tolist()
                 tick(len(span))
             for b in range(0, len(span) if need else 0, self.cfg.batch_size):
@@ -187,7 +187,7 @@ class EvidencePass:
             readable += span_ok
             failed += span_failed
             for name in todo:
-                c = cached[name]
+                c = kept[name]
                 if c is None:
                     ev = stack_evidence(span_ev[name])
                     parts[name].save(lo, span, ev, span_ok, span_failed)
