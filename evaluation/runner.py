@@ -5,7 +5,8 @@
    features are cached too, so a few-shot method fitted for many shot counts and seeds
    never re-encodes the test images. A method's evidence cache key is everything it
    depends on (`Method.evidence_key`: index id, encoders, class names, templates,
-   options, fitted or trained state) plus the image list.
+   options, fitted or trained state) plus the image list. While a pass runs, its finished
+   chunks are kept (evaluation/cache.py), so an interrupted benchmark resumes there.
 2. Per method and seed: the stream in a seeded random order through `decide`. Test
    labels are used only here, to score; no method ever sees them.
 3. Few-shot methods (`fit`): per shot count and seed, a support set drawn from the
