@@ -129,7 +129,10 @@ def merge_csv(folder: Path) -> Path:
             continue  # not a result of ours
         if not isinstance(r, dict) or r.get("task") != "zeroshot_classification" or "method" not in r:
             continue
-        rows.append(csv_row(r))
+        try:
+            rows.append(csv_row(r))
+        except (KeyError, TypeError, AttributeError):
+            continue  # damaged or foreign: the run's own results are still merged
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]

@@ -131,9 +131,10 @@ def test_runs_that_differ_in_options_or_class_names_do_not_overwrite_each_other(
     for col in ("protocol", "templates_sha256", "precision", "index_manifest_id", "encoders", "opt.k_coarse"):
         assert col in rows[0], col
 
-    # the same run again rewrites its own files, nothing new
+    # the same run again rewrites its own files, nothing new; a damaged JSON in the folder is left out of the CSV
+    (out / "damaged.json").write_text('{"task": "zeroshot_classification", "method": "x", "metrics": 3}')
     write_outputs(runs[0], out)
-    assert len(list(out.glob("*.json"))) == 5
+    assert len(list(out.glob("*.json"))) == 6 and len(list(csv.DictReader(open(files[0]["csv"])))) == 5
 
 
 # ------------------------------------------------------------------ CLIP_benchmark's build
