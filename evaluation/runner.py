@@ -145,11 +145,11 @@ class EvidencePass:
         for n in todo:
             self.resumed[n] = sum(hi - lo for (lo, hi), h in zip(spans, have) if h[n] is not None)
         resumed = sum(hi - lo for (lo, hi), h in zip(spans, have) if all(v is not None for v in h.values()))
-        if resumed:
+        if resumed:  # the bar counts the images left, so its rate and ETA are this run's
             label = f"{label} (resumed: {resumed} of {len(rows)} images already done)"
         # features are kept for later passes only if every chunk computed every method's
         whole_features = not any(v is not None for h in have for v in h.values())
-        tick = self.progress(label, len(rows))
+        tick = self.progress(label, len(rows) - resumed)
         for (lo, hi), kept in zip(spans, have):
             span = rows[lo:hi]
             need = {n: m for n, m in todo.items() if kept[n] is None}
@@ -159,7 +159,6 @@ class EvidencePass:
             if not need:
                 first = next(v for v in kept.values() if v is not None)
                 span_ok, span_failed = first[ROWS].tolist(), first[FAILED].tolist()
-                tick(len(span))
             for b in range(0, len(span) if need else 0, self.cfg.batch_size):
                 batch = span[b : b + self.cfg.batch_size]
                 if feats_known:

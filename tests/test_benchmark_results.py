@@ -80,15 +80,15 @@ def test_interrupted_benchmark_resumes_from_its_finished_chunks(setup, monkeypat
             return _original(self, queries)
 
         monkeypatch.setattr(cls, "evidence", counting)
-    labels: list[str] = []
+    labels: list[tuple[str, int]] = []
 
     def recording(label: str, total: int):
-        labels.append(label)
+        labels.append((label, total))
         return lambda n: None
 
     resumed = run_benchmark(_config(root, index, data, "cache"), ds, memory, progress=recording)
     assert seen == {"clip": 20, "xmore": 20}, seen  # the 16 images of the kept chunk were not recomputed
-    assert labels == ["evidence (resumed: 16 of 36 images already done)"], labels
+    assert labels == [("evidence (resumed: 16 of 36 images already done)", 20)], labels  # the bar counts what is left
     assert resumed["timing"]["resumed_images"] == {"clip": 16, "xmore": 16}
     assert not list((root / "cache").glob("*.parts"))  # gone once the whole evidence is saved
     for name in METHODS:
