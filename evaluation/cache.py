@@ -23,8 +23,8 @@ import numpy as np
 
 from xm.indexes.layout import atomic_path
 
-# 4 batches (128 images at the default --batch-size 32): about a minute of the README's main
-# job on 2 cores, the most a Ctrl-C loses
+# 4 batches (128 images at the default --batch-size 32): the most a Ctrl-C loses; small next
+# to a benchmark's test split, and one small file per method per chunk
 CHUNK_BATCHES = 4
 ROWS = "_rows"  # dataset positions of the chunk's images that decoded
 FAILED = "_failed"  # those that did not
