@@ -181,22 +181,8 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         compress.run_stage(layout, codecs, [(m["part"], m["rows"]) for m in done], progress, runner)))
 
     def store() -> None:
-        record = {"parts": [[m["part"], m["rows"]] for m in done]}
-        if _store_is_current(layout, record):
+        if _store_stage(layout, coarse_slug, done, runner, progress):
             summary.skipped.append("store: current")
-            return
-        firsts = np.concatenate([[0], np.cumsum([m["rows"] for m in done])]).astype(int)
-        # every task writes its rows of the hash file in place (no driver collect); renamed when all are in
-        building = layout.caption_hash.with_name(f".{layout.caption_hash.name}.building")
-        create_hash_file(building, int(firsts[-1]))
-        jobs = [{"out": str(layout.root), "slug": coarse_slug, "part": m["part"], "first": int(first), "hashes": str(building)}
-                for m, first in zip(done, firsts)]
-        rows = runner.map(store_task, jobs, "xm store", on_done=progress("store", len(jobs)))
-        if sum(rows) != int(firsts[-1]):
-            raise XMError(f"{layout.rel(layout.store)}: the store tasks wrote {sum(rows)} rows, {int(firsts[-1])} are embedded")
-        os.chmod(building, FILE_MODE)
-        os.replace(building, layout.caption_hash)
-        write_json(_store_record(layout), record)
 
     timed("store", store)
 
@@ -208,6 +194,27 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
     timed("manifest", manifest)
     write_json(layout.work / "last_build.json", summary.__dict__)
     return summary
+
+
+def _store_stage(layout: Layout, slug: str, done: list[dict[str, Any]], runner: Runner, progress: Progress) -> bool:
+    """Write the caption store of the embedded parts `done` (one task per part) and its hash file;
+    True if it was current already."""
+    record = {"parts": [[m["part"], m["rows"]] for m in done]}
+    if _store_is_current(layout, record):
+        return True
+    firsts = np.concatenate([[0], np.cumsum([m["rows"] for m in done])]).astype(int)
+    # every task writes its rows of the hash file in place (no driver collect); renamed when all are in
+    building = layout.caption_hash.with_name(f".{layout.caption_hash.name}.building")
+    create_hash_file(building, int(firsts[-1]))
+    jobs = [{"out": str(layout.root), "slug": slug, "part": m["part"], "first": int(first), "hashes": str(building)}
+            for m, first in zip(done, firsts)]
+    rows = runner.map(store_task, jobs, "xm store", on_done=progress("store", len(jobs)))
+    if sum(rows) != int(firsts[-1]):
+        raise XMError(f"{layout.rel(layout.store)}: the store tasks wrote {sum(rows)} rows, {int(firsts[-1])} are embedded")
+    os.chmod(building, FILE_MODE)
+    os.replace(building, layout.caption_hash)
+    write_json(_store_record(layout), record)
+    return False
 
 
 def _store_record(layout: Layout) -> Path:
