@@ -26,7 +26,7 @@ from xm.errors import XMError
 from xm.indexes.layout import FILE_MODE, Layout, write_json
 from xm.indexes.manifest import write_manifest
 from xm.indexes.records import BuildStats, EncoderEntry, IndexEntry, Manifest, PartEntry, Roles, ShardEntry, SourceEntry
-from xm.pipeline import compress, staging
+from xm.pipeline import compress, index_training, staging
 from xm.pipeline.config import STAGES, BuildConfig
 from xm.pipeline.download import download
 from xm.pipeline.embed import embed_part, read_marker, slug_of, unloaded_encoder_entry
@@ -166,6 +166,15 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
 
     def index() -> None:
         todo = _indexed(plan)
+        stale = [(slug_of(spec), modality, None) for spec, modality in todo
+                 if not index_is_current(layout, slug_of(spec), modality, summary.count, cfg.shards)]
+        if stale and runner.autofaiss_distributed is not None:
+            # on a cluster every stale index trains at once, one executor task each, and is kept
+            # (pipeline/index_training.py); the loop below then only fills them
+            trained = index_training.train_all(cfg, layout, stale, runner.map,
+                                               progress(f"index: train {len(stale)} on executors at once", len(stale)))
+            summary.skipped += [f"index/{slug}/{modality}: training reused" for (slug, modality), r in trained.items()
+                                if r.get("reused")]
         tick = progress(f"index ({len(todo)} kNN index{'es' if len(todo) != 1 else ''}, autofaiss)", len(todo))
         for spec, modality in todo:
             slug = slug_of(spec)
