@@ -15,7 +15,7 @@ trained index is the same.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +99,13 @@ def train_task(job: dict[str, Any]) -> dict[str, Any]:
     return {**record, "reused": False}
 
 
-def train_all(cfg: BuildConfig, layout: Layout, todo: list[tuple[str, str, str | None]],
+def train_all(cfg: BuildConfig, layout: Layout, todo: Sequence[tuple[str, str, str | None]],
               run: Callable[[Callable[[Any], Any], list[Any], str, Callable[[int], None] | None], list[Any]],
               on_done: Callable[[int], None] | None = None) -> dict[tuple[str, str], dict[str, Any]]:
     """Train every (slug, modality, index_key) of `todo` not kept already, as one Spark job of one
     task per index (they train at once); {(slug, modality): record (+ "reused")}."""
-    jobs, out = [], {}
+    jobs: list[dict[str, Any]] = []
+    out: dict[tuple[str, str], dict[str, Any]] = {}
     for slug, modality, index_key in todo:
         emb_dir = layout.emb_dir(slug, modality)
         key, count, dim = choose_key(cfg, emb_dir, index_key)
