@@ -14,7 +14,7 @@ from xm.cli.output import console, err_console, print_json, progress_bars, table
 @app.command("build-index")
 def build_index_cmd(
     source: str | None = typer.Option(None, "--source", help="laion400m | laion400m-embeddings | datacomp (with --metadata-root) | a table of URLs+captions | a folder of images with .txt captions | an img2dataset output folder"),
-    out: Path | None = typer.Option(None, "--out", help="index folder to create or resume (default: $XM_HOME/indexes/<source name>, which then becomes the default index)"),
+    out: Path | None = typer.Option(None, "--out", help="index folder to create or resume, or an fsspec URL (s3://BUCKET/FOLDER, gs://, hdfs://; built in --stage-dir and pushed after each stage) (default: $XM_HOME/indexes/<source name>, which then becomes the default index)"),
     coarse: str = typer.Option("ViT-B-32:openai", help="encoder whose image embeddings are searched (ARCH:PRETRAINED)"),
     fine: str = typer.Option("ViT-L-14:openai", help="encoder that re-ranks captions"),
     inference: list[str] = typer.Option(["RN50:openai"], metavar="ARCH:PRETRAINED", help="encoder(s) that classify; repeat for several"),
@@ -24,8 +24,8 @@ def build_index_cmd(
     parts: str | None = typer.Option(None, help="LAION part numbers, or DataComp metadata pairs by position in file-name order, e.g. 0-3,7"),
     url_col: str = typer.Option("url", help="URL column of a table source"),
     caption_col: str = typer.Option("caption", help="caption column of a table source"),
-    metadata_root: str | None = typer.Option(None, help="folder or URL holding LAION-400M metadata parquet parts; for datacomp, the folder of DataComp .parquet + .npz pairs"),
-    embeddings_root: str | None = typer.Option(None, help="folder or URL holding LAION-400M images/ texts/ metadata/ embedding parts"),
+    metadata_root: str | None = typer.Option(None, help="folder or URL (http(s)://, s3://, gs://, hdfs://) holding LAION-400M metadata parquet parts; for datacomp, the folder of DataComp .parquet + .npz pairs"),
+    embeddings_root: str | None = typer.Option(None, help="folder or URL (http(s)://, s3://, gs://, hdfs://) holding LAION-400M images/ texts/ metadata/ embedding parts"),
     shards: int = typer.Option(1, help="number of index shards"),
     k: int = typer.Option(128, help="neighbours a query must be able to return (autofaiss coverage target)"),
     max_index_memory: str = typer.Option("4G", help="autofaiss memory budget for one index"),

@@ -4,9 +4,10 @@ as memory-mappable shards with global ids.
 
 * one machine (`--distributor multiprocessing`): autofaiss builds one index; it is tuned,
   then split by id range (`write_shards`).
-* Spark (`--distributor pyspark`): autofaiss trains on the driver, executors add id ranges,
-  and it keeps `--shards` merged indices (`nb_indices_to_keep`), each written by an executor
-  with global ids. They become the shards as they are; they are tuned together, on a stacked
+* Spark (`--distributor pyspark`): the index is trained by an executor task and kept
+  (`index_training.py`: every stale index at once, reused by a rerun), executors add id ranges
+  to it, and autofaiss keeps `shards_to_keep` merged indices (`nb_indices_to_keep`, at least
+  `--shards`), each written by an executor with global ids. They become the shards as they are; they are tuned together, on a stacked
   view of all of them (`xm.indexes.tuning.stacked_view`).
 
 Either way autofaiss is given a placeholder `index_param`, which skips its own per-index

@@ -20,24 +20,25 @@ from xm.indexes import home, object_store
 from xm.pipeline.config import BuildConfig
 
 
-def _base(cfg: BuildConfig) -> Path:
-    return Path(cfg.stage_dir).expanduser() if cfg.stage_dir else home.home() / "cache"
+def base(cfg: BuildConfig | None) -> Path:
+    """Where object storage is mirrored: --stage-dir, else $XM_HOME/cache."""
+    return Path(cfg.stage_dir).expanduser() if cfg is not None and cfg.stage_dir else home.home() / "cache"
 
 
 def stage(cfg: BuildConfig) -> tuple[str | None, Callable[[], int]]:
     """Make `cfg` local: inputs fetched, `--out` staged. Returns (the URL --out names, or None;
     a function that pushes the staging folder to it, a no-op for a local --out)."""
-    base = _base(cfg)
+    base_dir = base(cfg)
     source = object_store.unmangled(cfg.source)
     if object_store.is_remote(source):
-        cfg.source = object_store.fetch_input(source, base, "--source")
+        cfg.source = object_store.fetch_input(source, base_dir, "--source")
     elif object_store.protocol_of(source) == "file":
         cfg.source = object_store.local_path(source)
     for name in ("metadata_root", "embeddings_root"):
         value = getattr(cfg, name)
         flag = f"--{name.replace('_', '-')}"
         if value and object_store.is_remote(value):
-            setattr(cfg, name, object_store.fetch_input(value, base, flag))
+            setattr(cfg, name, object_store.fetch_input(value, base_dir, flag))
         elif value and object_store.protocol_of(value) == "file":
             setattr(cfg, name, object_store.local_path(value))
     out = object_store.unmangled(cfg.out)
@@ -47,7 +48,7 @@ def stage(cfg: BuildConfig) -> tuple[str | None, Callable[[], int]]:
     if not object_store.is_remote(out):
         return None, lambda: 0
     object_store.check_writable(out, "--out")  # a bad bucket or no credentials: one line, nothing made here
-    folder = object_store.cache_folder(out, base, "stage")
+    folder = object_store.cache_folder(out, base_dir, "stage")
     object_store.pull(out, folder, "--out")
     cfg.out = folder
     return out, lambda: object_store.push(folder, out, "--out")

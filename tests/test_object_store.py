@@ -16,12 +16,13 @@ import pytest
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from conftest import TINY, TINY_ROLES, make_image, write_caption_folder  # noqa: E402
+from conftest import TINY, TINY_ROLES, TINY_WIDE, make_image, write_caption_folder  # noqa: E402
 from xm.encoders import load_encoder  # noqa: E402
 from xm.errors import XMError  # noqa: E402
 from xm.memories import open_index  # noqa: E402
 from xm.memories.registry import open_memory  # noqa: E402
 from xm.pipeline import BuildConfig, build_index  # noqa: E402
+from xm.pipeline.extend import add_encoder  # noqa: E402
 
 BUCKET = "xm-test"
 # no instance-metadata lookups (169.254.169.254) and no user config: only the loopback server answers
@@ -96,6 +97,10 @@ def test_build_to_s3_equals_local_build_and_opens_from_s3(s3, tmp_path, monkeypa
     assert "store: current" in again.skipped and again.manifest_id == remote.manifest_id
     fs.invalidate_cache()
     assert {p: fs.info(p)["ETag"] for p in fs.find(f"{BUCKET}/mem") if not p.endswith("last_build.json")} == before
+    # --add-encoder on the memory in the bucket: extended there, and a new open sees it
+    added = add_encoder(f"s3://{BUCKET}/mem", f"{TINY_WIDE}=image")
+    assert added.out == f"s3://{BUCKET}/mem" and not (tmp_path / "s3:").exists()
+    assert "image" in open_memory(f"s3://{BUCKET}/mem").manifest.encoders[TINY_WIDE].embedded
 
 
 def _xm(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
