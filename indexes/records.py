@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+import pyarrow as pa
+
 from xm.errors import XMError
 from xm.indexes.layout import FORMAT
 
@@ -301,6 +303,64 @@ class FileEntry:
         return out
 
 
+@dataclass(frozen=True)
+class TableRef:
+    """Where a large manifest keeps a list of records (`parts`, `files`): a Parquet table beside
+    manifest.json (`manifest/<kind>-<sha>.parquet`), its row count and checksum."""
+
+    table: str
+    rows: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, f: _Fields) -> TableRef:
+        return cls(table=f.get("table", _is_str, _STR), rows=f.get("rows", _is_int, _INT), sha256=f.get("sha256", _is_str, _STR))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"table": self.table, "rows": self.rows, "sha256": self.sha256}
+
+
+_PARTS_SCHEMA = pa.schema([("name", pa.string()), ("rows", pa.int64())])
+_FILES_SCHEMA = pa.schema([("path", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()), ("mtime_ns", pa.int64())])
+
+
+def parts_table(parts: list[PartEntry]) -> pa.Table:
+    """The parts as a table (name, rows), in global-id order."""
+    return pa.table([pa.array([p.name for p in parts], pa.string()), pa.array([p.rows for p in parts], pa.int64())],
+                    schema=_PARTS_SCHEMA)
+
+
+def files_table(files: dict[str, FileEntry]) -> pa.Table:
+    """The listed files as a table (path, bytes, sha256, mtime_ns; null where not recorded)."""
+    return pa.table([pa.array(list(files), pa.string()), pa.array([e.bytes for e in files.values()], pa.int64()),
+                     pa.array([e.sha256 for e in files.values()], pa.string()),
+                     pa.array([e.mtime_ns for e in files.values()], pa.int64())], schema=_FILES_SCHEMA)
+
+
+def _columns(table: pa.Table, schema: pa.Schema, file: str, nullable: tuple[str, ...] = ()) -> list[list[Any]]:
+    """The table's columns as lists, refusing (one line) a schema other than `schema` or a null
+    where one is not allowed: the types are checked once per column, not per record."""
+    for fld in schema:
+        if fld.name not in table.column_names:
+            raise XMError(f"{file}: no column {fld.name!r}; the manifest's table is damaged")
+        if not table.schema.field(fld.name).type.equals(fld.type):
+            raise XMError(f"{file}: column {fld.name!r} is {table.schema.field(fld.name).type}, expected {fld.type}; "
+                          "the manifest's table is damaged")
+        if fld.name not in nullable and table.column(fld.name).null_count:
+            raise XMError(f"{file}: column {fld.name!r} has nulls; the manifest's table is damaged")
+    return [table.column(fld.name).to_pylist() for fld in schema]
+
+
+def parts_from_table(table: pa.Table, file: str) -> list[PartEntry]:
+    names, rows = _columns(table, _PARTS_SCHEMA, file)
+    return [PartEntry(name=n, rows=r) for n, r in zip(names, rows)]
+
+
+def files_from_table(table: pa.Table, file: str) -> dict[str, FileEntry]:
+    paths, sizes, digests, mtimes = _columns(table, _FILES_SCHEMA, file, nullable=("mtime_ns",))
+    return {p: FileEntry(bytes=b, sha256=h, mtime_ns=t) for p, b, h, t in zip(paths, sizes, digests, mtimes)}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
     """A whole manifest (format 2). The authors in `pipeline/` fill in what they built
@@ -322,10 +382,19 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_read: str | None = None
 
+    @staticmethod
+    def table_refs(data: Any, file: str = "manifest.json") -> dict[str, TableRef]:
+        """The lists a large manifest keeps in tables (`parts`, `files`: an object naming the
+        table instead of the list itself); `manifest.read_manifest` reads them."""
+        f = _Fields(data, file, "")
+        return {key: TableRef.from_json(f.obj(key)) for key in ("parts", "files") if isinstance(f.data.get(key), dict)
+                and "table" in f.data[key]}
+
     @classmethod
     def from_json(cls, data: Any, file: str = "manifest.json") -> Manifest:
         """A format-2 manifest's JSON as records; one line naming `file` and the field if a
-        field is missing or of the wrong type (format 1: `manifest.upgrade_v1`)."""
+        field is missing or of the wrong type (format 1: `manifest.upgrade_v1`). Lists kept in
+        tables (`table_refs`) must have been put back into `data` first."""
         f = _Fields(data, file, "")
         return cls(format=f.get("format", _is_str, _STR), id=f.get("id", _is_str, _STR),
                    created=f.get("created", _is_str, _STR), count=f.get("count", _is_int, _INT),
@@ -349,14 +418,18 @@ class Manifest:
         indexes = [{**e.data, "modality": modality, "dir": f"index/{modality}"} for modality, e in f.items("indexes")]
         return cls.from_json({**data, "format": FORMAT, "encoders": encoders, "indexes": indexes, "format_read": data["format"]}, file)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, tables: dict[str, TableRef] | None = None) -> dict[str, Any]:
+        """The whole document; with `tables`, the lists they name (`parts`, `files`) are
+        written as references to those tables instead of inline."""
+        tables = tables or {}
         out: dict[str, Any] = {
             "format": self.format, "id": self.id, "created": self.created, "count": self.count,
             "source": self.source.to_json(), "roles": self.roles.to_json(),
             "encoders": {spec: e.to_json() for spec, e in self.encoders.items()},
-            "parts": [p.to_json() for p in self.parts], "indexes": [e.to_json() for e in self.indexes],
+            "parts": tables["parts"].to_json() if "parts" in tables else [p.to_json() for p in self.parts],
+            "indexes": [e.to_json() for e in self.indexes],
             "stats": self.stats.to_json(), "versions": dict(self.versions),
-            "files": {rel: e.to_json() for rel, e in self.files.items()},
+            "files": tables["files"].to_json() if "files" in tables else {rel: e.to_json() for rel, e in self.files.items()},
         }
         if self.format_read is not None:  # only in memory: a file never says it
             out["format_read"] = self.format_read
