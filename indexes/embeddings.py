@@ -31,7 +31,7 @@ class EmbeddingMatrix:
     capacity of maps and descriptors, not one per part. With `rows` (the manifest's, per part)
     nothing is opened up front; without, each part's header is read once for its row count."""
 
-    def __init__(self, files: Sequence[Path], rows: Sequence[int] | None = None, opened: OpenFiles | None = None) -> None:
+    def __init__(self, files: Sequence[str | Path], rows: Sequence[int] | None = None, opened: OpenFiles | None = None) -> None:
         self.files = list(files)
         self.opened = opened if opened is not None else OpenFiles()
         self._rows_known = rows is not None
@@ -89,7 +89,7 @@ class ByIdParts:
     """A per-item float vector stored as one .npy part per part (the caption norms), read by
     id (`norms[ids]`) through the same bounded cache of maps: nothing is loaded whole."""
 
-    def __init__(self, files: Sequence[Path], rows: Sequence[int], opened: OpenFiles | None = None) -> None:
+    def __init__(self, files: Sequence[str | Path], rows: Sequence[int], opened: OpenFiles | None = None) -> None:
         self.files = list(files)
         self.opened = opened if opened is not None else OpenFiles()
         self.offsets = np.concatenate([[0], np.cumsum(list(rows), dtype=np.int64)]).astype(np.int64)
@@ -130,7 +130,7 @@ class CodedEmbeddingMatrix(EmbeddingMatrix):
     construction (their norms are kept apart, float32), and quantization shrinks rows by
     different amounts, which would otherwise bias dot products toward the rows it shrank least."""
 
-    def __init__(self, files: Sequence[Path], codec_file: Path, rows: Sequence[int] | None = None,
+    def __init__(self, files: Sequence[str | Path], codec_file: Path, rows: Sequence[int] | None = None,
                  opened: OpenFiles | None = None) -> None:
         from xm.indexes.codecs import read_codec
 

@@ -17,9 +17,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-# every reader of one memory together; each value holds at most one descriptor and one map,
-# so this bounds both well under `ulimit -n 1024` with room for the kNN shards and the process
-DEFAULT_CAPACITY = 256
+# every reader of one memory together; each value holds at most one descriptor and one map.
+# A process that has imported faiss and pyarrow already has ~800 maps of its own libraries:
+# 128 keeps the total under 1,000 and the descriptors far under `ulimit -n 1024`
+DEFAULT_CAPACITY = 128
 
 
 class OpenFiles:

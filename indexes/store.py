@@ -46,7 +46,7 @@ class CaptionStore:
     other readers); decoded row groups in an LRU of `cache_groups`. Neither grows with the
     number of parts. Not thread-safe (`LocalMemory` fetches under its lock)."""
 
-    def __init__(self, files: Sequence[Path], rows: Sequence[int], hash_file: Path | None = None, cache_groups: int = 256,
+    def __init__(self, files: Sequence[str | Path], rows: Sequence[int], hash_file: Path | None = None, cache_groups: int = 256,
                  opened: OpenFiles | None = None) -> None:
         self.files = list(files)
         self.offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)

@@ -168,11 +168,11 @@ class LocalMemory(Memory):
                               f"add them with `xm build-index --out {self.root} --add-encoder {spec}={modality}`")
             codec = entry.codecs.get(modality)
             if codec:  # compressed (`--text-codec`): the same gather, decoded rows
-                files = [self.layout.code_file(entry.slug, modality, p) for p in self.parts]
+                files = self.layout.code_files(entry.slug, modality, self.parts)
                 matrix: EmbeddingMatrix = CodedEmbeddingMatrix(files, self.layout.codec_file(entry.slug, modality),
                                                                self.part_rows, self.opened)
             else:
-                files = [self.layout.emb_file(entry.slug, modality, p) for p in self.parts]
+                files = self.layout.emb_files(entry.slug, modality, self.parts)
                 matrix = EmbeddingMatrix(files, self.part_rows, self.opened)
             if len(matrix) != self.count:
                 raise XMError(f"{self.layout.emb_dir(entry.slug, modality)}: {len(matrix)} rows, manifest says {self.count}")
@@ -188,7 +188,7 @@ class LocalMemory(Memory):
             entry = self.encoder_entry(spec)
             if entry is None or modality not in entry.norms:
                 raise XMError(f"{self.root}: no {modality} embedding norms for encoder {spec} in this index")
-            files = [self.layout.norm_file(entry.slug, modality, p) for p in self.parts]
+            files = self.layout.norm_files(entry.slug, modality, self.parts)
             self._norms[key] = ByIdParts(files, self.part_rows, self.opened)
         return self._norms[key]
 
@@ -234,7 +234,7 @@ class LocalMemory(Memory):
 
     @cached_property
     def store(self) -> CaptionStore:
-        return CaptionStore([self.layout.store_part(p) for p in self.parts], self.part_rows, self.layout.caption_hash,
+        return CaptionStore(self.layout.store_parts(self.parts), self.part_rows, self.layout.caption_hash,
                             opened=self.opened)
 
     @property

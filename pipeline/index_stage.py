@@ -35,7 +35,7 @@ from xm.indexes.shards import ShardInfo, ivf_id_span, write_shards
 from xm.indexes.tuning import sample_queries, stacked_view, tune_ivf
 from xm.pipeline.config import BuildConfig
 from xm.pipeline.quiet import captured_stderr
-from xm.pipeline.spark import active_session
+from xm.pipeline.spark import active_session, cores_per_task
 
 # Any IVF accepts it and it makes autofaiss skip its tuner (optimize_and_measure_index tunes only
 # when index_param is None); the real parameters come from tune_ivf.
@@ -114,6 +114,8 @@ def _on_spark(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: Path, 
     index_path, infos_path = tmp / "full.index", tmp / "infos.json"
     _, metrics = _autofaiss(build_index, cfg, emb_dir, index_path, infos_path, index_key=index_key,
                             distributed=distributed, nb_indices_to_keep=cfg.shards,
+                            # its executor tasks' faiss threads: the cores Spark gives a task, not every core of the node
+                            nb_cores=cores_per_task(),
                             # its default is an HDFS path; executors must see this folder (--out on a shared disk)
                             temporary_indices_folder=str(work.resolve()))
     shutil.rmtree(work, ignore_errors=True)
