@@ -16,8 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from xm.errors import XMError
-from xm.indexes import manifest as manifest_module
-from xm.indexes import read_manifest
+from xm.indexes import manifest as manifest_module, read_manifest
 from xm.memories import open_index
 
 PARTS = 600  # 2,400 part files: past INLINE_FILES, so the manifest keeps tables

@@ -89,14 +89,16 @@ def _shard_successes(sidecar: Path) -> int | None:
 
 
 def limit_parts(parts: list[Part], limit: int | None) -> list[Part]:
-    """The first `limit` samples over the parts in order (later parts dropped, the last cut)."""
+    """The first `limit` samples over the parts in order (later parts dropped, the last cut).
+    A part's count comes from its sidecar where img2dataset wrote one (`Part.size`); only a
+    part without one is read to count it. Parts past the limit are never read."""
     if limit is None:
         return parts
     out, left = [], limit
     for part in parts:
         if left <= 0:
             break
-        n = sum(1 for _ in part.samples())
+        n = part.size if part.size is not None else sum(1 for _ in part.samples())
         if n <= left:
             out.append(Part(part.name, part.samples, part.precomputed, n))
         else:
