@@ -18,7 +18,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -26,7 +26,16 @@ from typing import Any
 
 from xm.errors import XMError
 from xm.indexes.layout import FORMAT, FORMAT_V1, Layout, atomic_path, sha256_file, write_json
-from xm.indexes.records import FileEntry, Manifest, TableRef, files_from_table, files_table, parts_from_table, parts_table
+from xm.indexes.records import (
+    FileEntry,
+    FilesTable,
+    Manifest,
+    TableRef,
+    files_from_table,
+    files_table,
+    parts_from_table,
+    parts_table,
+)
 
 # past this many listed files, parts and files go to Parquet tables (a few hundred parts)
 INLINE_FILES = 2_000
@@ -52,12 +61,12 @@ def _sha256_files(paths: list[Path]) -> list[str]:
     return [sha256_file(p) for p in paths]
 
 
-def file_entries(layout: Layout, paths: list[Path], known: dict[str, FileEntry] | None = None,
+def file_entries(layout: Layout, paths: list[Path], known: Mapping[str, FileEntry] | None = None,
                  hasher: Hasher | None = None) -> dict[str, FileEntry]:
     """Size and sha256 of each file; `known` entries (an earlier manifest's) are reused for
     files whose size and modification time are unchanged since that manifest was written.
     `hasher` checksums the rest (here by default; a distributed build spreads it over tasks)."""
-    known = known or {}
+    known = dict(known.items()) if known else {}  # a files table read once, not looked up per file
     out: dict[str, FileEntry] = {}
     todo: list[tuple[str, Path, os.stat_result]] = []
     for p in sorted(set(paths)):
@@ -73,7 +82,7 @@ def file_entries(layout: Layout, paths: list[Path], known: dict[str, FileEntry] 
 
 
 def write_manifest(layout: Layout, manifest: Manifest, files: list[Path],
-                   known: dict[str, FileEntry] | None = None, hasher: Hasher | None = None,
+                   known: Mapping[str, FileEntry] | None = None, hasher: Hasher | None = None,
                    keep_if_same: bool = False) -> Manifest:
     """The one writer of manifest.json: `manifest` (what an author built: count ... stats)
     stamped with the format, the files' sizes and checksums, the id, the time and the
@@ -144,7 +153,7 @@ def _from_data(layout: Layout, data: Any) -> Manifest:
         if sha256_file(path) != ref.sha256:
             raise XMError(f"{path}: checksum differs from the manifest's; the manifest's {key} table is damaged")
         try:
-            table = pq.read_table(path)
+            table = pq.ParquetFile(path).read()  # (pq.read_table would import pyarrow.dataset: seconds)
         except (OSError, pa.ArrowException) as exc:
             raise XMError(f"{path}: unreadable manifest table ({str(exc).splitlines()[0][:160]})") from exc
         if table.num_rows != ref.rows:
@@ -198,11 +207,14 @@ def upgrade_v1(manifest: dict[str, Any], file: str = "manifest.json") -> Manifes
 def sample_files(manifest: Manifest, n: int) -> dict[str, FileEntry]:
     """`n` of the listed files, evenly spread over them (always the same ones): what opening
     a memory of many files checks, instead of every one."""
-    rels = list(manifest.files)
-    if len(rels) <= n:
-        return dict(manifest.files)
-    picks = {rels[int(i)] for i in [round(j * (len(rels) - 1) / max(1, n - 1)) for j in range(n)]}
-    return {rel: manifest.files[rel] for rel in rels if rel in picks}
+    files = manifest.files
+    if len(files) <= n:
+        return dict(files.items())
+    positions = sorted({round(j * (len(files) - 1) / max(1, n - 1)) for j in range(n)})
+    if isinstance(files, FilesTable):
+        return files.at(positions)
+    rels = list(files)
+    return {rels[i]: files[rels[i]] for i in positions}
 
 
 def verify_files(root: str | Path, manifest: Manifest, checksums: bool, only: dict[str, FileEntry] | None = None) -> None:

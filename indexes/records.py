@@ -13,7 +13,7 @@ read and written back is the document it was read from. Keys that older manifest
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -330,11 +330,12 @@ def parts_table(parts: list[PartEntry]) -> pa.Table:
                     schema=_PARTS_SCHEMA)
 
 
-def files_table(files: dict[str, FileEntry]) -> pa.Table:
+def files_table(files: Mapping[str, FileEntry]) -> pa.Table:
     """The listed files as a table (path, bytes, sha256, mtime_ns; null where not recorded)."""
-    return pa.table([pa.array(list(files), pa.string()), pa.array([e.bytes for e in files.values()], pa.int64()),
-                     pa.array([e.sha256 for e in files.values()], pa.string()),
-                     pa.array([e.mtime_ns for e in files.values()], pa.int64())], schema=_FILES_SCHEMA)
+    entries = list(files.items())
+    return pa.table([pa.array([p for p, _ in entries], pa.string()), pa.array([e.bytes for _, e in entries], pa.int64()),
+                     pa.array([e.sha256 for _, e in entries], pa.string()),
+                     pa.array([e.mtime_ns for _, e in entries], pa.int64())], schema=_FILES_SCHEMA)
 
 
 def _columns(table: pa.Table, schema: pa.Schema, file: str, nullable: tuple[str, ...] = ()) -> list[list[Any]]:
@@ -356,9 +357,62 @@ def parts_from_table(table: pa.Table, file: str) -> list[PartEntry]:
     return [PartEntry(name=n, rows=r) for n, r in zip(names, rows)]
 
 
-def files_from_table(table: pa.Table, file: str) -> dict[str, FileEntry]:
-    paths, sizes, digests, mtimes = _columns(table, _FILES_SCHEMA, file, nullable=("mtime_ns",))
-    return {p: FileEntry(bytes=b, sha256=h, mtime_ns=t) for p, b, h, t in zip(paths, sizes, digests, mtimes)}
+class FilesTable(Mapping[str, FileEntry]):
+    """The files table as the manifest's `files` mapping (path -> FileEntry), read lazily: a
+    40,000-part memory lists 200,000 files, which opening it needs only as a count, a total
+    and a sample. The paths are read when first looked up, an entry when asked for."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self._table = table
+        self._index: dict[str, int] | None = None
+
+    def _paths(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {p: i for i, p in enumerate(self._table.column("path").to_pylist())}
+        return self._index
+
+    def __getitem__(self, path: str) -> FileEntry:
+        i = self._paths()[path]
+        mtime = self._table.column("mtime_ns")[i].as_py()
+        return FileEntry(bytes=self._table.column("bytes")[i].as_py(), sha256=self._table.column("sha256")[i].as_py(),
+                         mtime_ns=mtime)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths())
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def items(self) -> Any:  # every entry at once: one pass over the columns, not a lookup each
+        return self._entries(self._table)
+
+    @staticmethod
+    def _entries(table: pa.Table) -> list[tuple[str, FileEntry]]:
+        paths, sizes, digests, mtimes = (table.column(c).to_pylist() for c in ("path", "bytes", "sha256", "mtime_ns"))
+        return [(p, FileEntry(bytes=b, sha256=h, mtime_ns=t)) for p, b, h, t in zip(paths, sizes, digests, mtimes)]
+
+    def at(self, positions: list[int]) -> dict[str, FileEntry]:
+        """The entries at these positions in the list (no path index built)."""
+        return dict(self._entries(self._table.take(pa.array(positions, pa.int64()))))
+
+    def values(self) -> Any:
+        return [e for _, e in self.items()]
+
+    def total_bytes(self) -> int:
+        return int(self._table.column("bytes").to_numpy().sum())
+
+
+def files_from_table(table: pa.Table, file: str) -> FilesTable:
+    """The files table checked (schema, nulls) once per column, entries read on demand."""
+    for fld in _FILES_SCHEMA:
+        if fld.name not in table.column_names:
+            raise XMError(f"{file}: no column {fld.name!r}; the manifest's table is damaged")
+        if not table.schema.field(fld.name).type.equals(fld.type):
+            raise XMError(f"{file}: column {fld.name!r} is {table.schema.field(fld.name).type}, expected {fld.type}; "
+                          "the manifest's table is damaged")
+        if fld.name != "mtime_ns" and table.column(fld.name).null_count:
+            raise XMError(f"{file}: column {fld.name!r} has nulls; the manifest's table is damaged")
+    return FilesTable(table)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -379,7 +433,8 @@ class Manifest:
     id: str = ""
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
-    files: dict[str, FileEntry] = field(default_factory=dict)
+    # a dict, or a large manifest's files table read lazily (`FilesTable`)
+    files: Mapping[str, FileEntry] = field(default_factory=dict)
     format_read: str | None = None
 
     @staticmethod
@@ -437,6 +492,8 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
+        if isinstance(self.files, FilesTable):
+            return self.files.total_bytes()
         return sum(e.bytes for e in self.files.values())
 
     def index_entry(self, spec: str, modality: str) -> IndexEntry | None:
