@@ -60,7 +60,10 @@ class DownloadedSource(Source):
             layout, cfg.shard_size, max(shards, math.ceil(selected / shard_rows)), digits))
 
     def part_named(self, cfg: SourceOptions, layout: Layout, name: str) -> Part | None:
-        return shard_part(layout.download, name, read_groups(layout)) or super().part_named(cfg, layout, name)
+        groups = read_groups(layout)
+        direct = shard_part(layout.download, name, groups)
+        # once the driver pinned the grouping, the shards' names are the whole answer
+        return direct if direct is not None or groups is not None else super().part_named(cfg, layout, name)
 
     def failures(self, cfg: SourceOptions, layout: Layout) -> dict[str, int]:
         return download_failures(layout.download)

@@ -165,8 +165,12 @@ class Img2datasetOutput(Source):
 
     def part_named(self, cfg: SourceOptions, layout: Layout, name: str) -> Part | None:
         # a cut (--limit) part is only known by counting the parts before it (the limit bounds how many)
-        direct = shard_part(Path(cfg.source), name, read_groups(layout)) if cfg.limit is None else None
-        return direct or super().part_named(cfg, layout, name)
+        if cfg.limit is not None:
+            return super().part_named(cfg, layout, name)
+        groups = read_groups(layout)
+        direct = shard_part(Path(cfg.source), name, groups)
+        # once the driver pinned the grouping, the shards' names are the whole answer
+        return direct if direct is not None or groups is not None else super().part_named(cfg, layout, name)
 
     def failures(self, cfg: SourceOptions, layout: Layout) -> dict[str, int]:
         return download_failures(Path(cfg.source))
