@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from xm.errors import XMError
 from xm.indexes.open_files import OpenFiles
 
 
-def npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+def npy_shape(path: str | Path) -> tuple[tuple[int, ...], np.dtype]:
     """An .npy file's shape and dtype from its header alone (no map kept, the file closed)."""
     try:
         with open(path, "rb") as f:
@@ -117,7 +118,7 @@ class ByIdParts:
         part_of = np.searchsorted(self.offsets, flat, side="right") - 1
         for p in np.unique(part_of):
             sel = np.nonzero(part_of == p)[0]
-            arr = self.opened.get(("npy", self.files[int(p)]), lambda p=int(p): self._open(p))
+            arr = self.opened.get(("npy", self.files[int(p)]), functools.partial(self._open, int(p)))
             out[sel] = arr[flat[sel] - self.offsets[p]]
         return out.reshape(wanted.shape)
 

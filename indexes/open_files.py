@@ -38,12 +38,12 @@ class OpenFiles:
         with self._lock:
             if key in self._values:
                 self._values.move_to_end(key)
-                return self._values[key]  # type: ignore[no-any-return]
+                return self._values[key]
         value = opener()  # outside the lock: a slow open does not stall other readers' hits
         with self._lock:
             if key in self._values:  # another thread opened it meanwhile: keep one
                 self._values.move_to_end(key)
-                return self._values[key]  # type: ignore[no-any-return]
+                return self._values[key]
             self._values[key] = value
             self.opened += 1
             while len(self._values) > self.capacity:
