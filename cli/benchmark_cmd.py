@@ -53,7 +53,8 @@ def benchmark_cmd(
     """Evaluate methods side by side on the same images, through the one method interface."""
     from xm.encoders.precision import Precision
     from xm.evaluation.datasets import load_dataset
-    from xm.evaluation.runner import BenchmarkConfig, run_benchmark, write_outputs
+    from xm.evaluation.results import write_outputs
+    from xm.evaluation.runner import BenchmarkConfig, run_benchmark
     from xm.indexes import home
     from xm.memories import open_index
     from xm.methods.protocols import protocol as get_protocol
