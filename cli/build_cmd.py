@@ -33,7 +33,8 @@ def build_index_cmd(
     image_size: int = typer.Option(256, help="img2dataset resize (shortest side, only if bigger)"),
     processes: int = typer.Option(2, help="img2dataset processes"),
     threads: int = typer.Option(16, help="img2dataset threads per process"),
-    shard_size: int = typer.Option(10_000, help="samples per download shard or folder part (= per embedding part)"),
+    shard_size: int | None = typer.Option(None, help="samples per download shard or folder part (= per embedding part); "
+                                          "default: parts sized for the memory, hundreds at 400M (docs/scale.md)"),
     timeout: int = typer.Option(10, help="download timeout per image, seconds"),
     distributor: str = typer.Option("multiprocessing", help="multiprocessing (this machine) | pyspark (download, embed, index, store and hashing as Spark tasks)"),
     spark_master: str | None = typer.Option(None, "--spark-master", help="with --distributor pyspark: local[N], local[N,F], spark://HOST:PORT, yarn, k8s://... (default: the spark-submit session, else local[*])"),

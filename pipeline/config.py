@@ -57,7 +57,8 @@ class BuildConfig:
     image_size: int = 256
     processes: int = 2
     threads: int = 16
-    shard_size: int = 10_000
+    # rows per download shard and part; None: parts sized for the memory (pipeline/part_size.py)
+    shard_size: int | None = None
     timeout: int = 10
     distributor: str = "multiprocessing"  # which runner (`runner_kind`): pipeline/runners/
     # Spark (--distributor pyspark): master URL (local[N], local[N,F], spark://, yarn, k8s://) and

@@ -44,7 +44,7 @@ def _image_rows(cfg: BuildConfig, layout: Layout, manifest: Manifest, part: str)
     """The part's samples from the recorded source, in the stored rows' order."""
     src = manifest.source
     build = BuildConfig(source=src.source, out=layout.root, source_kind=src.kind, limit=src.limit, parts=src.parts,
-                        shard_size=src.shard_size or BuildConfig.shard_size)
+                        shard_size=src.shard_size)  # None: the part sizes the build pinned under _work/
     if not build.kind.has_images:
         raise XMError(f"{layout.root}: built from precomputed embeddings; there are no images to embed under another encoder")
     parts = {p.name: p for p in build.kind.parts(build, layout)}

@@ -39,7 +39,7 @@ from xm.indexes.tuning import sample_queries, stacked_view, tune_ivf
 from xm.pipeline import index_training
 from xm.pipeline.config import BuildConfig
 from xm.pipeline.quiet import captured_stderr
-from xm.pipeline.spark import active_session, run_tasks
+from xm.pipeline.spark import active_session, cores_per_task, run_tasks
 
 # Any IVF accepts it and it makes autofaiss skip its tuner (optimize_and_measure_index tunes only
 # when index_param is None); the real parameters come from tune_ivf.
@@ -123,9 +123,10 @@ def _on_spark(cfg: BuildConfig, layout: Layout, slug: str, modality: str, emb_di
     `shards_to_keep` indices; each becomes a shard as it is (global ids, one id range each),
     then all are tuned together once."""
     import faiss
-    from autofaiss.external.build import add_embeddings_to_index
     from autofaiss.external.metadata import IndexMetadata
     from autofaiss.indices.build import get_optimize_index_fn
+    from autofaiss.indices.distributed import add_embeddings_to_index_distributed
+    from autofaiss.utils.cast import cast_bytes_to_memory_string, cast_memory_to_bytes
     from embedding_reader import EmbeddingReader
 
     session = active_session()  # autofaiss would otherwise start its own local[1] one with a 16G driver
@@ -143,9 +144,17 @@ def _on_spark(cfg: BuildConfig, layout: Layout, slug: str, modality: str, emb_di
                                       min_nearest_neighbors_to_retrieve=cfg.k, make_direct_map=False,
                                       index_param=PLACEHOLDER_PARAM)
     metadata = IndexMetadata(record["key"], record["count"], record["dim"], False)
-    _, metrics = add_embeddings_to_index(reader, str(trained), metadata, cfg.current_memory, None, "pyspark",
-                                         # its default is an HDFS path; executors must see this folder
-                                         str(work.resolve()), shards_to_keep(cfg.shards, record["count"]), optimizer)
+    keep = shards_to_keep(cfg.shards, record["count"])
+    # autofaiss's add_embeddings_to_index, called one level down so that its executor tasks get
+    # `nb_cores` (the cores Spark gives a task, not every core of the node); the memory left for
+    # adding is computed as that function does: the budget less one kept index
+    adding = cast_bytes_to_memory_string(cast_memory_to_bytes(cfg.current_memory)
+                                         - metadata.estimated_index_size_in_bytes() / keep)
+    _, metrics = add_embeddings_to_index_distributed(
+        trained_index_or_path=str(trained), embedding_reader=reader, memory_available_for_adding=adding,
+        nb_cores=cores_per_task(),
+        # its default is an HDFS path; executors must see this folder
+        temporary_indices_folder=str(work.resolve()), nb_indices_to_keep=keep, index_optimizer=optimizer)
     shutil.rmtree(work, ignore_errors=True)
     # nb_indices_to_keep == 1: "full.index"; more: "full.index0", "full.index1", ... (zero-padded)
     written = sorted(p for p in tmp.glob("full.index*") if p.is_file())

@@ -258,3 +258,10 @@ def task_gpu() -> str | None:
     resources = ctx.resources() if ctx is not None else {}
     gpu = resources.get("gpu")
     return gpu.addresses[0] if gpu is not None and gpu.addresses else None
+
+
+def cores_per_task() -> int:
+    """On the driver: the cores each task gets (spark.task.cpus of the running session; 1 by
+    default), what a library running its own tasks (autofaiss's `nb_cores`) must use per task."""
+    session = active_session()
+    return max(1, int(session.sparkContext.getConf().get("spark.task.cpus", "1")))
