@@ -13,6 +13,7 @@ Routes (clip back's first, then xm's):
   GET /  /static/*                                          the web page
   GET /healthz  GET /metrics  GET /openapi.json             liveness, Prometheus text, the API's description
   GET /xm/indices  GET /xm/methods  GET /xm/image/NAME/ID   what the page and RemoteMemory read
+  GET /xm/embedding/NAME/ID                                 an item's stored embedding (the page's "similar")
 
 Every error is JSON `{"error": "...", "status": N}` with a 4xx status (5xx only for overload, or
 a bug, which is logged and answered without a traceback). `/healthz` never waits for a compute
@@ -301,6 +302,13 @@ class Http:
         data, ctype = await self.compute(self.service.local_image, name, item)
         return Response(data, 200, {"Cache-Control": "max-age=3600", "Content-Security-Policy": "default-src 'none'"}, ctype)
 
+    async def xm_embedding(self, request: Request) -> Response:
+        name, sep, item = request.path_params["rest"].rpartition("/")
+        if not sep:
+            raise RequestError(404, "expected /xm/embedding/INDICE/ID")
+        modality = request.query_params.get("modality", "image")
+        return json_response(200, await self.compute(self.service.embedding, name, item, modality))
+
     async def knn(self, request: Request) -> Response:
         data = await self.body(request)
         results, headers = await self.compute(lambda: self.service.knn(parse_json(data)))
@@ -367,6 +375,7 @@ def build_app(cfg: ServeConfig, service: Service) -> Starlette:
         Route("/xm/indices", ep(h.xm_indices, "/xm/indices"), methods=["GET"]),
         Route("/xm/methods", ep(h.xm_methods, "/xm/methods"), methods=["GET"]),
         Route("/xm/image/{rest:path}", ep(h.xm_image, "/xm/image"), methods=["GET"]),
+        Route("/xm/embedding/{rest:path}", ep(h.xm_embedding, "/xm/embedding"), methods=["GET"]),
         Route("/knn-service", ep(h.knn, "/knn-service"), methods=["POST"]),
         Route("/metadata", ep(h.metadata, "/metadata"), methods=["POST"]),
         Route("/classify", ep(h.classify, "/classify"), methods=["POST"]),

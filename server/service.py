@@ -510,7 +510,18 @@ class Service:
 
     # --- the web page's helpers -----------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        return {name: s.describe() for name, s in self.indices.items()}
+        return {name: {**s.describe(), "image_url": self.allow_url_fetch} for name, s in self.indices.items()}
+
+    def embedding(self, name: str, item: str, modality: str) -> dict[str, Any]:
+        """A memory item's stored coarse embedding (the page's "similar": its kNN through embedding_input)."""
+        served = self.index(name)
+        if not re.fullmatch(r"[0-9]{1,18}", item) or not 0 <= int(item) < served.memory.count:
+            raise RequestError(404, f"no item {item[:20]!r} in indice {served.name}")
+        if modality not in ("image", "text") or not served.memory.has_embeddings(served.spec, modality):
+            raise RequestError(400, f"modality {modality[:20]!r}: indice {served.name} keeps no such embeddings")
+        vec = served.memory.embeddings(served.spec, modality).gather(np.array([int(item)]))[0].astype(np.float32)
+        vec /= max(float(np.linalg.norm(vec)), 1e-12)
+        return {"id": int(item), "modality": modality, "embedding": [float(x) for x in vec]}
 
     def methods(self) -> list[dict[str, Any]]:
         from xm.methods.registry import variants
