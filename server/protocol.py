@@ -6,9 +6,14 @@ forever: slowloris) or opens hundreds of them. This subclass adds, per process:
 
 * a **read deadline**: a request's line, headers and body must arrive within `read_timeout_s`
   of its first byte (of the connection's opening, for the first request); else 408 and close;
-* a cap on **unfinished requests per client address** (`max_pending_per_address`) and in all
-  (`max_connections`): over it, the *oldest* unfinished one is answered 408 and closed, so a
-  new client (a health check from the same address included) always gets its turn;
+* a cap on **request heads still arriving per client address** (`max_pending_per_address`):
+  over it, the *oldest* one is answered 408 and closed, so a new client (a health check from
+  the same address included) always gets its turn. Only heads that have started and not ended
+  count: a well-behaved client's head comes in one piece and never counts, however many clients
+  share an address (a proxy, a benchmark), and a body that is slow because this server is busy
+  reading others is not the client's fault; bodies are bounded by the deadline alone;
+* a cap on open connections (`max_connections`): past it the oldest unfinished request (in
+  any phase) is closed (503), or the new connection if none is unfinished;
 * the request head checked before h11 sees it: its size (431), and a repeated `Host` or
   `Content-Length` (400, where h11 would merge equal copies);
 * h11's own refusals (a malformed request line, a bad header) answered as JSON.
@@ -35,8 +40,9 @@ class ConnectionLimits:
     max_head_bytes: int = 16 * 1024
 
 
-# unfinished requests, oldest first, per client address and in all (one event loop per process)
-_pending: OrderedDict[XMProtocol, str] = OrderedDict()
+# unfinished requests, oldest first (one event loop per process): protocol -> (address, phase);
+# phase: "idle" (connected, nothing sent yet), "head" (request line and headers arriving), "body"
+_pending: OrderedDict[XMProtocol, tuple[str, str]] = OrderedDict()
 _limits = ConnectionLimits()
 
 
@@ -72,25 +78,30 @@ class XMProtocol(H11Protocol):
         self._in_head = True  # reading a request line and headers (not yet handed to h11)
         self._deadline: asyncio.TimerHandle | None = None
         self._address = self.client[0] if self.client else "?"
-        if len(self.connections) > _limits.max_connections and not self._evict(None):
+        if len(self.connections) > _limits.max_connections and not self._evict_oldest():
             self._refuse(503, "Service Unavailable", "too many open connections; retry later")
             return
-        self._start_request()
+        self._start_request("idle")
 
     # --- unfinished requests ----------------------------------------------------------------
-    def _start_request(self) -> None:
+    def _start_request(self, phase: str) -> None:
         """A request may start: its whole head and body must arrive before the read deadline."""
         self._in_head, self._head = True, b""
         self._arm()
-        _pending[self] = self._address
+        _pending[self] = (self._address, phase)
         _pending.move_to_end(self)
-        same = [p for p, a in _pending.items() if a == self._address]
-        if len(same) > _limits.max_pending_per_address:
-            same[0]._refuse(408, "Request Timeout", "too many unfinished requests from this address; the oldest is closed")
 
-    def _evict(self, address: str | None) -> bool:
-        for p, a in _pending.items():
-            if p is not self and (address is None or a == address):
+    def _phase(self, phase: str) -> None:
+        if self in _pending:
+            _pending[self] = (self._address, phase)  # the order (by start) is kept
+        if phase == "head":
+            heads = [p for p, (a, ph) in _pending.items() if a == self._address and ph == "head"]
+            if len(heads) > _limits.max_pending_per_address:
+                heads[0]._refuse(408, "Request Timeout", "too many unfinished requests from this address; the oldest is closed")
+
+    def _evict_oldest(self) -> bool:
+        for p in _pending:
+            if p is not self:
                 p._refuse(503, "Service Unavailable", "too many open connections; the oldest unfinished request is closed")
                 return True
         return False
@@ -130,19 +141,26 @@ class XMProtocol(H11Protocol):
         if self.transport.is_closing():
             return
         if self._in_head:
-            if not self._head and self._deadline is None:
-                self._start_request()  # the first byte of a kept-alive connection's next request
+            if not self._head:
+                if self._deadline is None:
+                    self._start_request("head")  # the first byte of a kept-alive connection's next request
+                started = True
+            else:
+                started = False
             self._head += data
             end = self._head.find(b"\r\n\r\n")
             if (end if end >= 0 else len(self._head)) > _limits.max_head_bytes:
                 return self._refuse(431, "Request Header Fields Too Large",
                                     f"request line and headers over {_limits.max_head_bytes >> 10} KiB")
             if end < 0:
+                if started:
+                    self._phase("head")  # a head in pieces: counted against its address until it ends
                 return
             problem = head_problem(self._head[:end])
             if problem is not None:
                 return self._refuse(*problem)
             data, self._head, self._in_head = self._head, b"", False
+            self._phase("body")
         super().data_received(data)
         self._check_read()
 
@@ -156,7 +174,7 @@ class XMProtocol(H11Protocol):
         self._finished_reading()
         if (self.cycle is not None and not self.cycle.response_complete) or self.conn.trailing_data[0]:
             # a pipelined request already in h11's buffer: h11 alone parses its head; the deadline still holds
-            self._start_request()
+            self._start_request("body")
             self._in_head = False
             self._check_read()
         else:

@@ -239,6 +239,20 @@ def test_slow_clients_are_bounded_and_healthz_answers(server) -> None:
     assert server.request("GET", "/healthz")[0] == 200
 
 
+def test_many_whole_requests_from_one_address_are_never_refused(server) -> None:
+    """Clients behind one address (a proxy, a benchmark) that send whole requests are not slow
+    clients: four times the per-address cap of them at once all get their answer."""
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(4 * PENDING)]
+    for sock in socks:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    for sock in socks:
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:120]
+
+
 def test_healthz_answers_while_every_slot_is_busy(laion, server) -> None:
     img = _b64(make_image(3))
     done: list[int] = []
