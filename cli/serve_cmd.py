@@ -45,7 +45,7 @@ def serve_cmd(
     max_results: int = typer.Option(10_000, "--max-results", help="largest num_images / num_result_ids / ids per request"),
     request_timeout: float = typer.Option(60.0, "--request-timeout", help="seconds a request may wait for a compute slot or an encoder"),
     read_timeout: float = typer.Option(20.0, "--read-timeout", help="seconds a request's line, headers and body may take to arrive (slow clients)"),
-    max_pending_per_address: int = typer.Option(32, "--max-pending-per-address", help="unfinished requests one client address may hold; past it the oldest is closed"),
+    max_pending_per_address: int = typer.Option(32, "--max-pending-per-address", help="request heads still arriving (slow clients) one address may hold; past it the oldest is closed"),
     unhonoured: str = typer.Option("header", "--unhonoured", help="clip back filters the memory cannot run: header (named in X-XM-Unhonoured-Options) | refuse (400)"),
     violence_prompts: Path | None = typer.Option(None, "--violence-prompts", help="clip back's violence detector (violence_detection_vit_b_32.npy): honours use_violence_detector"),
     access_log: bool = typer.Option(False, "--access-log", help="one stderr line per request (paths only, never query strings)"),

@@ -25,7 +25,7 @@ import asyncio
 import json
 from collections import OrderedDict
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 # headers that must appear at most once (RFC 9112 §3.2 and §6.3: a repeated one is a smuggling vector)
 SINGLE_HEADERS = (b"host", b"content-length", b"transfer-encoding")
@@ -106,6 +106,11 @@ class XMProtocol(H11Protocol):
                 return True
         return False
 
+    def _cycle(self) -> RequestResponseCycle | None:
+        """The request being answered; uvicorn types it as always set, but it is None before the first."""
+        cycle: RequestResponseCycle | None = getattr(self, "cycle", None)
+        return cycle
+
     def _arm(self) -> None:
         self._disarm()
         self._deadline = self.loop.call_later(_limits.read_timeout_s, self._expired)
@@ -121,7 +126,8 @@ class XMProtocol(H11Protocol):
 
     def _expired(self) -> None:
         self._deadline = None
-        if self.cycle is not None and self.cycle.response_started:
+        cycle = self._cycle()
+        if cycle is not None and cycle.response_started:
             self.transport.close()  # an answer is on its way: nothing more can be said
         else:
             self._refuse(408, "Request Timeout",
@@ -130,10 +136,11 @@ class XMProtocol(H11Protocol):
     def _refuse(self, status: int, reason: str, message: str) -> None:
         self._finished_reading()
         if not self.transport.is_closing():
-            if self.cycle is None or not self.cycle.response_started:
+            cycle = self._cycle()
+            if cycle is None or not cycle.response_started:
                 self.transport.write(raw_answer(status, reason, message))
-            if self.cycle is not None:
-                self.cycle.disconnected = True  # the application sees a disconnect, its answer is dropped
+            if cycle is not None:
+                cycle.disconnected = True  # the application sees a disconnect, its answer is dropped
             self.transport.close()
 
     # --- uvicorn hooks -------------------------------------------------------------------------
@@ -165,14 +172,15 @@ class XMProtocol(H11Protocol):
         self._check_read()
 
     def _check_read(self) -> None:
-        c = self.cycle
+        c = self._cycle()
         if c is not None and not c.response_complete and not c.more_body:
             self._finished_reading()  # the whole request is in: computing it is the application's deadline
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # may start a pipelined request h11 already holds
         self._finished_reading()
-        if (self.cycle is not None and not self.cycle.response_complete) or self.conn.trailing_data[0]:
+        cycle = self._cycle()
+        if (cycle is not None and not cycle.response_complete) or self.conn.trailing_data[0]:
             # a pipelined request already in h11's buffer: h11 alone parses its head; the deadline still holds
             self._start_request("body")
             self._in_head = False

@@ -461,7 +461,7 @@ class Service:
             sims, ids = sims[: stop[0]], ids[: stop[0]]
         sims, ids = self.post_filter(served, modality, sims, ids, dedup, "use_safety_model" in asked,
                                      "use_violence_detector" in asked)
-        metas = self.rows(served, ids[:num_images])
+        metas = self.rows(served, ids[:num_images].tolist())
         out = []
         for j, (i, s) in enumerate(zip(ids, sims)):
             row = dict(metas[j]) if j < len(metas) else {}
