@@ -223,6 +223,8 @@ class Http:
                 response = error_response(exc.status, exc.message)
             except XMError as exc:
                 response = error_response(400, str(exc))
+            except HTTPException as exc:  # Starlette's own refusals inside a handler (a multipart body without a boundary)
+                response = error_response(exc.status_code, str(exc.detail))
             except ClientDisconnect:
                 response = Response(b"", 400, {"Connection": "close"})  # nobody is listening any more
             except Exception as exc:  # a bug: logged here, never sent
