@@ -347,6 +347,7 @@ def test_safety_and_violence_filters(laion, server) -> None:
     assert info["filters"] == ["deduplicate", "use_safety_model", "use_violence_detector"]
 
 
+@pytest.mark.slow  # starts two worker processes, each loading torch and the index (about a minute on 2 cores)
 def test_unhonoured_refuse_and_worker_processes(laion) -> None:
     _, index, emb, _ = laion
     s = Server(f"lim={index}", "--unhonoured", "refuse", "--workers", "2")
