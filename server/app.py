@@ -403,8 +403,23 @@ def build_app(cfg: ServeConfig, service: Service) -> Starlette:
     return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error})
 
 
+def _die_with_parent() -> None:
+    """A worker whose supervisor is gone (killed, or stopped while it was still starting) exits
+    rather than serve on as an orphan: Linux's parent-death signal."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the signal was set
+        os._exit(0)
+
+
 def app_from_env() -> Starlette:
     """The application of one `--workers` process: the parent's parsed options, its own service."""
+    _die_with_parent()
     cfg: ServeConfig = pickle.loads(base64.b64decode(os.environ[CONFIG_ENV]))  # noqa: S301 (written by our parent)
     return build_app(cfg, make_service(cfg))
 

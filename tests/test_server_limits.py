@@ -372,8 +372,15 @@ def test_unhonoured_refuse_and_worker_processes(laion) -> None:
         assert {"/knn-service", "/metadata", "/indices-list", "/classify"} <= set(spec["paths"])
         assert spec["paths"]["/knn-service"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"][
             "indice_name"]["enum"] == ["lim"]
+        time.sleep(1)
+        workers = _spawned_children(s.proc.pid)  # the survivor and the replacement the supervisor started
+        assert workers and first not in workers
     finally:
         log = s.stop()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # no worker outlives xm serve
     assert "use_violence_detector cannot be honoured" in log and "refused (400)" in log
     assert "Traceback" not in log
 
