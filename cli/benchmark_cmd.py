@@ -48,7 +48,7 @@ def benchmark_cmd(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="evidence cache (default ~/.cache/xm/benchmark)"),
     out: Path | None = typer.Option(None, "--out", help="folder for JSON per method, merged CSV and PNG chart"),
     as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),
-    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | fp16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Evaluate methods side by side on the same images, through the one method interface."""
     from xm.encoders.precision import Precision

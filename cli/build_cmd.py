@@ -43,7 +43,7 @@ def build_index_cmd(
     allow_file_urls: bool = typer.Option(False, "--allow-file-urls", help="let a table's file:// URLs read local files (off: an untrusted table must not read your disk)"),
     stages: str | None = typer.Option(None, help="comma-separated stages to run (select,download,embed,index,compress,store,manifest)"),
     refine_k_factor: int = typer.Option(4, "--refine-k-factor", help="a kNN query of k re-scores the top k*F candidates of a compressed index exactly with the stored float16 embeddings (0: off)"),
-    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision while embedding: fp32 | bf16 | int8 (recorded in the manifest)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision while embedding: fp32 | bf16 | fp16 | int8 (recorded in the manifest)"),
     text_codec: list[str] = typer.Option([], "--text-codec", metavar="ARCH:PRETRAINED=CODEC", help="store that encoder's caption embeddings as codes of a FAISS codec (SQ8, SQ4, PQ64, OPQ32,PQ32, ...) instead of float16; repeatable"),
     image_codec: list[str] = typer.Option([], "--image-codec", metavar="ARCH:PRETRAINED=CODEC", help="the same for that encoder's image embeddings (read by the kNN refine step); repeatable"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),

@@ -40,7 +40,7 @@ def classify_cmd(
     explain: bool = typer.Option(False, "--explain", help="show what the method used (captions, texts) and their votes"),
     timings: bool = typer.Option(False, "--timings", help="show where each query's time went (batch average per image)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per image"),
-    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | fp16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Classify images with any method over a built index (default: X-MoRe, the authors' protocol)."""
     from xm.classify import Classifier

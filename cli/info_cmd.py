@@ -65,7 +65,7 @@ def search_cmd(
     modality: str = typer.Option("image", help="which memory index to search: image | text"),
     encoder: str | None = typer.Option(None, "--encoder", help="indexed encoder to search with (default: the coarse role)"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines output"),
-    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | fp16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Nearest memory items to an image or a text: id, similarity, caption, url."""
     from xm.encoders.precision import Precision

@@ -44,7 +44,7 @@ def serve_cmd(
     max_results: int = typer.Option(10_000, "--max-results", help="largest num_images / num_result_ids / ids per request"),
     request_timeout: float = typer.Option(60.0, "--request-timeout", help="seconds a request may wait (socket reads, a worker, an encoder)"),
     access_log: bool = typer.Option(False, "--access-log", help="one stderr line per request (paths only, never query strings)"),
-    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | fp16 | int8 (see bench/bench_precision.py)"),
 ) -> None:
     """Serve indexes over HTTP the way clip-retrieval's `clip back` does, plus /classify and a web page."""
     from xm.encoders.precision import Precision

@@ -62,7 +62,7 @@ class ServeConfig:
     access_log: bool = False
     batch_items: int = 32
     batch_wait_ms: float = 4.0
-    precision: str = "fp32"  # fp32 | bf16 | int8: how every encoder runs (see xm.encoders.PRECISIONS)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | int8: how every encoder runs (see xm.encoders.PRECISIONS)
 
 
 def is_loopback(host: str) -> bool:
