@@ -53,8 +53,14 @@ class Device:
         return self.kind != "cpu"
 
     def first(self) -> Device:
-        """This device with only its first GPU (commands that run one model: classify, serve...)."""
+        """This device with only its first GPU (what the build's driver loads its encoders on)."""
         return self if len(self.indices) <= 1 else Device(self.kind, self.indices[:1], self.asked)
+
+    def single(self, what: str, flag: str = "--device") -> Device:
+        """This device, or one line if it names several GPUs where `what` runs on one."""
+        if len(self.indices) > 1:
+            raise XMError(f"{flag} {self}: {what} runs on one device; name one GPU (cuda:{self.indices[0]})")
+        return self
 
     def describe(self) -> str:
         """What ran where, once per command: `cuda:0 (NVIDIA H100 80GB HBM3)`, `cpu (2 threads)`;

@@ -229,7 +229,8 @@ class Encoder:
         import torch
 
         with self._running():
-            feats = self.model.encode_image(pixels.to(self.device))
+            # non-blocking from pinned memory (the build's loader pins on CUDA); .cpu() below waits for it
+            feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         with torch.inference_mode():
             feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy()
@@ -249,14 +250,17 @@ class Encoder:
         return self.encode_texts_with_norms(texts, batch_size)[0]
 
     def encode_texts_with_norms(self, texts: Sequence[str], batch_size: int = 256,
-                                on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                                on_batch: Callable[[int], None] | None = None,
+                                tokens: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """(normalised text embeddings, their norms before normalisation): the norms are what
-        X-MoRe's raw-dot re-ranking needs, stored at build time so nothing is re-encoded."""
+        X-MoRe's raw-dot re-ranking needs, stored at build time so nothing is re-encoded.
+        `tokens`: `texts` already tokenised with `self.tokenizer` (the build's input pipeline)."""
         import torch
 
         if not texts:
             return np.zeros((0, getattr(self, "dim", 0)), np.float32), np.zeros(0, np.float32)
-        tokens = self.tokenizer(list(texts))
+        if tokens is None:
+            tokens = self.tokenizer(list(texts))
         order = torch.argsort((tokens != 0).sum(1), stable=True) if self._truncatable else torch.arange(len(texts))
         out = np.empty((len(texts), 0), np.float32)
         norms = np.empty(len(texts), np.float32)

@@ -83,8 +83,8 @@ def test_index_built_at_one_precision_finds_its_items_at_another(tmp_path, built
 
 
 def test_unknown_precision_is_one_line(tmp_path) -> None:
-    with pytest.raises(XMError, match=r"^--precision 'fp16': unknown precision; choose from fp32, bf16, int8$"):
-        load_encoder(TINY, precision="fp16")
+    with pytest.raises(XMError, match=r"^--precision 'fp8': unknown precision; choose from fp32, bf16, fp16, int8$"):
+        load_encoder(TINY, precision="fp8")
     with pytest.raises(XMError, match="unknown precision"):
         BuildConfig(source="x", out=tmp_path / "o", precision="int4").validate()
     r = subprocess.run([sys.executable, "-m", "xm.cli", "search", str(tmp_path / "none"), "--text", "x", "--precision", "fp8"],
