@@ -31,10 +31,10 @@ from xm.pipeline.config import STAGES, BuildConfig
 from xm.pipeline.download import download
 from xm.pipeline.embed import embed_part, read_marker, slug_of, unloaded_encoder_entry
 from xm.pipeline.index_stage import build_modality_index, index_is_current
+from xm.pipeline.multi_device import describe_spread, embed_on_devices, spread
 from xm.pipeline.pins import pin_params
 from xm.pipeline.runners.base import Runner
 from xm.pipeline.sources.base import OPENAI_LOGIT_SCALE, Source
-from xm.pipeline.multi_device import describe_spread, embed_on_devices, spread
 from xm.pipeline.tasks import embed_task, hasher_for, load_plan_encoders, store_task
 
 

@@ -103,7 +103,8 @@ class BuildConfig:
         if not isinstance(refine, int) or not 0 <= refine <= 64:
             raise XMError(f"--refine-k-factor {self.refine_k_factor}: must be an integer from 0 (off) to 64")
         self.precision = Precision.parse(self.precision)
-        if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
+        workers: object = self.num_workers  # the API may pass any value
+        if workers is not None and (not isinstance(workers, int) or workers < 0):
             raise XMError(f"--num-workers {self.num_workers}: must be 0 (decode in this process) or more")
         runner = self.runner_kind
         # a Spark driver often has no GPU: its tasks use the GPU Spark gives each (`embed_task`)

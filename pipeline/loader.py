@@ -109,7 +109,8 @@ def make_batch(chunk: list[Sample], preprocesses: dict[str, Callable], tokenizer
                  {k: tok(captions) for k, tok in tokenizers.items()} if kept else {}, failed)
 
 
-def _as_is(batch: Batch) -> Batch:
+def _as_is(batch: Any) -> Any:
+    """The DataLoader's collate step: a worker's item is a whole `Batch` already."""
     return batch
 
 

@@ -63,6 +63,7 @@ class ServeConfig:
     batch_items: int = 32
     batch_wait_ms: float = 4.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 | int8: how every encoder runs (see xm.encoders.PRECISIONS)
+    device: Any = None  # where they run: a Device or its text (None: auto), parsed by Service
 
 
 def is_loopback(host: str) -> bool:
@@ -150,7 +151,7 @@ def make_server(cfg: ServeConfig, service: Service | None = None) -> XMServer:
     if service is None:
         service = Service(cfg.indexes, cfg.limits, allow_url_fetch=cfg.allow_url_fetch, inline_images=cfg.inline_images,
                           columns=cfg.columns, batch_items=cfg.batch_items, batch_wait_s=cfg.batch_wait_ms / 1e3,
-                          precision=cfg.precision)
+                          precision=cfg.precision, device=cfg.device)
     try:
         return XMServer(cfg, service)
     except OSError as exc:
