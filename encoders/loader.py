@@ -194,6 +194,12 @@ class Encoder:
         if device != self.device:
             if self.precision == "int8" and device != "cpu":
                 raise XMError(f"encoder {self.spec}: --precision int8 (torch dynamic quantization) runs on the CPU only, not {device}")
+            if device.startswith("cuda") and self.precision == "fp32":
+                import torch
+
+                # fp32 means fp32: cuDNN's default TF32 convolutions (ViT's patch embedding, ResNets)
+                # would round to 10-bit mantissas; matmuls already default to full fp32
+                torch.backends.cudnn.allow_tf32 = False
             self.model = self.model.to(device)
             self.device = device
         return self

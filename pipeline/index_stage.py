@@ -56,8 +56,20 @@ def index_is_current(layout: Layout, slug: str, modality: str, count: int, shard
     )
 
 
+def faiss_gpu(cfg: BuildConfig) -> bool:
+    """Whether autofaiss trains on a GPU: the build runs on CUDA and faiss is a GPU build (the `gpu`
+    extra) that sees one. The index it writes is a CPU index either way (CPU-readable artefacts)."""
+    if cfg.target.kind != "cuda":
+        return False
+    import faiss
+
+    return int(getattr(faiss, "get_num_gpus", lambda: 0)()) > 0
+
+
 def _autofaiss(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: Path, index_path: Path, infos_path: Path,
                **extra: Any) -> Any:
+    if faiss_gpu(cfg):
+        extra["use_gpu"] = True
     return build_index(
         embeddings=str(emb_dir),
         index_path=str(index_path),
