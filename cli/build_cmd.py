@@ -48,7 +48,7 @@ def build_index_cmd(
     text_codec: list[str] = typer.Option([], "--text-codec", metavar="ARCH:PRETRAINED=CODEC", help="store that encoder's caption embeddings as codes of a FAISS codec (SQ8, SQ4, PQ64, OPQ32,PQ32, ...) instead of float16; repeatable"),
     image_codec: list[str] = typer.Option([], "--image-codec", metavar="ARCH:PRETRAINED=CODEC", help="the same for that encoder's image embeddings (read by the kNN refine step); repeatable"),
     device: str = typer.Option("auto", "--device", help=BUILD_DEVICE_HELP),
-    num_workers: int | None = typer.Option(None, "--num-workers", help="processes decoding and preprocessing images while embedding (default: the cores but one, at most 8; 0: a thread of this process); the artefacts are the same for any number"),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="processes decoding and preprocessing images while embedding (default on a GPU: the cores but one, at most 8; on the CPU 0, a thread of this process, since the model uses every core); the artefacts are the same for any number"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Download, embed and index image-text pairs into a resumable, sharded xm index."""

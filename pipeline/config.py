@@ -179,14 +179,14 @@ class BuildConfig:
                       "device": Device.parse(data.get("device", "cpu"), check=False)})
 
     def workers(self) -> int:
-        """Decoding processes of the embed stage: --num-workers, else the cores beyond the one that
-        feeds the model (`loader.default_workers`); a Spark task decodes in its own process (the
-        executor's cores are Spark's to share out) unless --num-workers says otherwise."""
+        """Decoding processes of the embed stage: --num-workers, else `loader.default_workers` (on an
+        accelerator the cores beyond the one that drives it; 0 on the CPU); a Spark task decodes in
+        its own process (the executor's cores are Spark's to share out) unless --num-workers says otherwise."""
         if self.num_workers is not None:
             return self.num_workers
         from xm.pipeline.loader import default_workers
 
-        return default_workers() if self.runner_kind.in_process else 0
+        return default_workers(self.target.is_accelerator) if self.runner_kind.in_process else 0
 
     @property
     def target(self) -> Device:
