@@ -212,3 +212,50 @@ def test_out_of_memory_is_one_line_naming_batch_size(tmp_path, capsys, monkeypat
     lines = [line for line in err.splitlines() if line.strip() and "RANDOM weights" not in line]
     assert code == 2 and lines[-1].startswith("xm: error: cpu: out of memory") and "lower --batch-size" in lines[-1], err
     assert "Traceback" not in err
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker pids from /proc")
+def test_ctrl_c_with_decoding_workers_exits_130_and_leaves_no_worker(tmp_path) -> None:
+    import os
+    import signal
+    import time
+
+    src = write_caption_folder(tmp_path / "pairs", 240)
+    out = tmp_path / "idx"
+    args = [sys.executable, "-m", "xm.cli", "build-index", "--source", str(src), "--out", str(out), "--coarse", TINY,
+            "--fine", TINY, "--inference", TINY, "--shard-size", "60", "--batch-size", "8", "--num-workers", "2", "--device", "cpu"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers: set[int] = set()
+    deadline = time.time() + 180
+    while not list((out / "_work" / "done" / "embed").glob("*.json")) and time.time() < deadline:
+        workers |= _children(proc.pid)
+        time.sleep(0.05)
+    workers |= _children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "xm: interrupted; re-run the same command to resume" in err and "Traceback" not in err, err
+    assert workers, "no decoding worker was seen"
+    time.sleep(0.5)
+    alive = []
+    for pid in workers:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            continue
+    assert not alive, alive
+    done = subprocess.run(args + ["--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["count"] == 240
