@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from xm.cli.app import app
+from xm.cli.device_option import DEVICE_HELP, parse_device
 from xm.cli.method_options import method_options
 from xm.cli.output import console, err_console, print_json, progress_bars, table
 
@@ -50,7 +51,8 @@ def benchmark_cmd(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="evidence cache (default ~/.cache/xm/benchmark)"),
     out: Path | None = typer.Option(None, "--out", help="folder for JSON per method, merged CSV and PNG chart"),
     as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),
-    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | fp16 | int8 (see bench/bench_precision.py)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Evaluate methods side by side on the same images, through the one method interface."""
     from xm.encoders.precision import Precision
@@ -63,13 +65,14 @@ def benchmark_cmd(
     from xm.methods.registry import get
 
     inference_precision = Precision.parse(precision)  # parsed once, before any work
+    where = parse_device(device, "benchmark")
     if suite is not None:
         from xm.cli.suite_cmd import run_suite_command
 
         run_suite_command(suite, index, model, limit, _ints("--seeds", seeds) if seeds else None,
                           method_options(opt, k_coarse=k_coarse, k_fine=k_fine, descriptions=descriptions,
                                          texts_file=texts_file, checkpoint=reco_checkpoint),
-                          batch_size, inference_precision, cache_dir, out, as_json)
+                          batch_size, inference_precision, cache_dir, out, as_json, device=where)
         return
     if dataset is None:
         from xm.errors import XMError
@@ -86,7 +89,7 @@ def benchmark_cmd(
                           methods=method_names,
                           seeds=_ints("--seeds", seeds) if seeds else None, shots=_ints("--shots", shots), split=split,
                           split_file=split_file, classnames_file=classnames, templates=templates, limit=limit,
-                          options=options, batch_size=batch_size, precision=inference_precision)
+                          options=options, batch_size=batch_size, precision=inference_precision, device=where)
     if cache_dir is not None:
         cfg.cache_dir = cache_dir
     ds = load_dataset(dataset, data_dir, split, split_file, classnames, names=proto["classnames"])
@@ -129,7 +132,7 @@ def show_benchmark(result: dict) -> None:
     if fits:
         console.print(table("few-shot fits (chosen on the validation split)", ["method", "seed", "chosen"], fits))
     t = result["timing"]
-    console.print(f"{t['seconds']:.1f} s in all; evidence cache {t['cache_dir']}")
+    console.print(f"{t['seconds']:.1f} s in all on {t.get('device', 'cpu')}; evidence cache {t['cache_dir']}", markup=False)
     if result["images_failed"]:
         err_console.print(f"{result['images_failed']} image(s) could not be read, e.g. {', '.join(result['failed_keys'][:3])}",
                           markup=False)

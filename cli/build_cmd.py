@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from xm.cli.app import app
+from xm.cli.device_option import BUILD_DEVICE_HELP, parse_device
 from xm.cli.output import console, err_console, print_json, progress_bars, table
 
 
@@ -46,9 +47,11 @@ def build_index_cmd(
     allow_file_urls: bool = typer.Option(False, "--allow-file-urls", help="let a table's file:// URLs read local files (off: an untrusted table must not read your disk)"),
     stages: str | None = typer.Option(None, help="comma-separated stages to run (select,download,embed,index,compress,store,manifest)"),
     refine_k_factor: int = typer.Option(4, "--refine-k-factor", help="a kNN query of k re-scores the top k*F candidates of a compressed index exactly with the stored float16 embeddings (0: off)"),
-    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision while embedding: fp32 | bf16 | int8 (recorded in the manifest)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision while embedding: fp32 | bf16 | fp16 | int8 (recorded in the manifest)"),
     text_codec: list[str] = typer.Option([], "--text-codec", metavar="ARCH:PRETRAINED=CODEC", help="store that encoder's caption embeddings as codes of a FAISS codec (SQ8, SQ4, PQ64, OPQ32,PQ32, ...) instead of float16; repeatable"),
     image_codec: list[str] = typer.Option([], "--image-codec", metavar="ARCH:PRETRAINED=CODEC", help="the same for that encoder's image embeddings (read by the kNN refine step); repeatable"),
+    device: str = typer.Option("auto", "--device", help=BUILD_DEVICE_HELP),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="processes decoding and preprocessing images while embedding (default on a GPU: the cores but one, at most 8; on the CPU 0, a thread of this process, since the model uses every core); the artefacts are the same for any number"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Download, embed and index image-text pairs into a resumable, sharded xm index."""
@@ -59,6 +62,8 @@ def build_index_cmd(
     from xm.pipeline.laion import parse_parts
 
     embed_precision = Precision.parse(precision)  # parsed once, before any work
+    # a Spark driver need not have the GPUs its executors have: BuildConfig.validate checks the device then
+    where = parse_device(device, "build-index", several=True) if distributor != "pyspark" else device
     if add_encoder is not None:
         if out is None:
             raise XMError("--add-encoder: give --out, the built index to extend")
@@ -68,7 +73,7 @@ def build_index_cmd(
 
         cfg = BuildConfig(source="", out=out, shards=shards, k=k, max_index_memory=max_index_memory,
                           current_memory=current_memory, batch_size=batch_size, precision=embed_precision,
-                          refine_k_factor=refine_k_factor)
+                          refine_k_factor=refine_k_factor, device=where)
         with progress_bars() as make:
             added = extend(str(out), add_encoder, cfg, progress=make)
         if as_json:
@@ -90,6 +95,7 @@ def build_index_cmd(
         shard_size=shard_size, timeout=timeout, distributor=distributor, spark_master=spark_master, spark_conf=list(spark_conf), batch_size=batch_size,
         spark_ui=spark_ui, stage_dir=stage_dir,
         index_text=not no_text_index, allow_file_urls=allow_file_urls, precision=embed_precision,
+        device=where, num_workers=num_workers,
         refine_k_factor=refine_k_factor, text_codecs=list(text_codec), image_codecs=list(image_codec),
         stages=tuple(s.strip() for s in stages.split(",")) if stages else STAGES,
     )
@@ -102,7 +108,9 @@ def build_index_cmd(
     if as_json:
         print_json(summary.__dict__)
         return
-    rows = [("items indexed", summary.count), ("source kind", summary.source_kind), ("ran on", summary.ran_on)]
+    rows = [("items indexed", summary.count), ("source kind", summary.source_kind), ("ran on", summary.ran_on),
+            ("device", summary.device)]
+    rows += [(f"parts on {d}", n) for d, n in summary.parts_per_device.items()]
     if summary.selected is not None:
         rows.append(("urls selected", summary.selected))
     rows += [(f"failed: {reason}", n) for reason, n in sorted(summary.failures.items(), key=lambda kv: -kv[1])]

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from xm.cli.app import app
+from xm.cli.device_option import DEVICE_HELP, parse_device
 from xm.cli.output import err_console, safe_text
 
 
@@ -49,7 +50,8 @@ def serve_cmd(
     unhonoured: str = typer.Option("header", "--unhonoured", help="clip back filters the memory cannot run: header (named in X-XM-Unhonoured-Options) | refuse (400)"),
     violence_prompts: Path | None = typer.Option(None, "--violence-prompts", help="clip back's violence detector (violence_detection_vit_b_32.npy): honours use_violence_detector"),
     access_log: bool = typer.Option(False, "--access-log", help="one stderr line per request (paths only, never query strings)"),
-    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | fp16 | int8 (see bench/bench_precision.py)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Serve indexes over HTTP the way clip-retrieval's `clip back` does, plus /classify and a web page."""
     from xm.encoders.precision import Precision
@@ -57,12 +59,13 @@ def serve_cmd(
     from xm.server.service import Limits, Service
 
     inference_precision = Precision.parse(precision)  # parsed once, before any work
+    where = parse_device(device, "serve")
     cfg = ServeConfig(
         indexes=parse_served(indexes), host=host, port=port, workers=workers, concurrency=concurrency,
         token=read_token(token_file) if token_file else None, insecure_no_auth=insecure_no_auth,
         allow_url_fetch=allow_url_fetch, inline_images=inline_images,
         columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
-        cors_origins=list(cors_origin), access_log=access_log, precision=inference_precision,
+        cors_origins=list(cors_origin), access_log=access_log, precision=inference_precision, device=where,
         limits=Limits(max_body_bytes=max_body_mb << 20, max_pixels=int(max_megapixels * 1e6), max_results=max_results,
                       request_timeout_s=request_timeout, read_timeout_s=read_timeout,
                       max_pending_per_address=max_pending_per_address),

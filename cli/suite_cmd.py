@@ -11,7 +11,7 @@ from xm.cli.output import console, err_console, print_json, progress_bars, table
 
 def run_suite_command(name: str, index: Path | None, model: str | None, limit: int | None, seeds: list[int] | None,
                       options: dict[str, Any], batch_size: int, precision: str, cache_dir: Path | None,
-                      out: Path | None, as_json: bool) -> None:
+                      out: Path | None, as_json: bool, device: Any = None) -> None:
     from xm.evaluation.suites import SuiteConfig, load_suite, missing_line, run_suite, table_rows, write_suite
     from xm.indexes import home
     from xm.memories import open_index
@@ -21,7 +21,7 @@ def run_suite_command(name: str, index: Path | None, model: str | None, limit: i
         index = home.default_index()  # a suite runs its memory-free methods without one
     memory = open_index(index) if index is not None else None
     cfg = SuiteConfig(index=index, model=model, limit=limit, seeds=seeds, options=options, batch_size=batch_size,
-                      precision=precision, cache_dir=cache_dir)
+                      precision=precision, cache_dir=cache_dir, device=device)
     with progress_bars() as make:
         result = run_suite(suite, cfg, memory, progress=make)
     paths = write_suite(result, out or Path(f"xm-suite-{name}"))

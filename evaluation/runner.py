@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from xm.encoders.device import Device
 from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 from xm.evaluation.cache import FAILED, ROWS, EvidenceChunks, chunk_spans
@@ -62,6 +63,7 @@ class BenchmarkConfig:
     val_per_class: int = 16
     batch_size: int = 32
     precision: Precision | str = DEFAULT_PRECISION  # encoder inference precision, parsed by run_benchmark
+    device: Device | str | None = None  # where encoders and methods run (None: auto), parsed by run_benchmark
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xm" / "benchmark")
 
 
@@ -280,6 +282,7 @@ def _support(cfg: BenchmarkConfig, train: DatasetSplit, val_split: DatasetSplit 
 def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
                   progress: Progress = lambda label, total: (lambda n: None)) -> dict[str, Any]:
     precision = Precision.parse(cfg.precision)  # the benchmark API's edge
+    device = Device.parse(cfg.device).single("a benchmark")
     proto = protocol(cfg.protocol)
     for name in cfg.methods:
         get(name)  # unknown names fail before any work
@@ -289,7 +292,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
     model = cfg.model or (memory.default_model() if memory is not None else None)
     if model is None:
         raise XMError("--model: required without an index")
-    ctx = Context(memory, model, ds.classnames, templates, dataset=ds.dataset, precision=precision)
+    ctx = Context(memory, model, ds.classnames, templates, dataset=ds.dataset, precision=precision, device=device)
     takes = {o.name for n in cfg.methods for o in get(n).method.options}
     unknown = sorted(set(cfg.options) - takes)
     if unknown:
@@ -388,7 +391,9 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
         "seeds": seeds,
         "methods": results,
         "diagnostics": diagnostics,
+        "device": str(device),
         "timing": {"seconds": evidence_s, "images_per_second": n / evidence_s if evidence_s > 0 else None,
-                   "cache_dir": str(cfg.cache_dir), "cache_hits": evidence.cache_hits, "resumed_images": evidence.resumed},
+                   "device": device.describe(), "cache_dir": str(cfg.cache_dir), "cache_hits": evidence.cache_hits,
+                   "resumed_images": evidence.resumed},
     }
 

@@ -127,6 +127,7 @@ class SuiteConfig:
     batch_size: int = 32
     precision: str = "fp32"
     cache_dir: Path | None = None
+    device: Any = None  # a Device or its text (None: auto), parsed by run_benchmark
 
 
 def _runnable(methods: list[str], memory: Memory | None) -> tuple[list[str], dict[str, str]]:
@@ -168,7 +169,7 @@ def run_suite(suite: Suite, cfg: SuiteConfig, memory: Memory | None,
         base = BenchmarkConfig(dataset=col.dataset, data_dir=found[col.label], index=cfg.index, model=model,
                                methods=methods, protocol=suite.protocol, seeds=cfg.seeds, templates=suite.templates,
                                limit=cfg.limit, options=dict(cfg.options or {}), batch_size=cfg.batch_size,
-                               precision=cfg.precision)
+                               precision=cfg.precision, device=cfg.device)
         if cfg.cache_dir is not None:
             base.cache_dir = cfg.cache_dir
         results: dict[str, Any] = {}

@@ -119,6 +119,7 @@ class Reco(Method):
         if int(meta.get("dim", -1)) != self.encoder.dim:
             raise XMError(f"{where}: fusion width {meta.get('dim')}, encoder {self.spec} width {self.encoder.dim}")
         self.model, self.meta = load_model(path, meta)
+        self.model.to(self.ctx.device.torch)  # the fusion runs where the encoders do (a CPU-written checkpoint)
         self.scale = float(self.model.logit_scale.detach().exp())
 
     # --- fusion ------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from xm.pipeline.config import STAGES, BuildConfig
 from xm.pipeline.download import download
 from xm.pipeline.embed import embed_part, read_marker, slug_of, unloaded_encoder_entry
 from xm.pipeline.index_stage import build_modality_index, index_is_current
+from xm.pipeline.multi_device import describe_spread, embed_on_devices, spread
 from xm.pipeline.pins import pin_params
 from xm.pipeline.runners.base import Runner
 from xm.pipeline.sources.base import OPENAI_LOGIT_SCALE, Source
@@ -49,6 +50,8 @@ class BuildSummary:
     warnings: list[str] = field(default_factory=list)
     manifest_id: str | None = None
     ran_on: str = "this machine"  # or the Spark master and its task slots
+    device: str = "cpu"  # where the encoders ran (`Device.describe`); never in the manifest
+    parts_per_device: dict[str, int] = field(default_factory=dict)  # several GPUs: how the parts were shared out
 
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
@@ -103,7 +106,9 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
                 push: Callable[[], int] = lambda: 0) -> BuildSummary:
     source = cfg.kind
     kind = source.name  # as the summary and the manifest record it
-    summary = BuildSummary(out=str(layout.root), source_kind=kind, ran_on=runner.description)
+    summary = BuildSummary(out=str(layout.root), source_kind=kind, ran_on=runner.description,
+                           device=cfg.target.describe() if runner.in_process else
+                           "each task: the GPU Spark gives it (spark.task.resource.gpu.amount), else its CPU")
     encoders_needed = "embed" in cfg.stages or "manifest" in cfg.stages
 
     def timed(stage: str, fn: Callable[[], Any]) -> Any:
@@ -143,8 +148,12 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         if runner.in_process:  # here: progress by rows, the encoders loaded once above
             images = progress("embed images", total)
             captions = progress(f"embed captions ({texts} encoder{'s' if texts != 1 else ''})", total * texts if total else None)
-            for part in todo:
-                embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=images, on_captions=captions)
+            devices = spread(cfg.target)
+            if len(devices) > 1:  # several GPUs of this machine: disjoint parts per device
+                summary.parts_per_device = describe_spread(embed_on_devices(cfg, todo, plan, layout, devices, images, captions))
+            for part in todo if len(devices) == 1 else []:
+                embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=images, on_captions=captions,
+                           num_workers=cfg.workers())
         else:
             jobs = [{"config": cfg.to_dict(), "part": p.name} for p in todo]
             runner.map(embed_task, jobs, "xm embed", on_done=progress(f"embed ({len(jobs)} parts as {runner.tasks})", len(jobs)))

@@ -73,7 +73,8 @@ def add_encoder(out: str, flag: str, cfg: BuildConfig | None = None,
     manifest = read_manifest(out)
     spec, parts = parse_encoder_flag(flag, "--add-encoder")
     cfg = cfg or BuildConfig(source="", out=layout.root)
-    enc = load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision)
+    # the device as the command parsed it (cfg.target: auto when the API gave none); its first GPU
+    enc = load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision, device=cfg.target.first())
     prior = manifest.encoders.get(spec)
     if prior is not None and not enc.fingerprint_matches(prior.probe):
         raise XMError(f"{layout.manifest}: encoder {spec} has other weights than the ones that built this index")

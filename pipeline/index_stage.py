@@ -62,8 +62,17 @@ def index_is_current(layout: Layout, slug: str, modality: str, count: int, shard
     )
 
 
+def autofaiss_on_gpu(cfg: BuildConfig) -> bool:
+    """Whether autofaiss trains this build's indexes on a GPU: the build runs on CUDA (--device) and
+    faiss is a GPU build that sees one (`index_training.faiss_gpu`, the `gpu` extra). The index it
+    writes is a CPU index either way, so the artefacts stay CPU-readable."""
+    return cfg.target.kind == "cuda" and index_training.faiss_gpu()
+
+
 def _autofaiss(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: Path, index_path: Path, infos_path: Path,
                **extra: Any) -> Any:
+    if autofaiss_on_gpu(cfg):
+        extra["use_gpu"] = True
     return build_index(
         embeddings=str(emb_dir),
         index_path=str(index_path),

@@ -89,9 +89,10 @@ class ServeConfig:
     access_log: bool = False
     batch_items: int = 32
     batch_wait_ms: float = 4.0
-    precision: str = "fp32"  # fp32 | bf16 | int8: how every encoder runs (see xm.encoders.PRECISIONS)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | int8: how every encoder runs (see xm.encoders.PRECISIONS)
     unhonoured: str = "header"  # header: name unhonoured filters in X-XM-Unhonoured-Options; refuse: 400
     violence_prompts: Path | None = None  # clip back's violence detector: a (2, dim) prompt-embedding .npy
+    device: Any = None  # where they run: a Device or its text (None: auto), parsed by Service
 
 
 def is_loopback(host: str) -> bool:
@@ -130,7 +131,8 @@ def check_config(cfg: ServeConfig) -> None:
 def make_service(cfg: ServeConfig) -> Service:
     return Service(cfg.indexes, cfg.limits, allow_url_fetch=cfg.allow_url_fetch, inline_images=cfg.inline_images,
                    columns=cfg.columns, batch_items=cfg.batch_items, batch_wait_s=cfg.batch_wait_ms / 1e3,
-                   precision=cfg.precision, unhonoured=cfg.unhonoured, violence_prompts=cfg.violence_prompts)
+                   precision=cfg.precision, unhonoured=cfg.unhonoured, violence_prompts=cfg.violence_prompts,
+                   device=cfg.device)
 
 
 # --- responses ---------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from xm.encoders.device import CPU, Device
 from xm.errors import XMError
 from xm.methods.base import Queries
 from xm.server.batching import Batcher
@@ -230,7 +231,7 @@ class ServedIndex:
     Request threads share the memory, which is safe for concurrent readers (`Memory`)."""
 
     def __init__(self, name: str, path: Path, columns: Sequence[str] | None = None, precision: str = "fp32",
-                 violence_prompts: np.ndarray | None = None) -> None:
+                 violence_prompts: np.ndarray | None = None, device: Device = CPU) -> None:
         from xm.encoders import load_encoder
         from xm.memories import Memory, open_memory
 
@@ -239,7 +240,7 @@ class ServedIndex:
         self.memory: Memory = open_memory(self.path)
         m = self.memory
         self.spec = m.roles["coarse"]
-        self.encoder = load_encoder(self.spec, quiet=True, precision=precision)
+        self.encoder = load_encoder(self.spec, quiet=True, precision=precision, device=device)
         m.check_encoder(self.encoder, "coarse")
         self.modalities = [mod for mod in ("image", "text") if m.has_index(self.spec, mod)]
         m.preload()  # shards, embeddings, norms, caption hashes: opened before the first request
@@ -296,10 +297,11 @@ class Service:
     def __init__(self, indexes: Sequence[tuple[str, Path]], limits: Limits | None = None, allow_url_fetch: bool = False,
                  inline_images: bool = False, columns: Sequence[str] | None = None, batch_items: int = 32,
                  batch_wait_s: float = 0.004, precision: str | None = None, unhonoured: str = "header",
-                 violence_prompts: Path | None = None) -> None:
+                 violence_prompts: Path | None = None, device: str | Device | None = None) -> None:
         from xm.encoders.precision import Precision
 
         self.precision = Precision.parse(precision)  # the server config's edge: every encoder the server runs
+        self.device = Device.parse(device).single("xm serve")  # where they run, their batches included (None: auto)
         self.limits = limits or Limits()
         self.allow_url_fetch = allow_url_fetch
         self.inline_images = inline_images
@@ -311,7 +313,7 @@ class Service:
         for name, path in indexes:
             if name in self.indices:
                 raise XMError(f"indice name {name!r} is given twice; name them NAME=PATH")
-            self.indices[name] = ServedIndex(name, path, columns, self.precision, prompts)
+            self.indices[name] = ServedIndex(name, path, columns, self.precision, prompts, self.device)
         if not self.indices:
             raise XMError("xm serve: give at least one index")
         self._lock = threading.Lock()
@@ -642,7 +644,8 @@ class Service:
             if clf is None:
                 try:
                     clf = Classifier(served.memory, labels, method=method, model=model, templates=templates,
-                                     protocol_name=protocol, options=options, precision=self.precision)
+                                     protocol_name=protocol, options=options, precision=self.precision,
+                                     device=self.device)
                 except XMError as exc:
                     raise RequestError(400, str(exc)) from exc
                 clf.evidence_lock = None if clf.method.thread_safe_evidence else threading.Lock()

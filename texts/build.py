@@ -186,13 +186,15 @@ def _add_synonyms(ts: TextSet, wn: Any, encoder: Any, name_emb: np.ndarray, name
 
 def _add_memory(ts: TextSet, memory: Any, encoder: Any, name_emb: np.ndarray, names: list[str],
                 opts: TextOptions, where: str) -> None:
-    from xm.encoders import load_encoder
+    from xm.encoders import Device, load_encoder
 
     coarse = memory.roles.get("coarse")
     if not coarse or not memory.has_index(coarse, "text"):
         raise XMError(f"{memory.root}: source 'memory' needs a caption kNN index; add it with "
                       f"`xm build-index --out {memory.root} --add-encoder {coarse}=index-text`")
-    search_enc = encoder if str(getattr(encoder, "spec", "")) == coarse else load_encoder(coarse)
+    # on the device the command's encoder runs on (parsed at its edge)
+    same_device = Device.parse(str(getattr(encoder, "device", "cpu")), check=False)
+    search_enc = encoder if str(getattr(encoder, "spec", "")) == coarse else load_encoder(coarse, device=same_device)
     q = search_enc.encode_texts(names)
     _, ids = memory.search("text", q, opts.memory_search, encoder=coarse)
     flat = sorted({int(i) for i in ids.ravel() if i >= 0})
