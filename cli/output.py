@@ -83,8 +83,17 @@ def progress_bars() -> Iterator[Callable[[str, int | None], Callable[[int], None
     ) as prog:
 
         def make(label: str, total: int | None) -> Callable[[int], None]:
-            task = prog.add_task(safe_text(label).plain, total=total)
-            return lambda n: prog.advance(task, n)
+            # the clock starts at the task's first tick (tick(0): its phase starts), not when the
+            # bar is made: a stage makes its bars at its start, and a later phase's ETA would count
+            # the time of the phases before it
+            task = prog.add_task(safe_text(label).plain, total=total, start=False)
+
+            def tick(n: int) -> None:
+                if not prog.tasks[task].started:
+                    prog.start_task(task)
+                prog.advance(task, n)
+
+            return tick
 
         yield make
 
@@ -99,7 +108,7 @@ def _plain_progress() -> Iterator[Callable[[str, int | None], Callable[[int], No
     tasks: list[dict[str, Any]] = []
 
     def line(t: dict[str, Any]) -> None:
-        elapsed = time.monotonic() - t["start"]
+        elapsed = t["active"]
         rate = t["done"] / elapsed if elapsed > 0 else 0.0
         total = t["total"]
         eta = f", ETA {(total - t['done']) / rate:,.0f} s" if total and rate > 0 and t["done"] < total else ""
@@ -109,10 +118,21 @@ def _plain_progress() -> Iterator[Callable[[str, int | None], Callable[[int], No
         t["last"] = time.monotonic()
 
     def make(label: str, total: int | None) -> Callable[[int], None]:
-        t: dict[str, Any] = {"label": safe_text(label).plain, "total": total, "done": 0, "start": time.monotonic(), "last": 0.0}
+        # rates and ETAs count only the time the task's phase runs: tick(0) says it (re)starts
+        # now (the build's captions phase of each part, after that part's images), and the time
+        # since the task's previous tick then belongs to another phase
+        now = time.monotonic()
+        t: dict[str, Any] = {"label": safe_text(label).plain, "total": total, "done": 0, "since": now, "active": 0.0,
+                             "last": 0.0}
         tasks.append(t)
 
         def tick(n: int) -> None:
+            now = time.monotonic()
+            if n == 0:
+                t["since"] = now
+                return
+            t["active"] += now - t["since"]
+            t["since"] = now
             t["done"] += n
             if (total and t["done"] >= total) or time.monotonic() - t["last"] >= PLAIN_EVERY:
                 line(t)

@@ -32,6 +32,7 @@ from xm.encoders import Encoder, EncoderSpec, load_image
 from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, write_json
 from xm.indexes.records import EncoderEntry
+from xm.pipeline.checkpoint import PartCheckpoint
 from xm.pipeline.compress import read_record
 from xm.pipeline.sources.base import ArrayRef, Part, Sample
 
@@ -156,19 +157,37 @@ def embed_part(
     given = part.precomputed or {}
     image_specs = [spec for spec, parts in plan.items() if "image" in parts and (spec, "image") not in given]
     images: dict[str, np.ndarray] = {}
+    checkpoint = None
     if part.precomputed is None:
-        kept: list[Sample] = []
+        # the embeddings made so far are saved every minute and on Ctrl-C; a re-run resumes there
+        checkpoint = PartCheckpoint(layout, part.name, part.size, {"plan": plan, "batch_size": batch_size}, image_specs)
+        kept, samples = checkpoint.resume(part.samples)
+        if checkpoint.skipped:
+            failures["failed_to_decode"] += checkpoint.skipped
+        on_rows(0)  # the images phase (re)starts now: progress rates count from here
+        on_rows(len(kept))
         chunks: dict[str, list[np.ndarray]] = {spec: [] for spec in image_specs}
+        for spec in image_specs:
+            saved = checkpoint.images(spec)
+            if saved is not None:
+                chunks[spec].append(saved)
         preprocesses = {spec: encoders[spec].preprocess for spec in image_specs}
         if not image_specs:  # caption-only plan: still decode, so the same rows are kept
             preprocesses = {first: encoders[first].preprocess}
-        batches = prefetch(_pixel_batches(part.samples(), preprocesses, batch_size, failures))
+        batches = prefetch(_pixel_batches(samples, preprocesses, batch_size, failures))
         with contextlib.closing(batches):  # on Ctrl-C the decoding thread stops before the process exits
-            for batch, pixels in batches:
-                for spec in image_specs:
-                    chunks[spec].append(encoders[spec].encode_pixels(pixels[spec]))
-                kept.extend(batch)
-                on_rows(len(batch))
+            try:
+                for batch, pixels in batches:
+                    embedded = {spec: encoders[spec].encode_pixels(pixels[spec]) for spec in image_specs}
+                    checkpoint.add(batch, embedded)
+                    for spec in image_specs:
+                        chunks[spec].append(embedded[spec])
+                    kept.extend(batch)
+                    on_rows(len(batch))
+            except BaseException:
+                checkpoint.save()  # Ctrl-C (or a failure) keeps every whole batch made so far
+                raise
+        checkpoint.images_done()
         images = {spec: np.concatenate(c) if c else np.zeros((0, encoders[spec].dim), np.float32) for spec, c in chunks.items()}
     else:
         if image_specs:  # the build's preflight says so first; a part never gets half its files
@@ -179,23 +198,31 @@ def embed_part(
         on_rows(len(kept))
     done = read_marker(layout, part.name)
     if done is not None:  # a duplicate attempt (a Spark retry or speculative copy) finished first: keep its files
+        if checkpoint is not None:
+            checkpoint.discard()
         return done
     marker = {"part": part.name, "rows": len(kept), "failures": dict(failures)}
     if kept:
         captions = [s.caption for s in kept]
         marker["empty_captions"] = sum(1 for c in captions if not c.strip())
         _copy_precomputed(part, plan, layout, len(kept), encoders)
+        on_captions(0)  # the captions phase starts now: progress rates (and ETAs) count from here
         for spec, parts in plan.items():
             if "text" in parts:
-                if (spec, "text") in given:
+                texts = [layout.emb_file(slug_of(spec), "text", part.name), layout.norm_file(slug_of(spec), "text", part.name)]
+                if (spec, "text") in given or (checkpoint is not None and checkpoint.has_texts(spec, texts)):
                     on_captions(len(captions))
                 else:
                     write_text_embeddings(layout, encoders[spec], part.name, captions, on_batch=on_captions)
+                    if checkpoint is not None:
+                        checkpoint.texts_written(spec)
             if spec in images:
                 _save_npy(layout.emb_file(slug_of(spec), "image", part.name), images[spec])
         with atomic_path(layout.metadata_file(slug_of(first), part.name)) as tmp:
             pq.write_table(_metadata_table(kept), tmp)
     write_json(layout.done_marker("embed", part.name), marker)
+    if checkpoint is not None:
+        checkpoint.discard()
     return marker
 
 
