@@ -6,7 +6,17 @@ from __future__ import annotations
 import re
 import time
 
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY_ROLES, jpeg_bytes, make_image
 from xm.cli import output
+from xm.errors import XMError
+from xm.memories import open_index
+from xm.pipeline import BuildConfig, build_index
+from xm.pipeline.build import BuildSummary
+from xm.pipeline.sources.table import FILE_URL, NOT_HTTP
 
 
 def test_a_phase_eta_counts_only_the_time_its_phase_runs(monkeypatch, capsys) -> None:
@@ -36,3 +46,39 @@ def test_a_bar_with_no_phase_start_counts_from_when_it_was_made(monkeypatch, cap
         clock[0] += 2
         tick(4)
     assert "4/4 (100%), 2.0/s, 2 s" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_table_with_odd_urls_builds_and_counts_them_as_failures(tmp_path, image_server) -> None:
+    base, routes = image_server
+    for i in range(4):
+        routes[f"/img/{i}.jpg"] = jpeg_bytes(make_image(i))
+    local = tmp_path / "local.jpg"  # on this disk: only --allow-file-urls may read it
+    local.write_bytes(jpeg_bytes(make_image(9)))
+    odd = [local.as_uri(), "ftp://127.0.0.1/a.jpg", "javascript:alert(1)"]
+    rows = [(f"{base}/img/{i}.jpg", f"photo {i}") for i in range(4)] + [(u, "odd") for u in odd]
+    table = tmp_path / "pairs.parquet"
+    pd.DataFrame(rows, columns=["url", "caption"]).to_parquet(table)
+
+    def build(out: str, **kw) -> BuildSummary:
+        return build_index(BuildConfig(source=str(table), out=tmp_path / out, processes=1, threads=2, shard_size=8,
+                                       timeout=5, index_text=False, **TINY_ROLES, **kw))
+
+    summary = build("idx")
+    assert summary.count == 4 and summary.selected == 7
+    assert summary.failures == {FILE_URL: 1, NOT_HTTP: 2}, summary.failures
+    urls = [r["url"] for r in open_index(tmp_path / "idx").store.fetch(np.arange(4))]
+    assert sorted(urls) == sorted(u for u, _ in rows[:4])
+    allowed = build("idx-file", allow_file_urls=True)
+    assert allowed.count == 5 and allowed.failures == {NOT_HTTP: 2}, allowed.failures
+    # a resumed build reads the same counts back
+    assert build("idx").failures == {FILE_URL: 1, NOT_HTTP: 2}
+
+
+def test_a_table_of_no_fetchable_url_is_one_line(tmp_path) -> None:
+    table = tmp_path / "pairs.csv"
+    table.write_text("url,caption\nfile:///etc/passwd,a\nftp://x/\x1b[31m,b\n")
+    with pytest.raises(XMError) as err:
+        build_index(BuildConfig(source=str(table), out=tmp_path / "idx", **TINY_ROLES))
+    assert "none of its 2 URL(s) is http(s)" in str(err.value) and "--allow-file-urls" in str(err.value)
+    assert "\x1b" not in str(err.value)
