@@ -11,7 +11,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import typer  # noqa: E402
 
-from xm.errors import XMError  # noqa: E402
+from xm.errors import XMError, quoted  # noqa: E402
 
 app = typer.Typer(
     name="xm",
@@ -48,7 +48,7 @@ def main() -> None:
     try:
         app()
     except XMError as exc:
-        print(f"xm: error: {exc}", file=sys.stderr)
+        print(f"xm: error: {quoted(exc)}", file=sys.stderr)  # whatever data it quotes
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)

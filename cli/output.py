@@ -22,6 +22,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from xm.errors import quoted
+
 # off a terminal (a log file, a pipe) rich would wrap tables at 80 columns: give them room
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
@@ -31,14 +33,10 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=str) + "\n")
 
 
-# C0 and C1 control characters (escape sequences, bells, carriage returns) and DEL
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if c not in (0x09,)}
-
-
 def safe_text(value: Any) -> Text:
     """Data (captions, class names, file names) as plain text: never rich markup, never
-    terminal control codes (they are shown escaped, e.g. \\x1b)."""
-    return Text(str(value).translate(_CONTROL))
+    terminal control codes (`xm.errors.quoted` shows them escaped, e.g. \\x1b)."""
+    return Text(quoted(value))
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:

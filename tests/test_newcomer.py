@@ -4,15 +4,18 @@ quote hostile data, the offline LAION line."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_ROLES, jpeg_bytes, make_image
+from conftest import TINY, TINY_ROLES, jpeg_bytes, make_image
 from xm.cli import output
-from xm.errors import XMError
+from xm.encoders import load_image
+from xm.errors import XMError, quoted
 from xm.memories import open_index
 from xm.pipeline import BuildConfig, build_index
 from xm.pipeline.build import BuildSummary
@@ -82,3 +85,29 @@ def test_a_table_of_no_fetchable_url_is_one_line(tmp_path) -> None:
         build_index(BuildConfig(source=str(table), out=tmp_path / "idx", **TINY_ROLES))
     assert "none of its 2 URL(s) is http(s)" in str(err.value) and "--allow-file-urls" in str(err.value)
     assert "\x1b" not in str(err.value)
+
+
+HOSTILE_NAME = "\x1b[31mred\nsecond line\u202e.jpg"
+
+
+def test_quoted_shows_control_characters_escaped_and_is_idempotent() -> None:
+    q = quoted(HOSTILE_NAME)
+    assert q == "\\x1b[31mred\\x0asecond line\\u202e.jpg"
+    assert quoted(q) == q and quoted("tab\tand é") == "tab\tand é"
+
+
+def test_an_unreadable_image_with_escape_codes_in_its_name_is_one_quoted_line(tmp_path) -> None:
+    bad = tmp_path / HOSTILE_NAME
+    bad.write_bytes(b"not an image")
+    with pytest.raises(XMError) as err:
+        load_image(bad)
+    assert "\x1b" not in str(err.value) and "\n" not in str(err.value) and "\\x1b[31mred\\x0asecond" in str(err.value)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    r = subprocess.run([sys.executable, "-m", "xm.cli", "classify", str(bad), "--labels", str(labels), "--method", "clip",
+                        "--model", TINY], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "\x1b" not in r.stderr + r.stdout and "\u202e" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("xm: error")]
+    assert len(errors) == 1 and "\\x1b[31mred\\x0asecond line\\u202e.jpg" in errors[0], r.stderr
+    assert not any(line.startswith("second line") for line in r.stderr.splitlines())

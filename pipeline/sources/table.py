@@ -52,10 +52,10 @@ def read_table(path: Path, url_col: str, caption_col: str) -> pa.Table:
     except Exception as exc:  # pandas raises many types for a bad file
         raise XMError(f"{path}: unreadable table ({str(exc).splitlines()[0][:200]})") from exc
     if url_col not in df.columns:
-        raise XMError(f"{path}: no column {url_col!r} (columns: {', '.join(map(str, df.columns))}); use --url-col")
+        raise XMError(f"{path}: no column {url_col!r} (columns: {quoted(', '.join(map(str, df.columns)))}); use --url-col")
     if caption_col not in df.columns:
         if suffix != ".txt":
-            raise XMError(f"{path}: no column {caption_col!r} (columns: {', '.join(map(str, df.columns))}); use --caption-col")
+            raise XMError(f"{path}: no column {caption_col!r} (columns: {quoted(', '.join(map(str, df.columns)))}); use --caption-col")
         df[caption_col] = ""
     df = df.rename(columns={url_col: "url", caption_col: "caption"})
     df["caption"] = df["caption"].fillna("").astype(str)
