@@ -3,7 +3,9 @@ quote hostile data, the offline LAION line."""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -111,3 +113,21 @@ def test_an_unreadable_image_with_escape_codes_in_its_name_is_one_quoted_line(tm
     errors = [line for line in r.stderr.splitlines() if line.startswith("xm: error")]
     assert len(errors) == 1 and "\\x1b[31mred\\x0asecond line\\u202e.jpg" in errors[0], r.stderr
     assert not any(line.startswith("second line") for line in r.stderr.splitlines())
+
+
+def test_laion_offline_is_one_short_line_naming_the_metadata_at_once(tmp_path) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: the metadata's host is unreachable, as the-eye.eu is offline
+    env = {**os.environ, "XM_OFFLINE": "0", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "-m", "xm.cli", "build-index", "--source", "laion400m", "--out", str(tmp_path / "idx"),
+                        "--metadata-root", f"http://127.0.0.1:{port}/meta"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("xm: error")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    line = errors[0]
+    assert "LAION-400M metadata: 127.0.0.1 unreachable" in line and "--metadata-root FOLDER" in line, line
+    assert "ViT-B-32:openai" in line and "ViT-L-14:openai" in line and line.count("Hugging Face cache") == 1, line
+    assert len(line.replace(str(tmp_path), "")) < 320, (len(line), line)
+    assert not (tmp_path / "idx").exists()
