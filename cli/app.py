@@ -23,6 +23,21 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from xm import __version__
+
+        print(f"xm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print xm's version and exit"),
+) -> None:
+    """Retrieval-augmented zero-shot CLIP: build LAION-style indexes, classify, benchmark."""
+
+
 def _register() -> None:
     # imported here so that each command module can import `app`
     from xm.cli import benchmark_cmd, build_cmd, classify_cmd, export_cmd, info_cmd, methods_cmd, serve_cmd, texts_cmd, train_cmd  # noqa: F401

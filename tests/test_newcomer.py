@@ -131,3 +131,10 @@ def test_laion_offline_is_one_short_line_naming_the_metadata_at_once(tmp_path) -
     assert "ViT-B-32:openai" in line and "ViT-L-14:openai" in line and line.count("Hugging Face cache") == 1, line
     assert len(line.replace(str(tmp_path), "")) < 320, (len(line), line)
     assert not (tmp_path / "idx").exists()
+
+
+def test_version_is_the_installed_packages() -> None:
+    import importlib.metadata
+
+    r = subprocess.run([sys.executable, "-m", "xm.cli", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == f"xm {importlib.metadata.version('xm-retrieval')}\n", r
