@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from xm.cli.app import app
-from xm.cli.output import console, print_json, table
+from xm.cli.output import console, err_console, print_json, safe_text, table
 
 export_app = typer.Typer(help="Write an index in another tool's layout.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
@@ -26,6 +26,7 @@ def clip_back_cmd(
     from xm.server.export import export_clip_back
 
     info = export_clip_back(index, out, name=name, force=force)
+    err_console.print(safe_text(f"xm: warning: {info['warning']}"))
     if as_json:
         print_json(info)
         return
