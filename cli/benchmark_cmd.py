@@ -25,7 +25,9 @@ def _ints(flag: str, text: str) -> list[int]:
 
 @app.command("benchmark")
 def benchmark_cmd(
-    dataset: str = typer.Option(..., "--dataset", help="eurosat, caltech101, cifar10, oxford_pets, ... or imagefolder"),
+    dataset: str | None = typer.Option(None, "--dataset", help="eurosat, caltech101, cifar10, oxford_pets, ... or imagefolder"),
+    suite: str | None = typer.Option(None, "--suite", help="a published table instead of one dataset: xmore-table1 | xmore-table2 | "
+                                     "reco-table5 | coder-zeroshot (datasets from $XM_DATA; see docs/benchmark-suites.md)"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="the dataset in its native layout (default: $XM_DATA/<dataset>, then $XM_HOME/data/<dataset>)"),
     index: Path | None = typer.Option(None, "--index", help="an index built by xm build-index"),
     model: str | None = typer.Option(None, "--model", help="inference encoder ARCH:PRETRAINED (default: the index's first inference encoder)"),
@@ -53,13 +55,26 @@ def benchmark_cmd(
     """Evaluate methods side by side on the same images, through the one method interface."""
     from xm.encoders.precision import Precision
     from xm.evaluation.datasets import load_dataset
-    from xm.evaluation.runner import BenchmarkConfig, run_benchmark, write_outputs
+    from xm.evaluation.results import write_outputs
+    from xm.evaluation.runner import BenchmarkConfig, run_benchmark
     from xm.indexes import home
     from xm.memories import open_index
     from xm.methods.protocols import protocol as get_protocol
     from xm.methods.registry import get
 
     inference_precision = Precision.parse(precision)  # parsed once, before any work
+    if suite is not None:
+        from xm.cli.suite_cmd import run_suite_command
+
+        run_suite_command(suite, index, model, limit, _ints("--seeds", seeds) if seeds else None,
+                          method_options(opt, k_coarse=k_coarse, k_fine=k_fine, descriptions=descriptions,
+                                         texts_file=texts_file, checkpoint=reco_checkpoint),
+                          batch_size, inference_precision, cache_dir, out, as_json)
+        return
+    if dataset is None:
+        from xm.errors import XMError
+
+        raise XMError("--dataset: required (or --suite NAME for a published table's datasets)")
     proto = get_protocol(protocol)
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
     if index is None and any(get(m).method.needs_memory for m in method_names):

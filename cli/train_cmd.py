@@ -20,7 +20,7 @@ def train_reco_cmd(
     encoder: str = typer.Option("", "--encoder", help="the frozen CLIP E (ARCH:PRETRAINED); default: the index's coarse encoder"),
     k: int = typer.Option(10, "--k", help="neighbours retrieved per image and per text"),
     epochs: int = typer.Option(10, "--epochs", min=1, help="passes over the training pairs"),
-    batch_size: int = typer.Option(4096, "--batch-size", help="pairs per step (capped by the number of pairs)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="pairs per step (default: 4096, halved down to 32 until an epoch has at least 8 steps; capped by the number of pairs)"),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate, decayed to 0 on a cosine"),
     weight_decay: float = typer.Option(1e-5, "--weight-decay", min=0.0, help="AdamW weight decay (weight matrices only)"),
     pairs: Path | None = typer.Option(None, "--pairs", help="train on another index's (image, caption) pairs (default: the memory's own)"),
@@ -70,7 +70,8 @@ def train_reco_cmd(
         return
     rows = [("checkpoint", summary.checkpoint), ("encoder", summary.encoder), ("training pairs", summary.pairs),
             ("memory items", summary.memory), ("parameters", f"{summary.parameters:,}"),
-            ("epochs done", summary.epochs_done), ("steps", summary.steps)]
+            ("epochs done", summary.epochs_done), ("steps", summary.steps),
+            ("batch size", f"{summary.batch_size}" + (" (derived from the pairs; --batch-size to set)" if summary.batch_derived else ""))]
     if summary.already_done:
         rows.append(("note", "already trained with these settings; nothing to do (--restart to retrain)"))
     elif summary.resumed_from_epoch:

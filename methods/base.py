@@ -285,6 +285,13 @@ class Method:
         """Few-shot methods learn from `support`; returns what was chosen (recorded in results)."""
         return {}
 
+    def wants_validation(self) -> bool:
+        """Whether this method, with its options, chooses something on labelled validation
+        images before it decides although it is not few-shot (RECO's `mode=auto`, the
+        paper's Table 4 choice); `xm benchmark` then calls `fit` with no support images and
+        the validation split."""
+        return False
+
     def evidence(self, queries: Queries) -> dict[str, np.ndarray]:
         raise NotImplementedError
 

@@ -64,6 +64,8 @@ class BuildConfig:
     # key=value settings; none under spark-submit, whose session is used as it is
     spark_master: str | None = None
     spark_conf: list[str] = field(default_factory=list)
+    # open Spark's web UI to the network (a cluster master); without it: loopback only (local), or off
+    spark_ui: bool = False
     # embed
     batch_size: int = 64
     precision: str = "fp32"  # how the encoders run while embedding (xm.encoders.PRECISIONS); in the manifest
@@ -79,6 +81,9 @@ class BuildConfig:
     index_text: bool = True
     stages: tuple[str, ...] = STAGES
     cache_dir: str | None = None
+    # where an --out or an input on object storage (s3://, gs://, hdfs://) is mirrored
+    # (pipeline/staging.py); default $XM_HOME/cache; on a cluster, a folder every executor sees
+    stage_dir: str | None = None
     # the general form: ARCH:PRETRAINED=image,text,index-image,index-text (repeatable), on top of the roles
     encoders: list[str] = field(default_factory=list)
     # compressed caption embeddings (pipeline/compress.py): SPEC=CODEC, a FAISS codec string (SQ8, PQ64, ...)
@@ -150,7 +155,7 @@ class BuildConfig:
         self.out = Path(self.out).resolve()
         if Path(self.source).exists():
             self.source = str(Path(self.source).resolve())
-        for name in ("metadata_root", "embeddings_root", "cache_dir"):
+        for name in ("metadata_root", "embeddings_root", "cache_dir", "stage_dir"):
             value = getattr(self, name)
             if value and "://" not in value:
                 setattr(self, name, str(Path(value).resolve()))

@@ -92,12 +92,37 @@ def embed_task(job: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- store
 
-def store_task(job: dict[str, Any]) -> bytes:
-    """Write one caption-store part (job: {"out", "slug", "part", "first"}); return its caption
-    hashes (int64 bytes, in row order)."""
+def store_task(job: dict[str, Any]) -> int:
+    """Write one caption-store part and its rows of the caption-hash file being built (job:
+    {"out", "slug", "part", "first", "hashes": that file}); return its row count. Nothing but the
+    count goes back to the driver: the hashes of 400M items are 3.2 GB, past Spark's default
+    1 GB result limit (spark.driver.maxResultSize)."""
     layout = Layout(job["out"])
     meta = pq.read_table(layout.metadata_file(job["slug"], job["part"]))
-    return write_store_part(meta, int(job["first"]), layout.store_part(job["part"])).astype(np.int64).tobytes()
+    hashes = write_store_part(meta, int(job["first"]), layout.store_part(job["part"]))
+    write_hash_rows(Path(job["hashes"]), int(job["first"]), hashes)
+    return len(hashes)
+
+
+def create_hash_file(path: Path, count: int) -> None:
+    """An int64 .npy of `count` rows (zeros, sparse on disk) that store tasks fill in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    np.lib.format.open_memmap(path, mode="w+", dtype="<i8", shape=(count,)).flush()
+
+
+def write_hash_rows(path: Path, first: int, hashes: np.ndarray) -> None:
+    """Write `hashes` at rows first.. of the .npy at `path`: disjoint byte ranges, so tasks on
+    several executors write one shared file without a driver collect; a retried task writes the
+    same bytes again."""
+    with open(path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read_header(f)  # leaves f at the first row
+        f.seek(f.tell() + 8 * first)
+        f.write(np.ascontiguousarray(hashes, dtype="<i8").tobytes())
+        f.flush()
+        os.fsync(f.fileno())  # on shared storage, visible to the driver once the task is done
 
 
 # ---------------------------------------------------------------- manifest checksums
