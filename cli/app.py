@@ -11,7 +11,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import typer  # noqa: E402
 
-from xm.errors import XMError  # noqa: E402
+from xm.errors import XMError, quoted  # noqa: E402
 
 app = typer.Typer(
     name="xm",
@@ -21,6 +21,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain click help: TEXT, INTEGER, no "<list[str]>"
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from xm import __version__
+
+        print(f"xm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print xm's version and exit"),
+) -> None:
+    """Retrieval-augmented zero-shot CLIP: build LAION-style indexes, classify, benchmark."""
 
 
 def _register() -> None:
@@ -48,7 +63,7 @@ def main() -> None:
     try:
         app()
     except XMError as exc:
-        print(f"xm: error: {exc}", file=sys.stderr)
+        print(f"xm: error: {quoted(exc)}", file=sys.stderr)  # whatever data it quotes
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)

@@ -9,7 +9,7 @@ import typer
 from xm.cli.app import app
 from xm.cli.device_option import DEVICE_HELP, parse_device
 from xm.cli.method_options import method_options
-from xm.cli.output import console, err_console, print_json, progress_bars, table
+from xm.cli.output import console, err_console, print_json, progress_bars, safe_text, table
 
 
 def _ints(flag: str, text: str) -> list[int]:
@@ -134,7 +134,6 @@ def show_benchmark(result: dict) -> None:
     t = result["timing"]
     console.print(f"{t['seconds']:.1f} s in all on {t.get('device', 'cpu')}; evidence cache {t['cache_dir']}", markup=False)
     if result["images_failed"]:
-        err_console.print(f"{result['images_failed']} image(s) could not be read, e.g. {', '.join(result['failed_keys'][:3])}",
-                          markup=False)
+        err_console.print(safe_text(f"{result['images_failed']} image(s) could not be read, e.g. {', '.join(result['failed_keys'][:3])}"))
     if "outputs" in result:
         console.print(f"wrote {', '.join(result['outputs'].values())}", markup=False)

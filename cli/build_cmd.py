@@ -9,7 +9,7 @@ import typer
 
 from xm.cli.app import app
 from xm.cli.device_option import BUILD_DEVICE_HELP, parse_device
-from xm.cli.output import console, err_console, print_json, progress_bars, table
+from xm.cli.output import console, err_console, print_json, progress_bars, safe_text, table
 
 
 @app.command("build-index")
@@ -102,7 +102,7 @@ def build_index_cmd(
     with progress_bars() as make:
         summary = build_index(cfg, progress=make)
     for w in summary.warnings:
-        err_console.print(f"xm: warning: {w}", markup=False)
+        err_console.print(safe_text(f"xm: warning: {w}"))
     if in_home and summary.manifest_id:
         home.set_default(out.name)  # the latest complete build without --out is the default index
     if as_json:

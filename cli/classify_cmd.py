@@ -12,7 +12,8 @@ import typer
 from xm.cli.app import app
 from xm.cli.device_option import DEVICE_HELP, parse_device
 from xm.cli.method_options import method_options
-from xm.cli.output import console, err_console, print_json, table
+from xm.cli.output import console, err_console, print_json, safe_text, table
+from xm.errors import quoted
 
 if TYPE_CHECKING:  # the command modules load at every `xm` start: numpy only when a command runs
     from xm.methods.base import ExplanationSection
@@ -62,13 +63,13 @@ def classify_cmd(
     for result in clf.run(images, batch_size=batch_size, explain=explain):
         if "error" in result:
             failed += 1
-            print(f"xm: error: {result['error']}", file=sys.stderr)
+            print(f"xm: error: {quoted(result['error'])}", file=sys.stderr)
             if as_json:
                 print_json(result)
             continue
         if result.get("skipped"):
             skipped += 1
-            err_console.print(f"xm: {result['image']}: skipped ({result['skipped']})", markup=False)
+            err_console.print(safe_text(f"xm: {result['image']}: skipped ({result['skipped']})"))
         if as_json:
             print_json(result if timings else {k: v for k, v in result.items() if k != "timings"})
             continue

@@ -22,6 +22,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from xm.errors import quoted
+
 # off a terminal (a log file, a pipe) rich would wrap tables at 80 columns: give them room
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
@@ -31,14 +33,10 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=str) + "\n")
 
 
-# C0 and C1 control characters (escape sequences, bells, carriage returns) and DEL
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if c not in (0x09,)}
-
-
 def safe_text(value: Any) -> Text:
     """Data (captions, class names, file names) as plain text: never rich markup, never
-    terminal control codes (they are shown escaped, e.g. \\x1b)."""
-    return Text(str(value).translate(_CONTROL))
+    terminal control codes (`xm.errors.quoted` shows them escaped, e.g. \\x1b)."""
+    return Text(quoted(value))
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
@@ -83,8 +81,17 @@ def progress_bars() -> Iterator[Callable[[str, int | None], Callable[[int], None
     ) as prog:
 
         def make(label: str, total: int | None) -> Callable[[int], None]:
-            task = prog.add_task(safe_text(label).plain, total=total)
-            return lambda n: prog.advance(task, n)
+            # the clock starts at the task's first tick (tick(0): its phase starts), not when the
+            # bar is made: a stage makes its bars at its start, and a later phase's ETA would count
+            # the time of the phases before it
+            task = prog.add_task(safe_text(label).plain, total=total, start=False)
+
+            def tick(n: int) -> None:
+                if not prog.tasks[task].started:
+                    prog.start_task(task)
+                prog.advance(task, n)
+
+            return tick
 
         yield make
 
@@ -99,7 +106,7 @@ def _plain_progress() -> Iterator[Callable[[str, int | None], Callable[[int], No
     tasks: list[dict[str, Any]] = []
 
     def line(t: dict[str, Any]) -> None:
-        elapsed = time.monotonic() - t["start"]
+        elapsed = t["active"]
         rate = t["done"] / elapsed if elapsed > 0 else 0.0
         total = t["total"]
         eta = f", ETA {(total - t['done']) / rate:,.0f} s" if total and rate > 0 and t["done"] < total else ""
@@ -109,10 +116,21 @@ def _plain_progress() -> Iterator[Callable[[str, int | None], Callable[[int], No
         t["last"] = time.monotonic()
 
     def make(label: str, total: int | None) -> Callable[[int], None]:
-        t: dict[str, Any] = {"label": safe_text(label).plain, "total": total, "done": 0, "start": time.monotonic(), "last": 0.0}
+        # rates and ETAs count only the time the task's phase runs: tick(0) says it (re)starts
+        # now (the build's captions phase of each part, after that part's images), and the time
+        # since the task's previous tick then belongs to another phase
+        now = time.monotonic()
+        t: dict[str, Any] = {"label": safe_text(label).plain, "total": total, "done": 0, "since": now, "active": 0.0,
+                             "last": 0.0}
         tasks.append(t)
 
         def tick(n: int) -> None:
+            now = time.monotonic()
+            if n == 0:
+                t["since"] = now
+                return
+            t["active"] += now - t["since"]
+            t["since"] = now
             t["done"] += n
             if (total and t["done"] >= total) or time.monotonic() - t["last"] >= PLAIN_EVERY:
                 line(t)

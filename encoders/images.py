@@ -9,7 +9,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from xm.errors import XMError
+from xm.errors import XMError, quoted
 
 # A pixel limit for untrusted images: a 128-byte PNG can declare 50000 x 50000 pixels.
 # 100 megapixels (10000 x 10000, about 0.3 GB as RGB) admits every photo a camera or LAION
@@ -39,7 +39,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -> Image.Image:
     """Decode an image file or bytes; raise XMError naming the file when it cannot."""
-    label = name or (str(source) if isinstance(source, (str, Path)) else "<bytes>")
+    label = quoted(name or (str(source) if isinstance(source, (str, Path)) else "<bytes>"))
     try:
         if isinstance(source, bytes):
             source = io.BytesIO(source)
@@ -58,4 +58,5 @@ def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -
     except IsADirectoryError as exc:
         raise XMError(f"{label}: is a directory, not an image") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError) as exc:
-        raise XMError(f"{label}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        # the library's message quotes the file name too, raw
+        raise XMError(f"{label}: not a readable image ({quoted(str(exc).strip())[:300] if str(exc) else type(exc).__name__})") from exc

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,12 +144,40 @@ def _check_available(spec: EncoderSpec, cache_dir: str | None) -> None:
             f"({', '.join(open_clip.list_pretrained_tags_by_model(spec.arch)) or 'none'}), a checkpoint path, nor 'random'"
         )
     if _cached_weights(spec.arch, spec.pretrained, cache_dir) is None and not _hub_reachable():
-        hub = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-        raise XMError(
-            f"encoder {spec}: weights are not in the local cache and the hub is unreachable; "
-            f"supply them offline as {spec.arch}:/path/to/checkpoint.pt, or copy the Hugging Face "
-            f"cache from a connected machine into {hub}/hub"
-        )
+        raise WeightsNotHere(f"encoder {spec}: weights are not in the local cache and the hub is unreachable; "
+                             + _weights_advice(spec.arch))
+
+
+class WeightsNotHere(XMError):
+    """An encoder's weights are neither cached nor downloadable here (`availability_problems`
+    names every such encoder in one problem, with the advice once)."""
+
+
+def _weights_advice(arch: str) -> str:
+    hub = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    return f"pass {arch}:/path/to/checkpoint.pt, or copy a Hugging Face cache into {hub}/hub"
+
+
+def availability_problems(specs: Iterable[EncoderSpec | str], cache_dir: str | None = None) -> list[str]:
+    """Why each of `specs` cannot be loaded here, one line each; loads nothing. Encoders whose
+    weights are missing make one problem naming them all, the advice said once."""
+    problems: list[str] = []
+    missing: list[tuple[EncoderSpec, str]] = []
+    _register_configs()
+    for spec in specs:
+        parsed = EncoderSpec.parse(spec) if isinstance(spec, str) else spec
+        try:
+            _check_available(parsed, cache_dir)
+        except WeightsNotHere as exc:
+            missing.append((parsed, str(exc)))
+        except XMError as exc:
+            problems.append(str(exc))
+    if len(missing) == 1:
+        problems.append(missing[0][1])
+    elif missing:
+        problems.append(f"encoders {', '.join(str(s) for s, _ in missing)}: weights not cached, hub unreachable; "
+                        + _weights_advice("ARCH"))
+    return problems
 
 
 class Encoder:

@@ -22,7 +22,8 @@
       store/caption_hash.npy                 int64 hash of each caption, by global id
       _work/                                 resumable stage state (select, download, markers;
                                              done/compress-<slug>-<modality>/: the codec's record
-                                             and one marker per coded part)
+                                             and one marker per coded part; checkpoint/embed/<part>/:
+                                             a part's embeddings so far, `pipeline/checkpoint.py`)
 
 The manifest declares, per encoder, which modalities are embedded and which are indexed.
 Format 1 (index/<modality>/, coarse encoder only, no norms) is still read: see
@@ -94,6 +95,9 @@ class Layout:
 
     def done_marker(self, stage: str, part: str) -> Path:
         return self.done_dir(stage) / f"{part}.json"
+
+    def checkpoint_dir(self, stage: str, part: str) -> Path:
+        return self.work / "checkpoint" / stage / part
 
     def embeddings(self, slug: str) -> Path:
         return self.root / "embeddings" / slug

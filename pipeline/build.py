@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from xm.encoders import availability_problem
+from xm.encoders import availability_problems
 from xm.errors import XMError
 from xm.indexes.layout import FILE_MODE, Layout, write_json
 from xm.indexes.manifest import write_manifest
@@ -252,7 +252,7 @@ def _preflight(cfg: BuildConfig, source: Source, plan: dict[str, tuple[str, ...]
     work (offline: LAION's metadata and the encoders' weights)."""
     problems = source.problems(cfg, plan)
     # an encoder whose every embedding the source provides is never loaded: its weights need not exist
-    problems += [p for spec in source.encoders_to_load(cfg, plan) if (p := availability_problem(spec, cfg.cache_dir))]
+    problems += availability_problems(source.encoders_to_load(cfg, plan), cfg.cache_dir)
     if problems:
         raise XMError("; ".join(problems))
 

@@ -30,6 +30,7 @@ from xm.encoders import Encoder, EncoderSpec, load_image
 from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, write_json
 from xm.indexes.records import EncoderEntry
+from xm.pipeline.checkpoint import PartCheckpoint
 from xm.pipeline.compress import read_record
 from xm.pipeline.loader import part_batches, prefetch
 from xm.pipeline.sources.base import ArrayRef, Part, Sample
@@ -118,33 +119,55 @@ def embed_part(
     image_specs = [spec for spec, parts in plan.items() if "image" in parts and (spec, "image") not in given]
     images: dict[str, np.ndarray] = {}
     tokens: dict[str, Any] = {}
+    checkpoint = None
     if part.precomputed is None:
         import torch
 
-        kept: list[Sample] = []
+        # the embeddings made so far are saved every minute and on Ctrl-C; a re-run resumes there
+        checkpoint = PartCheckpoint(layout, part.name, part.size, {"plan": plan, "batch_size": batch_size}, image_specs)
+        kept, start = checkpoint.resume(part.samples)
+        if checkpoint.skipped:
+            failures["failed_to_decode"] += checkpoint.skipped
+        on_rows(0)  # the images phase (re)starts now: progress rates count from here
+        on_rows(len(kept))
+        seen = start
         chunks: dict[str, list[np.ndarray]] = {spec: [] for spec in image_specs}
+        for spec in image_specs:
+            saved = checkpoint.images(spec)
+            if saved is not None:
+                chunks[spec].append(saved)
         preprocesses = {spec: encoders[spec].preprocess for spec in image_specs}
         if not image_specs:  # caption-only plan: still decode, so the same rows are kept
             preprocesses = {first: encoders[first].preprocess}
-        # captions tokenised beside the decoding, not between the image and caption passes
+        # captions tokenised beside the decoding, not between the image and caption passes (on a
+        # resumed part the captions the checkpoint covers were never tokenised: the caption pass does it)
         text_specs = [spec for spec, parts in plan.items() if "text" in parts and (spec, "text") not in given]
         token_chunks: dict[str, list[Any]] = {spec: [] for spec in text_specs}
         pin = any(str(e.device).startswith("cuda") for e in encoders.values())
         batches = part_batches(part, preprocesses, {spec: encoders[spec].tokenizer for spec in text_specs},
-                               batch_size, num_workers, pin_memory=pin)
+                               batch_size, num_workers, pin_memory=pin, start=start)
         with contextlib.closing(batches):  # on Ctrl-C the decoding thread or workers stop before the process exits
-            for batch in batches:
-                if batch.failed:
-                    failures["failed_to_decode"] += batch.failed
-                if not batch.samples:
-                    continue
-                for spec in image_specs:
-                    chunks[spec].append(encoders[spec].encode_pixels(batch.pixels[spec]))
-                for spec in text_specs:
-                    token_chunks[spec].append(batch.tokens[spec])
-                kept.extend(batch.samples)
-                on_rows(len(batch.samples))
-        tokens = {spec: torch.cat(c) for spec, c in token_chunks.items() if c}
+            try:
+                for batch in batches:
+                    seen += len(batch.samples) + batch.failed
+                    if batch.failed:
+                        failures["failed_to_decode"] += batch.failed
+                    if not batch.samples:
+                        continue
+                    embedded = {spec: encoders[spec].encode_pixels(batch.pixels[spec]) for spec in image_specs}
+                    checkpoint.add(batch.positions, embedded)
+                    for spec in image_specs:
+                        chunks[spec].append(embedded[spec])
+                    for spec in text_specs:
+                        token_chunks[spec].append(batch.tokens[spec])
+                    kept.extend(batch.samples)
+                    on_rows(len(batch.samples))
+            except BaseException:
+                checkpoint.save()  # Ctrl-C (or a failure) keeps every whole batch made so far
+                raise
+        checkpoint.images_done(seen)
+        if start == 0:
+            tokens = {spec: torch.cat(c) for spec, c in token_chunks.items() if c}
         images = {spec: np.concatenate(c) if c else np.zeros((0, encoders[spec].dim), np.float32) for spec, c in chunks.items()}
     else:
         if image_specs:  # the build's preflight says so first; a part never gets half its files
@@ -155,24 +178,32 @@ def embed_part(
         on_rows(len(kept))
     done = read_marker(layout, part.name)
     if done is not None:  # a duplicate attempt (a Spark retry or speculative copy) finished first: keep its files
+        if checkpoint is not None:
+            checkpoint.discard()
         return done
     marker = {"part": part.name, "rows": len(kept), "failures": dict(failures)}
     if kept:
         captions = [s.caption for s in kept]
         marker["empty_captions"] = sum(1 for c in captions if not c.strip())
         _copy_precomputed(part, plan, layout, len(kept), encoders)
+        on_captions(0)  # the captions phase starts now: progress rates (and ETAs) count from here
         for spec, parts in plan.items():
             if "text" in parts:
-                if (spec, "text") in given:
+                texts = [layout.emb_file(slug_of(spec), "text", part.name), layout.norm_file(slug_of(spec), "text", part.name)]
+                if (spec, "text") in given or (checkpoint is not None and checkpoint.has_texts(spec, texts)):
                     on_captions(len(captions))
                 else:
                     write_text_embeddings(layout, encoders[spec], part.name, captions, on_batch=on_captions,
                                           tokens=tokens.get(spec))
+                    if checkpoint is not None:
+                        checkpoint.texts_written(spec)
             if spec in images:
                 _save_npy(layout.emb_file(slug_of(spec), "image", part.name), images[spec])
         with atomic_path(layout.metadata_file(slug_of(first), part.name)) as tmp:
             pq.write_table(_metadata_table(kept), tmp)
     write_json(layout.done_marker("embed", part.name), marker)
+    if checkpoint is not None:
+        checkpoint.discard()
     return marker
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,6 +66,23 @@ def offline() -> bool:
 def usable_offline(root: str | None) -> bool:
     """Whether a --metadata-root / --embeddings-root can be read without the network."""
     return root is not None and ("://" not in root or is_loopback(root))
+
+
+def unreachable(root: str, timeout: float = 2.0) -> str | None:
+    """Why a --metadata-root / --embeddings-root cannot be read from here (a few words), or None:
+    said before any work, so a build offline names what it lacks at once, XM_OFFLINE or not."""
+    if "://" not in root:
+        return None
+    if offline() and not is_loopback(root):
+        return "XM_OFFLINE is set"
+    from urllib.parse import urlparse
+
+    url = urlparse(root)
+    try:
+        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError:
+        return f"{url.hostname} unreachable"
+    return None
 
 
 def is_loopback(url: str) -> bool:

@@ -16,6 +16,7 @@ processes down before it returns.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import multiprocessing
 import os
 import queue
@@ -54,19 +55,21 @@ class Batch:
     pixels: dict[str, Any] = field(default_factory=dict)  # spec -> (n,3,H,W) float tensor
     tokens: dict[str, Any] = field(default_factory=dict)  # spec -> (n,L) token tensor
     failed: int = 0
+    positions: list[int] = field(default_factory=list)  # each kept sample's position in the part (checkpoints)
 
     def pin_memory(self) -> Batch:
         """Called by torch's pin-memory thread (the DataLoader pins a custom batch this way)."""
         return Batch(self.samples, {k: v.pin_memory() for k, v in self.pixels.items()},
-                     {k: v.pin_memory() for k, v in self.tokens.items()}, self.failed)
+                     {k: v.pin_memory() for k, v in self.tokens.items()}, self.failed, self.positions)
 
 
 class _PartBatches:
     """The batches of one part that worker `w` of `n` makes (an iterable dataset of batches)."""
 
     def __init__(self, part: Part, preprocesses: dict[str, Callable], tokenizers: dict[str, Callable],
-                 batch_size: int) -> None:
+                 batch_size: int, start: int = 0) -> None:
         self.part, self.preprocesses, self.tokenizers, self.batch_size = part, preprocesses, tokenizers, batch_size
+        self.start = start  # samples before it are covered by a checkpoint (`pipeline/checkpoint.py`)
 
     def __iter__(self) -> Iterator[Batch]:
         import torch.utils.data
@@ -74,26 +77,32 @@ class _PartBatches:
         info = torch.utils.data.get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
         chunk: list[Sample] = []
-        for i, s in enumerate(self.part.samples()):
+        first = self.start
+        for i, s in enumerate(itertools.islice(self.part.samples(), self.start, None)):
             if (i // self.batch_size) % n != w:  # another worker's batch (its samples are read, not decoded)
                 continue
+            if not chunk:
+                first = self.start + i
             chunk.append(s)
             if i % self.batch_size == self.batch_size - 1:
-                yield make_batch(chunk, self.preprocesses, self.tokenizers)
+                yield make_batch(chunk, self.preprocesses, self.tokenizers, first)
                 chunk = []
         if chunk:
-            yield make_batch(chunk, self.preprocesses, self.tokenizers)
+            yield make_batch(chunk, self.preprocesses, self.tokenizers, first)
 
 
-def make_batch(chunk: list[Sample], preprocesses: dict[str, Callable], tokenizers: dict[str, Callable]) -> Batch:
-    """Each image of `chunk` decoded once and preprocessed once per distinct preprocessing; the
-    captions of the images kept tokenised once per text encoder."""
+def make_batch(chunk: list[Sample], preprocesses: dict[str, Callable], tokenizers: dict[str, Callable],
+               first: int = 0) -> Batch:
+    """Each image of `chunk` (the part's samples from position `first` on) decoded once and
+    preprocessed once per distinct preprocessing; the captions of the images kept tokenised once
+    per text encoder."""
     import torch
 
     kept: list[Sample] = []
+    positions: list[int] = []
     pixels: dict[str, list[Any]] = {k: [] for k in preprocesses}
     failed = 0
-    for s in chunk:
+    for pos, s in enumerate(chunk, first):
         try:
             image = load_image(s.read_image(), name=s.key)
             done: dict[str, Any] = {}
@@ -109,9 +118,10 @@ def make_batch(chunk: list[Sample], preprocesses: dict[str, Callable], tokenizer
         for k, v in row.items():
             pixels[k].append(v)
         kept.append(dataclasses.replace(s, image=None) if s.image is not None else s)  # bytes stay in the worker
+        positions.append(pos)
     captions = [s.caption for s in kept]
     return Batch(kept, {k: torch.stack(v) for k, v in pixels.items() if v},
-                 {k: tok(captions) for k, tok in tokenizers.items()} if kept else {}, failed)
+                 {k: tok(captions) for k, tok in tokenizers.items()} if kept else {}, failed, positions)
 
 
 def _as_is(batch: Any) -> Any:
@@ -120,9 +130,10 @@ def _as_is(batch: Any) -> Any:
 
 
 def part_batches(part: Part, preprocesses: dict[str, Callable], tokenizers: dict[str, Callable], batch_size: int,
-                 num_workers: int, pin_memory: bool = False) -> Generator[Batch, None, None]:
-    """The part's batches in order; close the generator when done with it (see the module doc)."""
-    batches = _PartBatches(part, preprocesses, tokenizers, batch_size)
+                 num_workers: int, pin_memory: bool = False, start: int = 0) -> Generator[Batch, None, None]:
+    """The part's batches in order, from its sample `start` on (a checkpoint covers those before);
+    close the generator when done with it (see the module doc)."""
+    batches = _PartBatches(part, preprocesses, tokenizers, batch_size, start)
     if num_workers == 0:
         yield from prefetch(batches)
         return

@@ -3,10 +3,13 @@
     OUT/image.index              the coarse encoder's image kNN index, shards merged into one
     OUT/text.index               its caption kNN index (when the index has one)
     OUT/metadata/metadata_<part>.parquet   the caption store in id order (clip back's ids are
-                                 row positions over the sorted files), without the id column
+                                 row positions over the sorted files), without the id column;
+                                 image_path relative to the source, as `xm serve` gives it
     OUT/indices_paths.json       {NAME: {"indice_folder": OUT, "clip_model": "open_clip:ARCH/PRETRAINED", ...}}
 
     clip-retrieval back --indices-paths OUT/indices_paths.json --port 1234
+
+clip back binds every interface (0.0.0.0, hard-coded), unlike `xm serve`: the export says so.
 
 clip back embeds queries with its own copy of the encoder, so an index built with random
 weights (`ARCH:random`) is refused: clip back could not reproduce them. The per-indice
@@ -84,7 +87,6 @@ def _check_merged(memory: Any, spec: str, modality: str, merged: Any, n: int = 1
 
 def export_clip_back(index: str | Path, out: str | Path, name: str | None = None, force: bool = False) -> dict[str, Any]:
     import faiss
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from xm.indexes.layout import atomic_path, write_json
@@ -111,8 +113,6 @@ def export_clip_back(index: str | Path, out: str | Path, name: str | None = None
             faiss.write_index(merged, str(tmp))
         written.append(target.name)
         del merged
-    src = memory.manifest.source
-    src_root = Path(src.source).resolve() if src.source and Path(src.source).is_dir() else None
     meta_dir = out / "metadata"
     meta_dir.mkdir(exist_ok=True)
     for stale in meta_dir.glob("*.parquet"):
@@ -125,10 +125,7 @@ def export_clip_back(index: str | Path, out: str | Path, name: str | None = None
         if len(ids) and (ids[0] != expect or not np.array_equal(ids, np.arange(expect, expect + len(ids)))):
             raise XMError(f"{f}: ids are not {expect}..{expect + len(ids) - 1} in order")
         expect += len(ids)
-        table = table.drop_columns(["id"])
-        if src_root is not None and "image_path" in table.column_names:  # clip back opens image_path as given
-            paths = [str(src_root / p) if p else p for p in table.column("image_path").to_pylist()]
-            table = table.set_column(table.column_names.index("image_path"), "image_path", pa.array(paths, pa.string()))
+        table = table.drop_columns(["id"])  # image_path stays relative to the source, as `xm serve` gives it
         columns = table.column_names
         with atomic_path(meta_dir / f"metadata_{part}.parquet") as tmp:
             pq.write_table(table, tmp)
@@ -140,4 +137,10 @@ def export_clip_back(index: str | Path, out: str | Path, name: str | None = None
     write_json(out / "indices_paths.json", indices)
     return {"name": name, "out": str(out), "clip_model": model, "count": memory.count, "indexes": written,
             "metadata_files": len(memory.parts), "columns": columns, "indices_paths": str(out / "indices_paths.json"),
-            "run": f"clip-retrieval back --indices-paths {out / 'indices_paths.json'} --port 1234"}
+            "run": f"clip-retrieval back --indices-paths {out / 'indices_paths.json'} --port 1234",
+            "warning": CLIP_BACK_LISTENS}
+
+
+# clip back binds 0.0.0.0 (hard-coded; it has no --host), where `xm serve` binds 127.0.0.1
+CLIP_BACK_LISTENS = ("clip back listens on every network interface (0.0.0.0, not configurable): anyone who can "
+                     "reach this machine's port can query the index; run it behind a firewall")

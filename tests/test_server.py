@@ -437,7 +437,7 @@ def test_export_clip_back(memory, tmp_path) -> None:
     out = tmp_path / "clip-back"
     r = xm("export", "clip-back", str(index), str(out), "--json")
     assert r.returncode == 0, r.stderr
-    info = json.loads(r.stdout)
+    info, r_err = json.loads(r.stdout), r.stderr
     spec = mem.roles["coarse"]
     arch, ckpt = spec.split(":", 1)
     indices = json.loads((out / "indices_paths.json").read_text())
@@ -458,7 +458,11 @@ def test_export_clip_back(memory, tmp_path) -> None:
     rows = [row for f in files for row in pq.read_table(f).to_pylist()]
     assert len(rows) == mem.count and "id" not in rows[0]
     assert [r["caption"] for r in rows] == [r["caption"] for r in mem.store.fetch(np.arange(mem.count))]
-    assert table is None or Path(rows[0]["image_path"]).is_absolute()
+    # image_path relative to the source, as `xm serve` gives it; clip back's 0.0.0.0 is warned about
+    assert [r["image_path"] for r in rows] == [r["image_path"] for r in mem.store.fetch(np.arange(mem.count))]
+    assert table is None or not Path(rows[0]["image_path"]).is_absolute()
+    warnings = [line for line in r_err.splitlines() if line.startswith("xm: warning")]
+    assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "every network interface" in warnings[0]
     assert info["count"] == mem.count
     # random weights: refused in one line
     rand = tmp_path / "random"

@@ -4,6 +4,7 @@ stage writes their URL list (`_work/select/urls`), the download stage fetches it
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xm.indexes.layout import Layout
+from xm.indexes.layout import Layout, write_json
 from xm.pipeline.part_size import DOWNLOAD_SHARD_ROWS, read_groups, shard_groups
 from xm.pipeline.pins import pin_params
 from xm.pipeline.sources.base import Part, Source, SourceOptions
@@ -32,8 +33,10 @@ class DownloadedSource(Source):
         `--limit` not yet applied."""
         raise NotImplementedError
 
-    def check_selection(self, cfg: SourceOptions, table: pa.Table) -> None:
-        """Refuse a selection before it is written (one line); nothing by default."""
+    def screen(self, cfg: SourceOptions, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+        """The rows img2dataset may fetch, and the others counted by reason (failures of the
+        build, as img2dataset counts its own); all rows by default."""
+        return table, {}
 
     def select(self, cfg: SourceOptions, layout: Layout) -> int:
         """Write the URL list img2dataset reads; return its row count."""
@@ -42,14 +45,16 @@ class DownloadedSource(Source):
         params_file = layout.selection.with_name("params.json")
         if layout.selection.is_dir():
             pin_params(params_file, params, "selection")
-            return sum(pq.read_metadata(f).num_rows for f in layout.selection_files())
+            return sum(pq.read_metadata(f).num_rows for f in layout.selection_files()) + sum(_screened(layout).values())
         table = self.url_table(cfg, layout)
         if cfg.limit:
             table = table.slice(0, cfg.limit)
-        self.check_selection(cfg, table)
+        selected = table.num_rows
+        table, screened = self.screen(cfg, table)
         pin_params(params_file, params, "selection")  # only once a selection exists to resume
+        write_json(_screened_file(layout), screened)  # before the selection, whose folder says "selected"
         _write_selection(layout.selection, table, cfg.shard_size or DOWNLOAD_SHARD_ROWS)
-        return table.num_rows
+        return selected
 
     def parts(self, cfg: SourceOptions, layout: Layout) -> list[Part]:
         # grouped by the selection's shard count, not the shards found: a shard img2dataset
@@ -66,7 +71,20 @@ class DownloadedSource(Source):
         return direct if direct is not None or groups is not None else super().part_named(cfg, layout, name)
 
     def failures(self, cfg: SourceOptions, layout: Layout) -> dict[str, int]:
-        return download_failures(layout.download)
+        counts = download_failures(layout.download)
+        for reason, n in _screened(layout).items():
+            counts[reason] = counts.get(reason, 0) + n
+        return counts
+
+
+def _screened_file(layout: Layout) -> Path:
+    return layout.selection.with_name("screened.json")
+
+
+def _screened(layout: Layout) -> dict[str, int]:
+    """The rows the select stage kept from img2dataset, by reason."""
+    path = _screened_file(layout)
+    return {str(k): int(v) for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
 
 
 def _write_selection(folder: Path, table: pa.Table, shard_size: int) -> None:

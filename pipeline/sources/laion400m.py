@@ -35,7 +35,6 @@ class Laion400m(DownloadedSource):
         return table.rename_columns(["url" if c == "URL" else "caption" if c == "TEXT" else c for c in table.column_names])
 
     def problems(self, cfg: SourceOptions, plan: Plan) -> list[str]:
-        offline = laion.offline() and not laion.usable_offline(cfg.metadata_root)
-        return (["LAION-400M metadata: XM_OFFLINE is set and no --metadata-root; download the 32 metadata "
-                 "parquet parts on a connected machine and pass --metadata-root FOLDER"] if offline else []) \
-            + super().problems(cfg, plan)
+        why = laion.unreachable(cfg.metadata_root or laion.METADATA_ROOT)
+        return ([f"LAION-400M metadata: {why}; pass --metadata-root FOLDER holding its {laion.METADATA_PARTS} "
+                 "parquet parts"] if why else []) + super().problems(cfg, plan)
