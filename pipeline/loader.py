@@ -15,11 +15,13 @@ processes down before it returns.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -151,13 +153,38 @@ def part_batches(part: Part, preprocesses: dict[str, Callable], tokenizers: dict
     loader = torch.utils.data.DataLoader(
         Dataset(), batch_size=None, num_workers=num_workers, collate_fn=_as_is, pin_memory=pin_memory,
         multiprocessing_context=multiprocessing.get_context("fork"), prefetch_factor=2)
-    it = iter(loader)
+    with _sigint_held():  # iter() forks the workers
+        it = iter(loader)
     try:
         yield from it
     finally:
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:  # now, not when the iterator is collected: after Ctrl-C the process exits next
             shutdown()
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Ctrl-C held back while worker processes are forked. Python runs its SIGINT handler at the
+    next bytecode, which during a fork can be inside logging's at-fork hook (`_releaseLock`): the
+    KeyboardInterrupt is then swallowed ("Exception ignored") and logging's lock stays held, so the
+    build hangs at its next log line instead of stopping. Held here, it is raised once the fork is
+    over. Only the main thread can swap handlers; elsewhere (a thread per GPU) Ctrl-C is the main
+    thread's anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
 
 
 def prefetch(items: Iterable[T], depth: int = 3, stop_wait: float = 60.0) -> Generator[T, None, None]:

@@ -75,16 +75,17 @@ def test_ctrl_c_mid_images_resumes_at_the_last_batch_and_ends_byte_identical(fol
     with pytest.raises(KeyboardInterrupt):
         embed_part(_part(folder), encoders, PLAN, layout, 4, on_rows=_interrupt_after(20, layout, seen))
     # the periodic save had already covered the batch the interrupt came after
-    assert seen and seen[0]["saved"] is not None and '"kept": 20' in seen[0]["saved"]
+    # batches are 4 consecutive files less those that fail (the broken one is the 18th): 4+4+4+4+3+4
+    assert seen and seen[0]["kept"] == 23 and seen[0]["saved"] is not None and '"kept": 23' in seen[0]["saved"]
     assert not layout.done_marker("embed", "00000").exists()
     capsys.readouterr()
     calls = []
     real = encoders[TINY].encode_pixels
     monkeypatch.setattr(encoders[TINY], "encode_pixels", lambda px: calls.append(len(px)) or real(px))
     marker = embed_part(_part(folder), encoders, PLAN, layout, 4)
-    # 20 images kept of the first 21 files (the broken one is 18th): 10 left, in batches of 4
-    assert "xm: resuming part 00000 at item 21/31 (20 embedded)" in capsys.readouterr().err
-    assert calls == [4, 4, 2]
+    # 23 images kept of the first 24 files: 7 left, in batches of 4
+    assert "xm: resuming part 00000 at item 24/31 (23 embedded)" in capsys.readouterr().err
+    assert calls == [4, 3]
     assert marker["rows"] == N - 1 and marker["failures"] == {"failed_to_decode": 1}
     assert _files(tmp_path) == reference
     assert not layout.checkpoint_dir("embed", "00000").exists()
