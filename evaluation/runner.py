@@ -6,7 +6,7 @@
    never re-encodes the test images. A method's evidence cache key is everything it
    depends on (`Method.evidence_key`: index id, encoders, class names, templates,
    options, fitted or trained state) plus the image list.
-2. Per method and seed: the stream in a seeded random order through `decide`. Test
+2. Per method and seed: the stream in the protocol's seeded order through `decide`. Test
    labels are used only here, to score; no method ever sees them.
 3. Few-shot methods (`fit`): per shot count and seed, a support set drawn from the
    train split and a validation set (the dataset's validation split when it has one);
@@ -30,6 +30,7 @@ from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 from xm.evaluation.datasets import DatasetSplit, load_dataset
 from xm.evaluation.metrics import zeroshot_metrics
+from xm.evaluation.stream_order import stream_order
 from xm.indexes.layout import atomic_path
 from xm.memories import Memory
 from xm.methods.base import Context, Decision, Example, Method, Queries, Support, stack_evidence, take_rows
@@ -186,10 +187,11 @@ class _LazyImages(Sequence):
         return self._images[i]
 
 
-def _stream_scores(method: Method, ev: dict[str, np.ndarray], labels: np.ndarray, seed: int) -> tuple[dict[str, float], Decision]:
-    """One seeded stream order through `decide`; metrics over the scored (not skipped) images,
-    and the decision put back in dataset order."""
-    order = np.random.default_rng(seed).permutation(len(labels))
+def _stream_scores(method: Method, ev: dict[str, np.ndarray], labels: np.ndarray, seed: int,
+                   order_kind: str = "numpy-permutation") -> tuple[dict[str, float], Decision]:
+    """One seeded stream order (the protocol's, `evaluation/stream_order.py`) through `decide`;
+    metrics over the scored (not skipped) images, and the decision put back in dataset order."""
+    order = stream_order(len(labels), seed, order_kind)
     decision = method.decide(take_rows(ev, order), method.new_state())
     probs = np.empty_like(decision.probs)
     probs[order] = decision.probs
@@ -272,7 +274,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
         per_seed, t = [], time.perf_counter()
         first = None
         for seed in run_seeds:
-            metrics, detail = _stream_scores(m, ev, labels, seed)
+            metrics, detail = _stream_scores(m, ev, labels, seed, proto["stream_order"])
             per_seed.append(metrics)
             first = first if first is not None else detail
         assert first is not None  # run_seeds is never empty
