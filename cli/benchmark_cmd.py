@@ -49,10 +49,13 @@ def benchmark_cmd(
     out: Path | None = typer.Option(None, "--out", help="folder for JSON per method, merged CSV and PNG chart"),
     as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),
     precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
+    decontaminate: bool | None = typer.Option(None, "--decontaminate/--no-decontaminate", help="hide the memory's near-duplicates of the test images from every method for the run (default: on when the memory holds more items than the test set)"),
+    decontaminate_threshold: float = typer.Option(0.95, "--decontaminate-threshold", help="coarse-encoder cosine at or above which a memory image is a near-duplicate (plus exact pHash where the memory's images are local)"),
 ) -> None:
     """Evaluate methods side by side on the same images, through the one method interface."""
     from xm.encoders.precision import Precision
     from xm.evaluation.datasets import load_dataset
+    from xm.evaluation.decontaminate import Decontamination
     from xm.evaluation.runner import BenchmarkConfig, run_benchmark, write_outputs
     from xm.indexes import home
     from xm.memories import open_index
@@ -60,6 +63,7 @@ def benchmark_cmd(
     from xm.methods.registry import get
 
     inference_precision = Precision.parse(precision)  # parsed once, before any work
+    decontamination = Decontamination(enabled=decontaminate, threshold=decontaminate_threshold)
     proto = get_protocol(protocol)
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
     if index is None and any(get(m).method.needs_memory for m in method_names):
@@ -71,7 +75,7 @@ def benchmark_cmd(
                           methods=method_names,
                           seeds=_ints("--seeds", seeds) if seeds else None, shots=_ints("--shots", shots), split=split,
                           split_file=split_file, classnames_file=classnames, templates=templates, limit=limit,
-                          options=options, batch_size=batch_size, precision=inference_precision)
+                          options=options, batch_size=batch_size, precision=inference_precision, decontaminate=decontamination)
     if cache_dir is not None:
         cfg.cache_dir = cache_dir
     ds = load_dataset(dataset, data_dir, split, split_file, classnames, names=proto["classnames"])
@@ -113,6 +117,13 @@ def show_benchmark(result: dict) -> None:
             for name, r in result["methods"].items() for f in r.get("fit", [])]
     if fits:
         console.print(table("few-shot fits (chosen on the validation split)", ["method", "seed", "chosen"], fits))
+    d = result.get("decontamination") or {}
+    if d.get("enabled"):
+        console.print(f"decontaminated ({d['why']}): {d['hidden']} memory item(s) hidden as near-duplicates of the test images "
+                      f"({d['by_cosine']} by {d['encoder']} cosine >= {d['threshold']}, {d['by_phash_only']} more by pHash of "
+                      f"{d['phash_checked']} local memory images)", markup=False)
+    elif d:
+        console.print(f"not decontaminated ({d['why']})", markup=False)
     t = result["timing"]
     console.print(f"{t['seconds']:.1f} s in all; evidence cache {t['cache_dir']}")
     if result["images_failed"]:

@@ -29,6 +29,7 @@ import numpy as np
 from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 from xm.evaluation.datasets import DatasetSplit, load_dataset
+from xm.evaluation.decontaminate import Decontamination, decontaminate
 from xm.evaluation.metrics import zeroshot_metrics
 from xm.evaluation.stream_order import stream_order
 from xm.indexes.layout import atomic_path
@@ -60,6 +61,8 @@ class BenchmarkConfig:
     val_per_class: int = 16
     batch_size: int = 32
     precision: Precision | str = DEFAULT_PRECISION  # encoder inference precision, parsed by run_benchmark
+    # test near-duplicates hidden from the memory for the run (default: when it outnumbers the test set)
+    decontaminate: Decontamination = field(default_factory=Decontamination)
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xm" / "benchmark")
 
 
@@ -249,6 +252,8 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
         get(name)  # unknown names fail before any work
     seeds = cfg.seeds or proto["seeds"]
     ds = _subset(ds, cfg.limit)
+    index_id = memory.items_id if memory is not None else None
+    memory, decontamination = decontaminate(memory, cfg.decontaminate, ds.items, precision, cfg.cache_dir)
     templates = resolve_templates(ds, cfg.templates or proto["templates"] or "paper")
     model = cfg.model or (memory.default_model() if memory is not None else None)
     if model is None:
@@ -339,7 +344,8 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
         "failed_keys": [ds.items[i].key for i in evidence.failed][:20],
         "model": model,
         "index": str(cfg.index) if cfg.index is not None else None,
-        "index_manifest_id": getattr(memory, "id", None),
+        "index_manifest_id": index_id,
+        "decontamination": decontamination,
         "encoders": {"inference": model, **({k: memory.roles.get(k) for k in ("coarse", "fine")} if memory is not None else {})},
         "templates": templates,
         "classnames": ds.classnames,
@@ -355,7 +361,8 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:
     """JSON per method (CLIP_benchmark fields plus ours), a CSV merging every run in `out`, a PNG chart."""
     out.mkdir(parents=True, exist_ok=True)
     run_id = hashlib.sha256(json.dumps([result["index_manifest_id"], result["model"], result["seeds"], result["images_evaluated"],
-                                        result["split_source"], result["templates"], result["protocol"]]).encode()).hexdigest()[:10]
+                                        result["split_source"], result["templates"], result["protocol"],
+                                        *_decontamination_key(result)]).encode()).hexdigest()[:10]
     arch, _, pretrained = result["model"].partition(":")
     written = {}
     for name, r in result["methods"].items():
@@ -367,6 +374,8 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:
             "index_manifest_id": result["index_manifest_id"], "encoders": result["encoders"],
             "protocol": result["protocol"], "options": r["options"], "templates": result["templates"], "run_id": run_id,
             "images_scored": r["images_scored"], "images_skipped": r["images_skipped"],
+            "stream_order": result["protocol_settings"]["stream_order"],
+            "decontamination": {k: v for k, v in result.get("decontamination", {}).items() if k != "hidden_ids"},
             **({"shots": r["shots"], "fit": r["fit"]} if "shots" in r else {}),
         }
         path = out / f"{result['dataset']}_{name.replace('@', '_')}shot_{run_id}.json" if "@" in name else out / f"{result['dataset']}_{name}_{run_id}.json"
@@ -376,6 +385,12 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:
     written["csv"] = merge_csv(out)
     written["png"] = plot(result, out / f"{result['dataset']}_{run_id}.png")
     return written
+
+
+def _decontamination_key(result: dict[str, Any]) -> list[Any]:
+    """What of the decontamination tells runs apart (none for a run without, as before it existed)."""
+    d = result.get("decontamination") or {}
+    return [d["threshold"], d["hidden"]] if d.get("enabled") else []
 
 
 def merge_csv(folder: Path) -> Path:
