@@ -119,9 +119,10 @@ def show_benchmark(result: dict) -> None:
         console.print(table("few-shot fits (chosen on the validation split)", ["method", "seed", "chosen"], fits))
     d = result.get("decontamination") or {}
     if d.get("enabled"):
+        cosine = (f"{d['by_cosine']} by {d['encoder']} cosine >= {d['threshold']}" if d["threshold"] is not None
+                  else f"cosine {d['cosine']}")
         console.print(f"decontaminated ({d['why']}): {d['hidden']} memory item(s) hidden as near-duplicates of the test images "
-                      f"({d['by_cosine']} by {d['encoder']} cosine >= {d['threshold']}, {d['by_phash_only']} more by pHash of "
-                      f"{d['phash_checked']} local memory images)", markup=False)
+                      f"({cosine}; {d['by_phash_only']} by pHash of {d['phash_checked']} local memory images)", markup=False)
     elif d:
         console.print(f"not decontaminated ({d['why']})", markup=False)
     t = result["timing"]

@@ -7,6 +7,8 @@ that retrieves them reads its test labels off their captions. Here:
 1. Each test image is embedded with the memory's coarse encoder and searched among the
    memory's images; every item whose cosine is at least `threshold` is a near-duplicate
    (the search widens, up to the whole memory, while its last neighbour is still above).
+   Not for an encoder with random weights (`ARCH:random`, the tests' and the shipped demo's),
+   whose cosines say nothing about similarity: there only step 2 applies.
 2. Where the memory's images are at hand (a local file: an index built from a folder, or
    a row whose url is a local path), the `phash_k` nearest of each test image are also
    checked by perceptual hash (imagehash's pHash, 64 bits): one equal to any test image's
@@ -33,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from xm.encoders.loader import EncoderSpec
 from xm.encoders.precision import Precision
 from xm.errors import XMError
 from xm.evaluation.datasets import Item
@@ -91,11 +94,12 @@ def _local_image(row: dict[str, Any], folder: Path | None) -> Path | None:
 
 
 def find_near_duplicates(memory: Memory, features: np.ndarray, test_hashes: set[int] | None, encoder: str,
-                         settings: Decontamination) -> Found:
+                         settings: Decontamination, use_cosine: bool = True) -> Found:
     """Memory ids that are near-duplicates of the test images, given the images' coarse
-    features (n x d, unit length) and, for the hash check, their perceptual hashes."""
+    features (n x d, unit length) and, for the hash check, their perceptual hashes.
+    `use_cosine=False`: the hash check alone, over the `phash_k` nearest."""
     features = np.asarray(features, np.float32)
-    k = min(settings.probe_k, memory.count)
+    k = min(settings.probe_k if use_cosine else max(settings.phash_k, 1), memory.count)
     hidden: set[int] = set()
     rows = np.arange(len(features))
     nearest: np.ndarray | None = None
@@ -103,6 +107,8 @@ def find_near_duplicates(memory: Memory, features: np.ndarray, test_hashes: set[
         sims, ids = memory.search("image", features[rows], k, encoder=encoder)
         if nearest is None:
             nearest = ids[:, : settings.phash_k]
+        if not use_cosine:
+            break
         hidden.update(int(i) for i in ids[(sims >= settings.threshold) & (ids >= 0)])
         if k >= memory.count:
             break
@@ -167,6 +173,9 @@ def decontaminate(memory: Memory | None, settings: Decontamination, items: Seque
     if not encoder or not memory.has_index(encoder, "image"):
         raise XMError(f"--decontaminate: {memory.root} has no image index under a coarse encoder to find near-duplicates with "
                       f"(--no-decontaminate to evaluate without)")
+    # a random-weight encoder's cosine measures no similarity (unrelated images score 0.99 on
+    # the tiny test encoders): only the hash check then, and the report says so
+    use_cosine = not EncoderSpec.parse(encoder).is_random
     key = hashlib.sha256(json.dumps([memory.id, [i.key for i in items], encoder, str(precision), settings.threshold,
                                      settings.probe_k, settings.phash_k]).encode()).hexdigest()[:20]
     path = cache_dir / f"decontaminate-{key}.json"
@@ -184,12 +193,14 @@ def decontaminate(memory: Memory | None, settings: Decontamination, items: Seque
         enc = load_encoder(encoder, precision=precision)
         memory.check_encoder(enc, "coarse")
         features, hashes = _test_side(items, enc, batch_size)
-        found = find_near_duplicates(memory, features, hashes, encoder, settings)
+        found = find_near_duplicates(memory, features, hashes, encoder, settings, use_cosine)
         cache_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps({"hidden": found.hidden.tolist(), "by_cosine": found.by_cosine,
                                        "by_phash_only": found.by_phash_only, "phash_checked": found.phash_checked}))
-    report = {"enabled": True, "why": why, "encoder": encoder, "threshold": settings.threshold,
+    report = {"enabled": True, "why": why, "encoder": encoder,
+              "threshold": settings.threshold if use_cosine else None,
+              "cosine": "applied" if use_cosine else f"skipped: {encoder} has random weights, its cosine measures no similarity",
               "probe_k": settings.probe_k, "phash_k": settings.phash_k, "hidden": int(len(found.hidden)),
               "by_cosine": found.by_cosine, "by_phash_only": found.by_phash_only, "phash_checked": found.phash_checked,
               "hidden_ids": found.hidden[:50].tolist()}
