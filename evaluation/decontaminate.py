@@ -139,7 +139,8 @@ def find_near_duplicates(memory: Memory, features: np.ndarray, test_hashes: set[
 
 def _test_side(items: Sequence[Item], encoder: Any, batch_size: int) -> tuple[np.ndarray, set[int]]:
     """Coarse features and perceptual hashes of the test images that decode, a batch at a time."""
-    features, hashes = [], set()
+    features: list[np.ndarray] = []
+    hashes: set[int] = set()
     for lo in range(0, len(items), batch_size):
         images = []
         for item in items[lo : lo + batch_size]:
