@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from xm.encoders import load_image
+from xm.encoders import Device, load_image
 from xm.errors import XMError
 from xm.indexes.layout import write_json
 from xm.memories import Memory, open_memory
@@ -61,10 +61,12 @@ class Classifier:
     def __init__(self, index: str | Path | Memory | None, labels: str | Path | Sequence[str], method: str = "xmore",
                  model: str | None = None, templates: Sequence[str] = (DEFAULT_TEMPLATE,),
                  protocol_name: str = DEFAULT_PROTOCOL, options: dict[str, Any] | None = None,
-                 state_file: str | Path | None = None, precision: str | None = None) -> None:
+                 state_file: str | Path | None = None, precision: str | None = None,
+                 device: str | Device | None = None) -> None:
         from xm.encoders.precision import Precision
 
-        precision = Precision.parse(precision)  # the API's edge: fp32 | bf16 | int8, checked before any work
+        precision = Precision.parse(precision)  # the API's edge: fp32 | bf16 | fp16 | int8, checked before any work
+        self.device = Device.parse(device).single("a Classifier")  # the API's edge: None is auto
         self.classnames = read_labels(labels) if isinstance(labels, (str, Path)) else list(labels)
         variant = get(method)
         if variant.method.few_shot:
@@ -77,7 +79,7 @@ class Classifier:
         if self.model is None:
             raise XMError("--model: required when there is no index to take the inference encoder from")
         templates = check_templates(list(templates))
-        self.ctx = Context(self.memory, self.model, self.classnames, templates, precision=precision)
+        self.ctx = Context(self.memory, self.model, self.classnames, templates, precision=precision, device=self.device)
         # the protocol sets retrieval switches; the command's own options win over it
         opts = {**protocol(protocol_name)["method"], **(options or {})}
         explicit = options or {}
@@ -147,4 +149,4 @@ class Classifier:
                 if j in errors:
                     yield {"image": str(p), "error": str(errors[j])}
                     continue
-                yield {"image": str(p), **by_slot[j], "timings": per_image}
+                yield {"image": str(p), **by_slot[j], "device": str(self.device), "timings": per_image}

@@ -1,4 +1,4 @@
-"""Encoder inference precisions (fp32 eager, bf16, int8) on this CPU: speed, agreement, retrieval.
+"""Encoder inference precisions (fp32 eager, bf16, fp16, int8) on this CPU: speed, agreement, retrieval.
 
     .venv/bin/python bench/bench_precision.py [--images 8] [--captions 64] [--repeats 2] [--json]
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 ENCODERS = ("RN50:random", "ViT-B-32:random", "ViT-L-14:random")
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 def machine() -> str:

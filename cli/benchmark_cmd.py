@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from xm.cli.app import app
+from xm.cli.device_option import DEVICE_HELP, parse_device
 from xm.cli.method_options import method_options
 from xm.cli.output import console, err_console, print_json, progress_bars, table
 
@@ -25,7 +26,9 @@ def _ints(flag: str, text: str) -> list[int]:
 
 @app.command("benchmark")
 def benchmark_cmd(
-    dataset: str = typer.Option(..., "--dataset", help="eurosat, caltech101, cifar10, oxford_pets, ... or imagefolder"),
+    dataset: str | None = typer.Option(None, "--dataset", help="eurosat, caltech101, cifar10, oxford_pets, ... or imagefolder"),
+    suite: str | None = typer.Option(None, "--suite", help="a published table instead of one dataset: xmore-table1 | xmore-table2 | "
+                                     "reco-table5 | coder-zeroshot (datasets from $XM_DATA; see docs/benchmark-suites.md)"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="the dataset in its native layout (default: $XM_DATA/<dataset>, then $XM_HOME/data/<dataset>)"),
     index: Path | None = typer.Option(None, "--index", help="an index built by xm build-index"),
     model: str | None = typer.Option(None, "--model", help="inference encoder ARCH:PRETRAINED (default: the index's first inference encoder)"),
@@ -48,7 +51,8 @@ def benchmark_cmd(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="evidence cache (default ~/.cache/xm/benchmark)"),
     out: Path | None = typer.Option(None, "--out", help="folder for JSON per method, merged CSV and PNG chart"),
     as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),
-    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | fp16 | int8 (see bench/bench_precision.py)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     decontaminate: bool | None = typer.Option(None, "--decontaminate/--no-decontaminate", help="hide the memory's near-duplicates of the test images from every method for the run (default: on when the memory holds more items than the test set)"),
     decontaminate_threshold: float = typer.Option(0.95, "--decontaminate-threshold", help="coarse-encoder cosine at or above which a memory image is a near-duplicate (plus exact pHash where the memory's images are local)"),
 ) -> None:
@@ -56,7 +60,8 @@ def benchmark_cmd(
     from xm.encoders.precision import Precision
     from xm.evaluation.datasets import load_dataset
     from xm.evaluation.decontaminate import Decontamination
-    from xm.evaluation.runner import BenchmarkConfig, run_benchmark, write_outputs
+    from xm.evaluation.results import write_outputs
+    from xm.evaluation.runner import BenchmarkConfig, run_benchmark
     from xm.indexes import home
     from xm.memories import open_index
     from xm.methods.protocols import protocol as get_protocol
@@ -64,6 +69,19 @@ def benchmark_cmd(
 
     inference_precision = Precision.parse(precision)  # parsed once, before any work
     decontamination = Decontamination(enabled=decontaminate, threshold=decontaminate_threshold)
+    where = parse_device(device, "benchmark")
+    if suite is not None:
+        from xm.cli.suite_cmd import run_suite_command
+
+        run_suite_command(suite, index, model, limit, _ints("--seeds", seeds) if seeds else None,
+                          method_options(opt, k_coarse=k_coarse, k_fine=k_fine, descriptions=descriptions,
+                                         texts_file=texts_file, checkpoint=reco_checkpoint),
+                          batch_size, inference_precision, cache_dir, out, as_json, device=where)
+        return
+    if dataset is None:
+        from xm.errors import XMError
+
+        raise XMError("--dataset: required (or --suite NAME for a published table's datasets)")
     proto = get_protocol(protocol)
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
     if index is None and any(get(m).method.needs_memory for m in method_names):
@@ -75,7 +93,8 @@ def benchmark_cmd(
                           methods=method_names,
                           seeds=_ints("--seeds", seeds) if seeds else None, shots=_ints("--shots", shots), split=split,
                           split_file=split_file, classnames_file=classnames, templates=templates, limit=limit,
-                          options=options, batch_size=batch_size, precision=inference_precision, decontaminate=decontamination)
+                          options=options, batch_size=batch_size, precision=inference_precision, device=where,
+                          decontaminate=decontamination)
     if cache_dir is not None:
         cfg.cache_dir = cache_dir
     ds = load_dataset(dataset, data_dir, split, split_file, classnames, names=proto["classnames"])
@@ -126,7 +145,7 @@ def show_benchmark(result: dict) -> None:
     elif d:
         console.print(f"not decontaminated ({d['why']})", markup=False)
     t = result["timing"]
-    console.print(f"{t['seconds']:.1f} s in all; evidence cache {t['cache_dir']}")
+    console.print(f"{t['seconds']:.1f} s in all on {t.get('device', 'cpu')}; evidence cache {t['cache_dir']}", markup=False)
     if result["images_failed"]:
         err_console.print(f"{result['images_failed']} image(s) could not be read, e.g. {', '.join(result['failed_keys'][:3])}",
                           markup=False)

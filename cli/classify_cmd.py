@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from xm.cli.app import app
+from xm.cli.device_option import DEVICE_HELP, parse_device
 from xm.cli.method_options import method_options
 from xm.cli.output import console, err_console, print_json, table
 
@@ -40,7 +41,8 @@ def classify_cmd(
     explain: bool = typer.Option(False, "--explain", help="show what the method used (captions, texts) and their votes"),
     timings: bool = typer.Option(False, "--timings", help="show where each query's time went (batch average per image)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per image"),
-    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | fp16 | int8 (see bench/bench_precision.py)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Classify images with any method over a built index (default: X-MoRe, the authors' protocol)."""
     from xm.classify import Classifier
@@ -49,12 +51,13 @@ def classify_cmd(
     from xm.methods.registry import get
 
     inference_precision = Precision.parse(precision)  # parsed once, before any work
+    where = parse_device(device, "classify")
     if index is None and get(method).method.needs_memory:
         index = str(home.require_index(None))
     options = method_options(opt, k_coarse=k_coarse, k_fine=k_fine, ensemble=ensemble, retrieval=retrieval,
                              mode=reco_mode, checkpoint=reco_checkpoint, descriptions=descriptions, texts_file=texts_file)
     clf = Classifier(index, labels, method=method, model=model, templates=template, protocol_name=protocol,
-                     options=options, state_file=state, precision=inference_precision)
+                     options=options, state_file=state, precision=inference_precision, device=where)
     failed = skipped = 0
     for result in clf.run(images, batch_size=batch_size, explain=explain):
         if "error" in result:
@@ -90,5 +93,5 @@ def show_result(result: dict, explanation: Sequence[ExplanationSection], timings
     for section in explanation:  # whatever the method shows of what it used (Method.explanation_view)
         console.print(table(section.title, section.columns, section.rows))
     if timings:
-        console.print(table("time per image (ms, batch average)", ["step", "ms"],
+        console.print(table(f"time per image (ms, batch average, on {result.get('device', 'cpu')})", ["step", "ms"],
                             [(k, f"{v * 1e3:.1f}") for k, v in result["timings"].items()]))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from xm.cli.app import app
+from xm.cli.device_option import DEVICE_HELP, parse_device
 from xm.cli.output import console, print_json, table
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ def info_cmd(
         ("created", m.created), ("items", m.count),
         ("source", f"{m.source.kind}: {m.source.source}"), ("parts", len(m.parts)),
         ("files", f"{len(m.files)}, {m.total_bytes / 1e6:.1f} MB"),
-        ("verified", "sizes and checksums" if verify else "sizes (checksums up to 256 MB)"),
+        ("verified", "sizes and checksums" if verify else
+         "sizes (checksums up to 256 MB)" if len(m.files) <= 1_000 else "the sizes of 1,000 files spread over the list (--verify: all)"),
     ]))
     console.print(table("roles (X-MoRe's defaults)", ["role", "encoder"], [
         ("coarse", m.roles.coarse), ("fine", m.roles.fine),
@@ -65,7 +67,8 @@ def search_cmd(
     modality: str = typer.Option("image", help="which memory index to search: image | text"),
     encoder: str | None = typer.Option(None, "--encoder", help="indexed encoder to search with (default: the coarse role)"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines output"),
-    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | int8 (see bench/bench_precision.py)"),
+    precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | fp16 | int8 (see bench/bench_precision.py)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Nearest memory items to an image or a text: id, similarity, caption, url."""
     from xm.encoders.precision import Precision
@@ -73,12 +76,13 @@ def search_cmd(
     from xm.methods.retrieval import search_memory
 
     query_precision = Precision.parse(precision)  # parsed once, before any work
+    where = parse_device(device, "search")
     if (image is None) == (text is None):
         raise XMError("xm search: give exactly one of --image or --text")
     if modality not in ("image", "text"):
         raise XMError(f"--modality {modality!r}: choose image or text")
     hits = search_memory(index, image=image, text=text, k=k, modality=modality, encoder=encoder,
-                         precision=query_precision)
+                         precision=query_precision, device=where)
     if as_json:
         for h in hits:
             print_json(h)

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from xm.cli.app import app
+from xm.cli.device_option import DEVICE_HELP, parse_device
 from xm.cli.output import console, print_json, table
 
 
@@ -26,6 +27,7 @@ def texts_cmd(
     max_similarity: float = typer.Option(0.9, "--max-similarity", help="analogous classes and captions this close to another class name are dropped"),
     memory_k: int = typer.Option(8, "--memory-k", min=0, help="memory captions kept per class at most"),
     memory_search: int = typer.Option(64, "--memory-search", min=1, help="memory captions searched per class"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Build CODER's texts per class (names, descriptions, WordNet synonyms, memory captions) into a JSON file."""
@@ -34,6 +36,7 @@ def texts_cmd(
     from xm.methods.zeroshot import read_labels
     from xm.texts import TextOptions, build_textset
 
+    where = parse_device(device, "texts")
     classnames = read_labels(labels)
     opts = TextOptions(sources=sources, descriptions=str(descriptions) if descriptions else "", dataset=dataset,
                        name_template=name_template, wordnet_dir=wordnet_dir, synonym_min_sim=synonym_min_sim,
@@ -48,7 +51,7 @@ def texts_cmd(
         if memory is None:
             raise XMError("xm texts: give --model ARCH:PRETRAINED (or --index, whose inference encoder is the default)")
         model = memory.default_model()
-    ts = build_textset(classnames, load_encoder(model), opts, memory, where="xm texts")
+    ts = build_textset(classnames, load_encoder(model, device=where), opts, memory, where="xm texts")
     ts.write(out)
     summary: dict[str, Any] = {"out": str(out), "classes": len(classnames), "vector_texts": ts.count(), "ovo_texts": ts.count(("ovo",)),
                "by_source": ts.by_source(), "dropped": len(ts.dropped),

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from xm.cli.app import app
+from xm.cli.device_option import DEVICE_HELP, parse_device
 from xm.cli.output import console, err_console, print_json, table
 
 train_app = typer.Typer(help="Train the state a method needs (RECO's fusion model).", no_args_is_help=True)
@@ -20,7 +21,7 @@ def train_reco_cmd(
     encoder: str = typer.Option("", "--encoder", help="the frozen CLIP E (ARCH:PRETRAINED); default: the index's coarse encoder"),
     k: int = typer.Option(10, "--k", help="neighbours retrieved per image and per text"),
     epochs: int = typer.Option(10, "--epochs", min=1, help="passes over the training pairs"),
-    batch_size: int = typer.Option(4096, "--batch-size", help="pairs per step (capped by the number of pairs)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="pairs per step (default: 4096, halved down to 32 until an epoch has at least 8 steps; capped by the number of pairs)"),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate, decayed to 0 on a cosine"),
     weight_decay: float = typer.Option(1e-5, "--weight-decay", min=0.0, help="AdamW weight decay (weight matrices only)"),
     pairs: Path | None = typer.Option(None, "--pairs", help="train on another index's (image, caption) pairs (default: the memory's own)"),
@@ -32,6 +33,7 @@ def train_reco_cmd(
     mlp_ratio: float = typer.Option(1.0, "--mlp-ratio", help="MLP width / embedding width (1: the paper's 3.16M parameters at d=512)"),
     restart: bool = typer.Option(False, "--restart", help="replace a checkpoint trained with other settings"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (CUDA trains under bf16 autocast, fp16 with loss scaling where bf16 is missing)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Train RECO's two fusion transformers (CLIP frozen; only precomputed embeddings are read).
@@ -44,11 +46,13 @@ def train_reco_cmd(
 
     from xm.training.reco import TrainConfig, train_reco
 
+    where = parse_device(device, "train reco")
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(index=index, encoder=encoder, k=k, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, pairs=pairs, out=out, seed=seed, dup_threshold=dup_threshold,
-                      exclude_same_caption=exclude_same_caption, heads=heads, mlp_ratio=mlp_ratio, restart=restart)
+                      exclude_same_caption=exclude_same_caption, heads=heads, mlp_ratio=mlp_ratio, restart=restart,
+                      device=where)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("[cyan]{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=err_console, transient=False) as prog:
@@ -70,7 +74,8 @@ def train_reco_cmd(
         return
     rows = [("checkpoint", summary.checkpoint), ("encoder", summary.encoder), ("training pairs", summary.pairs),
             ("memory items", summary.memory), ("parameters", f"{summary.parameters:,}"),
-            ("epochs done", summary.epochs_done), ("steps", summary.steps)]
+            ("epochs done", summary.epochs_done), ("steps", summary.steps),
+            ("batch size", f"{summary.batch_size}" + (" (derived from the pairs; --batch-size to set)" if summary.batch_derived else ""))]
     if summary.already_done:
         rows.append(("note", "already trained with these settings; nothing to do (--restart to retrain)"))
     elif summary.resumed_from_epoch:
@@ -78,6 +83,7 @@ def train_reco_cmd(
     rows += [(f"loss, epoch {i + 1}", f"{loss:.4f}") for i, loss in enumerate(summary.losses)]
     if summary.pairs_per_s:
         rows.append(("training speed", f"{summary.pairs_per_s:,.0f} pairs/s"))
+    rows.append(("device", summary.device))
     rows += [(f"neighbour table {m}", f"{s:.1f} s") for m, s in summary.table_seconds.items()]
     rows += [(f"pairs short of k ({m})", n) for m, n in summary.short_rows.items() if n]
     rows.append(("peak RSS", f"{summary.peak_rss_mb:,.0f} MB"))

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from xm.encoders.device import CPU, Device, out_of_memory
 from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 
@@ -32,7 +33,7 @@ _loaded: dict[str, Encoder] = {}
 # The stated agreement with fp32 eager: every embedding's cosine to its fp32 embedding is at
 # least this, asserted on a fixed set in tests/test_precision.py (tiny encoders) and checked
 # per real-size encoder by bench/bench_precision.py.
-MIN_COSINE = {"bf16": 0.999, "int8": 0.995}
+MIN_COSINE = {"bf16": 0.999, "fp16": 0.999, "int8": 0.995}
 # The probe text's embedding identifies the weights: an index built with other
 # weights under the same name is caught at load time, cheaply.
 PROBE_TEXT = "a photo of a dog."
@@ -184,12 +185,21 @@ class Encoder:
 
     device = "cpu"
 
-    def to(self, device: str) -> Encoder:
-        """Run the forward passes on `device` (e.g. `cuda:0`, the GPU a Spark task was given);
-        inputs go there and embeddings come back as CPU numpy arrays either way."""
+    def to(self, device: str | Device) -> Encoder:
+        """Run the forward passes on `device` (a `Device`, or a torch device string such as
+        `cuda:0`, the GPU a Spark task was given); inputs go there and embeddings come back as
+        CPU numpy arrays either way."""
+        if isinstance(device, Device):
+            device = device.torch
         if device != self.device:
             if self.precision == "int8" and device != "cpu":
                 raise XMError(f"encoder {self.spec}: --precision int8 (torch dynamic quantization) runs on the CPU only, not {device}")
+            if device.startswith("cuda") and self.precision == "fp32":
+                import torch
+
+                # fp32 means fp32: cuDNN's default TF32 convolutions (ViT's patch embedding, ResNets)
+                # would round to 10-bit mantissas; matmuls already default to full fp32
+                torch.backends.cudnn.allow_tf32 = False
             self.model = self.model.to(device)
             self.device = device
         return self
@@ -199,15 +209,18 @@ class Encoder:
         return list(self._probe)
 
     def _running(self) -> Any:
-        """The context every forward pass runs in: inference mode, plus bf16 autocast for bf16."""
+        """The context every forward pass runs in: inference mode, plus autocast for bf16 and fp16,
+        and a device running out of memory turned into one line naming --batch-size."""
         import contextlib
 
         import torch
 
         stack = contextlib.ExitStack()
+        stack.enter_context(out_of_memory(self.device))
         stack.enter_context(torch.inference_mode())
-        if self.precision == "bf16":
-            stack.enter_context(torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16))
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            stack.enter_context(torch.autocast(self.device.split(":")[0], dtype=dtype))
         return stack
 
     def fingerprint_matches(self, probe: Sequence[float] | None, tol: float = 2e-3) -> bool:
@@ -222,7 +235,8 @@ class Encoder:
         import torch
 
         with self._running():
-            feats = self.model.encode_image(pixels.to(self.device))
+            # non-blocking from pinned memory (the build's loader pins on CUDA); .cpu() below waits for it
+            feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         with torch.inference_mode():
             feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy()
@@ -242,14 +256,17 @@ class Encoder:
         return self.encode_texts_with_norms(texts, batch_size)[0]
 
     def encode_texts_with_norms(self, texts: Sequence[str], batch_size: int = 256,
-                                on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                                on_batch: Callable[[int], None] | None = None,
+                                tokens: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """(normalised text embeddings, their norms before normalisation): the norms are what
-        X-MoRe's raw-dot re-ranking needs, stored at build time so nothing is re-encoded."""
+        X-MoRe's raw-dot re-ranking needs, stored at build time so nothing is re-encoded.
+        `tokens`: `texts` already tokenised with `self.tokenizer` (the build's input pipeline)."""
         import torch
 
         if not texts:
             return np.zeros((0, getattr(self, "dim", 0)), np.float32), np.zeros(0, np.float32)
-        tokens = self.tokenizer(list(texts))
+        if tokens is None:
+            tokens = self.tokenizer(list(texts))
         order = torch.argsort((tokens != 0).sum(1), stable=True) if self._truncatable else torch.arange(len(texts))
         out = np.empty((len(texts), 0), np.float32)
         norms = np.empty(len(texts), np.float32)
@@ -291,7 +308,10 @@ class Encoder:
 
 
 def _convert(model: Any, precision: Precision) -> Any:
-    """The model converted for `precision` (in place where torch allows)."""
+    """The model converted for `precision` (in place where torch allows). fp16 keeps fp32
+    weights and runs under fp16 autocast (on the CPU too, where torch >= 2.4 supports it):
+    autocast keeps the layer norms and softmax in fp32, which a plain fp16 cast of the
+    weights would not on the CPU."""
     import torch
 
     if precision == "bf16":
@@ -336,19 +356,22 @@ def _seed_for(spec: EncoderSpec) -> int:
 
 
 def load_encoder(spec: EncoderSpec | str, cache_dir: str | None = None, quiet: bool = False,
-                 precision: Precision | str | None = DEFAULT_PRECISION) -> Encoder:
-    """Load (once per process and precision) the CLIP model named by `spec`.
+                 precision: Precision | str | None = DEFAULT_PRECISION, device: Device = CPU) -> Encoder:
+    """Load (once per process, precision and device) the CLIP model named by `spec`, placed on
+    `device` (already parsed at the caller's edge; its first GPU for a list).
 
     `random` weights are seeded by the architecture name, so the same spec gives the
     same model in every process: an index built with `ViT-B-32:random` is searched
-    with exactly the encoder that built it. `precision` (fp32 | bf16 | int8) is how its
-    forward passes run; the weights and their fingerprint are the same at every precision.
+    with exactly the encoder that built it. `precision` is how its
+    forward passes run (fp32 | bf16 | fp16 | int8); the weights and their fingerprint (computed on the CPU in fp32, before
+    the model moves) are the same at every precision and on every device.
     """
     # every encoder is loaded here: a plain string given by a caller is coerced by the one parser
     precision = Precision.parse(precision)
     if isinstance(spec, str):
         spec = EncoderSpec.parse(spec)
-    key = f"{spec}|{cache_dir}|{precision}"
+    where = device.torch
+    key = f"{spec}|{cache_dir}|{precision}" + ("" if where == "cpu" else f"|{where}")
     with _cache_lock:
         if key in _loaded:
             return _loaded[key]
@@ -356,9 +379,9 @@ def load_encoder(spec: EncoderSpec | str, cache_dir: str | None = None, quiet: b
         if base is not None:  # the fp32 model is loaded already: convert a copy of it
             import copy
 
-            # built on the CPU (its probe runs there), then placed where the fp32 one runs
+            # built on the CPU (its probe runs there), then placed on the device asked for
             encoder = Encoder(spec, copy.deepcopy(base.model).to("cpu"), base.preprocess, base.tokenizer, precision)
-            encoder.to(base.device)
+            encoder.to(where)
             _loaded[key] = encoder
             return encoder
         _register_configs()
@@ -384,6 +407,7 @@ def load_encoder(spec: EncoderSpec | str, cache_dir: str | None = None, quiet: b
             except Exception as exc:  # torch.load and state-dict loading raise many types for a bad file
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 raise XMError(f"encoder {spec}: could not load weights from {spec.pretrained} ({type(exc).__name__}: {first})") from exc
-        encoder = Encoder(spec, model, preprocess, open_clip.get_tokenizer(spec.arch), precision)
+        # built on the CPU (the fp32 probe runs there), then moved
+        encoder = Encoder(spec, model, preprocess, open_clip.get_tokenizer(spec.arch), precision).to(where)
         _loaded[key] = encoder
         return encoder

@@ -16,8 +16,10 @@ from xm.errors import XMError
 
 class Precision(str, Enum):
     """How an encoder's forward passes run. fp32 eager is the default and the reference;
-    bf16 is open_clip's low-precision conversion under CPU autocast; int8 is torch's dynamic
-    quantization of the nn.Linear layers (measured in bench/bench_precision.py).
+    bf16 is open_clip's low-precision conversion under autocast; fp16 is fp16 autocast over
+    the fp32 weights (on GPUs, its natural precision; on the CPU torch runs it too, slowly:
+    it is accepted there so that an fp16 result can be checked without a GPU); int8 is torch's
+    dynamic quantization of the nn.Linear layers, CPU only (measured in bench/bench_precision.py).
 
     A `str` (equal to, hashed and formatted as its name): manifests, cache keys and JSON
     carry the same text as before the type existed."""
@@ -25,6 +27,7 @@ class Precision(str, Enum):
     # lower-case member names: an Enum hashes by its name, and a member must hash as its text
     fp32 = "fp32"
     bf16 = "bf16"
+    fp16 = "fp16"
     int8 = "int8"
 
     def __str__(self) -> str:

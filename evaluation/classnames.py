@@ -73,3 +73,11 @@ def classnames_for(dataset: str, style: str = "clip_benchmark") -> list[str] | N
 
 def templates_for(dataset: str) -> dict[str, list[str]]:
     return {"paper": PAPER, "coop": _COOP.get(dataset, PAPER), "clip_benchmark": _CLIP_BENCHMARK.get(dataset, _COOP.get(dataset, PAPER))}
+
+
+def namings(dataset: str | None) -> list[list[str]]:
+    """Every naming xm ships for a dataset's classes (CLIP_benchmark's, CoOp's), each in label
+    order: a descriptions or texts file keyed by one naming matches labels in another."""
+    if not dataset:
+        return []
+    return [names[dataset] for names in (_CLIP_BENCHMARK_NAMES, _COOP_NAMES) if dataset in names]

@@ -5,7 +5,8 @@
    features are cached too, so a few-shot method fitted for many shot counts and seeds
    never re-encodes the test images. A method's evidence cache key is everything it
    depends on (`Method.evidence_key`: index id, encoders, class names, templates,
-   options, fitted or trained state) plus the image list.
+   options, fitted or trained state) plus the image list. While a pass runs, its finished
+   chunks are kept (evaluation/cache.py), so an interrupted benchmark resumes there.
 2. Per method and seed: the stream in the protocol's seeded order through `decide`. Test
    labels are used only here, to score; no method ever sees them.
 3. Few-shot methods (`fit`): per shot count and seed, a support set drawn from the
@@ -26,12 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from xm.encoders.device import Device
 from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
+from xm.evaluation.cache import FAILED, ROWS, EvidenceChunks, chunk_spans
 from xm.evaluation.datasets import DatasetSplit, load_dataset
 from xm.evaluation.decontaminate import Decontamination, decontaminate
 from xm.evaluation.metrics import zeroshot_metrics
 from xm.evaluation.stream_order import stream_order
+from xm.evaluation.results import merge_csv, plot, write_outputs  # noqa: F401  (the output files live in results.py)
 from xm.indexes.layout import atomic_path
 from xm.memories import Memory
 from xm.methods.base import Context, Decision, Example, Method, Queries, Support, stack_evidence, take_rows
@@ -63,6 +67,7 @@ class BenchmarkConfig:
     precision: Precision | str = DEFAULT_PRECISION  # encoder inference precision, parsed by run_benchmark
     # test near-duplicates hidden from the memory for the run (default: when it outnumbers the test set)
     decontaminate: Decontamination = field(default_factory=Decontamination)
+    device: Device | str | None = None  # where encoders and methods run (None: auto), parsed by run_benchmark
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xm" / "benchmark")
 
 
@@ -99,6 +104,7 @@ class EvidencePass:
         self.features: dict[str, np.ndarray] = {}
         self.seconds: dict[str, float] = {}
         self.cache_hits: dict[str, bool] = {}
+        self.resumed: dict[str, int] = {}  # images whose evidence an interrupted pass had kept, per method
 
     def _path(self, kind: str, key: str) -> Path:
         return self.cfg.cache_dir / f"{self.ds.dataset}-{self.items_key}-{kind}-{key}.npz"
@@ -131,44 +137,78 @@ class EvidencePass:
                 todo[name] = m
         if not todo:
             return out
+        # finished chunks of an interrupted pass (evaluation/cache.py): only the missing ones run
+        parts = {n: EvidenceChunks(self._path("ev", m.evidence_key()).with_suffix(".parts")) for n, m in todo.items()}
         chunks: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in todo}
         spent = {n: 0.0 for n in todo}
         feature_chunks: dict[str, list[np.ndarray]] = {}
         readable: list[int] = []
-        tick = self.progress(label, len(self.ds.items))
+        failed: list[int] = []
         feats_known = self.readable is not None and bool(self.features)
         rows = self.readable.tolist() if feats_known and self.readable is not None else list(range(len(self.ds.items)))
-        for lo in range(0, len(rows), self.cfg.batch_size):
-            batch = rows[lo : lo + self.cfg.batch_size]
-            if feats_known:
-                # features cached: images are decoded only if a method asks for an encoder not yet seen
-                sel = np.arange(lo, lo + len(batch))
-                queries = Queries(_LazyImages(self.ds, batch), features={k: v[sel] for k, v in self.features.items()})
-                ok = batch
-            else:
-                images, ok = [], []
-                for i in batch:
-                    try:
-                        images.append(self.ds.items[i].image())
-                        ok.append(i)
-                    except XMError:
-                        self.failed.append(i)
-                queries = Queries(images)
-            readable += ok
-            if ok:
-                for name, m in todo.items():
-                    t = time.perf_counter()
-                    chunks[name].append(m.evidence(queries))
-                    spent[name] += time.perf_counter() - t
-                for k, v in queries.computed().items():
-                    feature_chunks.setdefault(k, []).append(v)
-            tick(len(batch))
+        spans = chunk_spans(len(rows), self.cfg.batch_size)
+        have = [{n: parts[n].load(lo, rows[lo:hi]) for n in todo} for lo, hi in spans]
+        for n in todo:
+            self.resumed[n] = sum(hi - lo for (lo, hi), h in zip(spans, have) if h[n] is not None)
+        resumed = sum(hi - lo for (lo, hi), h in zip(spans, have) if all(v is not None for v in h.values()))
+        if resumed:  # the bar counts the images left, so its rate and ETA are this run's
+            label = f"{label} (resumed: {resumed} of {len(rows)} images already done)"
+        # features are kept for later passes only if every chunk computed every method's
+        whole_features = not any(v is not None for h in have for v in h.values())
+        tick = self.progress(label, len(rows) - resumed)
+        for (lo, hi), kept in zip(spans, have):
+            span = rows[lo:hi]
+            need = {n: m for n, m in todo.items() if kept[n] is None}
+            span_ok: list[int] = []
+            span_failed: list[int] = []
+            span_ev: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in need}
+            if not need:
+                first = next(v for v in kept.values() if v is not None)
+                span_ok, span_failed = first[ROWS].tolist(), first[FAILED].tolist()
+            for b in range(0, len(span) if need else 0, self.cfg.batch_size):
+                batch = span[b : b + self.cfg.batch_size]
+                if feats_known:
+                    # features cached: images are decoded only if a method asks for an encoder not yet seen
+                    sel = np.arange(lo + b, lo + b + len(batch))
+                    queries = Queries(_LazyImages(self.ds, batch), features={k: v[sel] for k, v in self.features.items()})
+                    ok = batch
+                else:
+                    images, ok = [], []
+                    for i in batch:
+                        try:
+                            images.append(self.ds.items[i].image())
+                            ok.append(i)
+                        except XMError:
+                            span_failed.append(i)
+                    queries = Queries(images)
+                span_ok += ok
+                if ok:
+                    for name, m in need.items():
+                        t = time.perf_counter()
+                        span_ev[name].append(m.evidence(queries))
+                        spent[name] += time.perf_counter() - t
+                    for k, v in queries.computed().items():
+                        feature_chunks.setdefault(k, []).append(v)
+                tick(len(batch))
+            readable += span_ok
+            failed += span_failed
+            for name in todo:
+                c = kept[name]
+                if c is None:
+                    ev = stack_evidence(span_ev[name])
+                    parts[name].save(lo, span, ev, span_ok, span_failed)
+                else:
+                    ev = {k: v for k, v in c.items() if k not in (ROWS, FAILED)}
+                if ev:  # a chunk whose images all failed holds no evidence
+                    chunks[name].append(ev)
         self.readable = np.asarray(readable, np.int64)
+        self.failed = sorted(set(self.failed) | set(failed))
         if not feats_known:
-            self.features = {k: np.concatenate(v) for k, v in feature_chunks.items()}
+            self.features = {k: np.concatenate(v) for k, v in feature_chunks.items()} if whole_features else {}
         for name, m in todo.items():
             ev = stack_evidence(chunks[name])
             self._save(self._path("ev", m.evidence_key()), {**ev, "_readable": self.readable})
+            parts[name].discard()
             out[name] = ev
             self.seconds[name] = spent[name]
         return out
@@ -247,6 +287,7 @@ def _support(cfg: BenchmarkConfig, train: DatasetSplit, val_split: DatasetSplit 
 def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
                   progress: Progress = lambda label, total: (lambda n: None)) -> dict[str, Any]:
     precision = Precision.parse(cfg.precision)  # the benchmark API's edge
+    device = Device.parse(cfg.device).single("a benchmark")
     proto = protocol(cfg.protocol)
     for name in cfg.methods:
         get(name)  # unknown names fail before any work
@@ -258,7 +299,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
     model = cfg.model or (memory.default_model() if memory is not None else None)
     if model is None:
         raise XMError("--model: required without an index")
-    ctx = Context(memory, model, ds.classnames, templates, dataset=ds.dataset, precision=precision)
+    ctx = Context(memory, model, ds.classnames, templates, dataset=ds.dataset, precision=precision, device=device)
     takes = {o.name for n in cfg.methods for o in get(n).method.options}
     unknown = sorted(set(cfg.options) - takes)
     if unknown:
@@ -299,14 +340,18 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
             "decide_seconds": time.perf_counter() - t,
             "evidence_seconds": evidence.seconds.get(name, 0.0),
             "evidence_cached": evidence.cache_hits.get(name, False),
+            "evidence_key": m.evidence_key(),
             **(extra or {}),
         }
         if not diagnostics:  # the first method that has any (labels reach it after its decisions)
             diagnostics.update(m.diagnostics(first, labels))
 
+    tuned = [n for n, m in plain.items() if m.wants_validation()]
+    splits = _fit_splits(cfg, ds) if few or tuned else None
     for name, m in plain.items():
-        score(name, m, evs[name], seeds)
-    splits = _fit_splits(cfg, ds) if few else None
+        # a zero-shot method that chooses on the validation split (RECO's mode=auto): no support images
+        fit = [{"seed": seeds[0], **m.fit(_support(cfg, *splits, 0, seeds[0]))}] if name in tuned and splits else None
+        score(name, m, evs[name], seeds, {"fit": fit} if fit else None)
     for name in few:
         assert splits is not None  # read above whenever there are few-shot methods
         for shots in cfg.shots:
@@ -331,6 +376,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
             merged["std"] = {k: float(np.std([p["metrics"][k] for p in parts])) for k in keys}
             merged["shots"], merged["fit"] = shots, fits
             merged["evidence_seconds"] = sum(p["evidence_seconds"] for p in parts)
+            merged["evidence_key"] = _digest([p["evidence_key"] for p in parts])
             results[key] = merged
     evidence_s = time.perf_counter() - t0
     assert evidence.readable is not None  # set by the first evidence pass (every benchmark has a method)
@@ -340,6 +386,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
         "protocol": cfg.protocol,
         "protocol_settings": {**proto, "templates": templates, "seeds": seeds},
         "images_evaluated": int(len(evidence.readable)),
+        "images_key": evidence.items_key, "limit": cfg.limit, "precision": str(precision),
         "images_failed": len(evidence.failed),
         "failed_keys": [ds.items[i].key for i in evidence.failed][:20],
         "model": model,
@@ -352,95 +399,9 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
         "seeds": seeds,
         "methods": results,
         "diagnostics": diagnostics,
+        "device": str(device),
         "timing": {"seconds": evidence_s, "images_per_second": n / evidence_s if evidence_s > 0 else None,
-                   "cache_dir": str(cfg.cache_dir), "cache_hits": evidence.cache_hits},
+                   "device": device.describe(), "cache_dir": str(cfg.cache_dir), "cache_hits": evidence.cache_hits,
+                   "resumed_images": evidence.resumed},
     }
 
-
-def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:
-    """JSON per method (CLIP_benchmark fields plus ours), a CSV merging every run in `out`, a PNG chart."""
-    out.mkdir(parents=True, exist_ok=True)
-    run_id = hashlib.sha256(json.dumps([result["index_manifest_id"], result["model"], result["seeds"], result["images_evaluated"],
-                                        result["split_source"], result["templates"], result["protocol"],
-                                        *_decontamination_key(result)]).encode()).hexdigest()[:10]
-    arch, _, pretrained = result["model"].partition(":")
-    written = {}
-    for name, r in result["methods"].items():
-        record = {
-            "dataset": result["dataset"], "model": arch, "pretrained": pretrained, "task": "zeroshot_classification",
-            "metrics": r["metrics"], "language": "en",
-            "method": name, "std": r["std"], "per_seed": r["per_seed"], "seeds": result["seeds"], "split": result["split"],
-            "split_source": result["split_source"], "images": result["images_evaluated"], "index": result["index"],
-            "index_manifest_id": result["index_manifest_id"], "encoders": result["encoders"],
-            "protocol": result["protocol"], "options": r["options"], "templates": result["templates"], "run_id": run_id,
-            "images_scored": r["images_scored"], "images_skipped": r["images_skipped"],
-            "stream_order": result["protocol_settings"]["stream_order"],
-            "decontamination": {k: v for k, v in result.get("decontamination", {}).items() if k != "hidden_ids"},
-            **({"shots": r["shots"], "fit": r["fit"]} if "shots" in r else {}),
-        }
-        path = out / f"{result['dataset']}_{name.replace('@', '_')}shot_{run_id}.json" if "@" in name else out / f"{result['dataset']}_{name}_{run_id}.json"
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(record, indent=2))
-        written[name] = path
-    written["csv"] = merge_csv(out)
-    written["png"] = plot(result, out / f"{result['dataset']}_{run_id}.png")
-    return written
-
-
-def _decontamination_key(result: dict[str, Any]) -> list[Any]:
-    """What of the decontamination tells runs apart (none for a run without, as before it existed)."""
-    d = result.get("decontamination") or {}
-    return [d["threshold"], d["hidden"]] if d.get("enabled") else []
-
-
-def merge_csv(folder: Path) -> Path:
-    import csv
-
-    rows = []
-    for f in sorted(folder.glob("*.json")):
-        r = json.loads(f.read_text())
-        if r.get("task") != "zeroshot_classification":
-            continue
-        rows.append({"dataset": r["dataset"], "method": r["method"], "shots": r.get("shots", ""), "protocol": r.get("protocol", ""),
-                     "model": r["model"], "pretrained": r["pretrained"],
-                     "split": r["split"], "split_source": r["split_source"], "images": r["images"],
-                     **{k: r["metrics"].get(k) for k in ("acc1", "acc5", "mean_per_class_recall")},
-                     **{f"{k}_std": r["std"].get(k) for k in ("acc1", "acc5", "mean_per_class_recall")},
-                     "seeds": " ".join(map(str, r["seeds"])), "index_manifest_id": r["index_manifest_id"], "run_id": r["run_id"]})
-    target = folder / "results.csv"
-    with atomic_path(target) as tmp:
-        with open(tmp, "w", newline="") as stream:
-            if rows:
-                w = csv.DictWriter(stream, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
-    return target
-
-
-def plot(result: dict[str, Any], target: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result["methods"])
-    metrics = [m for m in ("acc1", "acc5", "mean_per_class_recall") if m in result["methods"][names[0]]["metrics"]]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
-    width = 0.8 / len(metrics)
-    x = np.arange(len(names))
-    for j, metric in enumerate(metrics):
-        vals = [100 * result["methods"][n]["metrics"][metric] for n in names]
-        errs = [100 * result["methods"][n]["std"][metric] for n in names]
-        bars = ax.bar(x + (j - (len(metrics) - 1) / 2) * width, vals, width, yerr=errs, capsize=3, label=metric)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(x, names, rotation=20)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"{result['dataset']} ({result['split']}, {result['images_evaluated']} images, seeds {result['seeds']})\n"
-                 f"inference {result['model']}, index {result['index_manifest_id']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return target

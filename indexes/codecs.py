@@ -48,9 +48,25 @@ def make_codec(codec: str, dim: int, where: str = "") -> Any:
     import faiss
 
     try:
-        return faiss.index_factory(int(dim), codec, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(int(dim), codec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise XMError(f"{where or 'codec'} {codec}: does not fit {dim}-dimensional embeddings ({_faiss_reason(exc)})") from exc
+    no_polysemous_training(index)
+    return index
+
+
+def no_polysemous_training(index: Any) -> None:
+    """Switch off polysemous training, which faiss's factory turns on for every PQ (as if the key
+    ended in `np`): it re-orders each sub-quantizer's centroids so that Hamming distances between
+    codes approximate real ones, for `polysemous_ht` searches. xm decodes codes (`sa_decode`) and
+    never searches by Hamming distance, so it was time spent for nothing: most of a PQ codec's
+    training (bench/bench_compress.py --polysemous measures it)."""
+    import faiss
+
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    for candidate in (inner, getattr(inner, "index", None)):
+        if candidate is not None and hasattr(candidate, "do_polysemous_training"):
+            candidate.do_polysemous_training = False
 
 
 def code_size(codec: str, dim: int) -> int:

@@ -145,6 +145,27 @@ class Layout:
     def caption_hash(self) -> Path:
         return self.store / "caption_hash.npy"
 
+    def part_files(self, folder: Path, prefix: str, suffix: str, parts: list[str]) -> list[str]:
+        """`folder/<prefix><part><suffix>` for every part, as strings: a reader of 40,000 parts
+        builds these on open, and pathlib would spend seconds on it."""
+        base = str(folder)
+        return [f"{base}/{prefix}{p}{suffix}" for p in parts]
+
+    def emb_files(self, slug: str, modality: str, parts: list[str]) -> list[str]:
+        kind = "img_emb" if modality == "image" else "text_emb"
+        return self.part_files(self.emb_dir(slug, modality), f"{kind}_", ".npy", parts)
+
+    def code_files(self, slug: str, modality: str, parts: list[str]) -> list[str]:
+        folder = self.code_dir(slug, modality)
+        return self.part_files(folder, f"{folder.name}_", ".npy", parts)
+
+    def norm_files(self, slug: str, modality: str, parts: list[str]) -> list[str]:
+        kind = "img_norm" if modality == "image" else "text_norm"
+        return self.part_files(self.embeddings(slug) / kind, f"{kind}_", ".npy", parts)
+
+    def store_parts(self, parts: list[str]) -> list[str]:
+        return self.part_files(self.store, "part-", ".parquet", parts)
+
     def rel(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 

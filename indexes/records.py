@@ -13,9 +13,11 @@ read and written back is the document it was read from. Keys that older manifest
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
+
+import pyarrow as pa
 
 from xm.errors import XMError
 from xm.indexes.layout import FORMAT
@@ -301,6 +303,118 @@ class FileEntry:
         return out
 
 
+@dataclass(frozen=True)
+class TableRef:
+    """Where a large manifest keeps a list of records (`parts`, `files`): a Parquet table beside
+    manifest.json (`manifest/<kind>-<sha>.parquet`), its row count and checksum."""
+
+    table: str
+    rows: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, f: _Fields) -> TableRef:
+        return cls(table=f.get("table", _is_str, _STR), rows=f.get("rows", _is_int, _INT), sha256=f.get("sha256", _is_str, _STR))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"table": self.table, "rows": self.rows, "sha256": self.sha256}
+
+
+_PARTS_SCHEMA = pa.schema([("name", pa.string()), ("rows", pa.int64())])
+_FILES_SCHEMA = pa.schema([("path", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()), ("mtime_ns", pa.int64())])
+
+
+def parts_table(parts: list[PartEntry]) -> pa.Table:
+    """The parts as a table (name, rows), in global-id order."""
+    return pa.table([pa.array([p.name for p in parts], pa.string()), pa.array([p.rows for p in parts], pa.int64())],
+                    schema=_PARTS_SCHEMA)
+
+
+def files_table(files: Mapping[str, FileEntry]) -> pa.Table:
+    """The listed files as a table (path, bytes, sha256, mtime_ns; null where not recorded)."""
+    entries = list(files.items())
+    return pa.table([pa.array([p for p, _ in entries], pa.string()), pa.array([e.bytes for _, e in entries], pa.int64()),
+                     pa.array([e.sha256 for _, e in entries], pa.string()),
+                     pa.array([e.mtime_ns for _, e in entries], pa.int64())], schema=_FILES_SCHEMA)
+
+
+def _columns(table: pa.Table, schema: pa.Schema, file: str, nullable: tuple[str, ...] = ()) -> list[list[Any]]:
+    """The table's columns as lists, refusing (one line) a schema other than `schema` or a null
+    where one is not allowed: the types are checked once per column, not per record."""
+    for fld in schema:
+        if fld.name not in table.column_names:
+            raise XMError(f"{file}: no column {fld.name!r}; the manifest's table is damaged")
+        if not table.schema.field(fld.name).type.equals(fld.type):
+            raise XMError(f"{file}: column {fld.name!r} is {table.schema.field(fld.name).type}, expected {fld.type}; "
+                          "the manifest's table is damaged")
+        if fld.name not in nullable and table.column(fld.name).null_count:
+            raise XMError(f"{file}: column {fld.name!r} has nulls; the manifest's table is damaged")
+    return [table.column(fld.name).to_pylist() for fld in schema]
+
+
+def parts_from_table(table: pa.Table, file: str) -> list[PartEntry]:
+    names, rows = _columns(table, _PARTS_SCHEMA, file)
+    return [PartEntry(name=n, rows=r) for n, r in zip(names, rows)]
+
+
+class FilesTable(Mapping[str, FileEntry]):
+    """The files table as the manifest's `files` mapping (path -> FileEntry), read lazily: a
+    40,000-part memory lists 200,000 files, which opening it needs only as a count, a total
+    and a sample. The paths are read when first looked up, an entry when asked for."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self._table = table
+        self._index: dict[str, int] | None = None
+
+    def _paths(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {p: i for i, p in enumerate(self._table.column("path").to_pylist())}
+        return self._index
+
+    def __getitem__(self, path: str) -> FileEntry:
+        i = self._paths()[path]
+        mtime = self._table.column("mtime_ns")[i].as_py()
+        return FileEntry(bytes=self._table.column("bytes")[i].as_py(), sha256=self._table.column("sha256")[i].as_py(),
+                         mtime_ns=mtime)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths())
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def items(self) -> Any:  # every entry at once: one pass over the columns, not a lookup each
+        return self._entries(self._table)
+
+    @staticmethod
+    def _entries(table: pa.Table) -> list[tuple[str, FileEntry]]:
+        paths, sizes, digests, mtimes = (table.column(c).to_pylist() for c in ("path", "bytes", "sha256", "mtime_ns"))
+        return [(p, FileEntry(bytes=b, sha256=h, mtime_ns=t)) for p, b, h, t in zip(paths, sizes, digests, mtimes)]
+
+    def at(self, positions: list[int]) -> dict[str, FileEntry]:
+        """The entries at these positions in the list (no path index built)."""
+        return dict(self._entries(self._table.take(pa.array(positions, pa.int64()))))
+
+    def values(self) -> Any:
+        return [e for _, e in self.items()]
+
+    def total_bytes(self) -> int:
+        return int(self._table.column("bytes").to_numpy().sum())
+
+
+def files_from_table(table: pa.Table, file: str) -> FilesTable:
+    """The files table checked (schema, nulls) once per column, entries read on demand."""
+    for fld in _FILES_SCHEMA:
+        if fld.name not in table.column_names:
+            raise XMError(f"{file}: no column {fld.name!r}; the manifest's table is damaged")
+        if not table.schema.field(fld.name).type.equals(fld.type):
+            raise XMError(f"{file}: column {fld.name!r} is {table.schema.field(fld.name).type}, expected {fld.type}; "
+                          "the manifest's table is damaged")
+        if fld.name != "mtime_ns" and table.column(fld.name).null_count:
+            raise XMError(f"{file}: column {fld.name!r} has nulls; the manifest's table is damaged")
+    return FilesTable(table)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
     """A whole manifest (format 2). The authors in `pipeline/` fill in what they built
@@ -319,13 +433,23 @@ class Manifest:
     id: str = ""
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
-    files: dict[str, FileEntry] = field(default_factory=dict)
+    # a dict, or a large manifest's files table read lazily (`FilesTable`)
+    files: Mapping[str, FileEntry] = field(default_factory=dict)
     format_read: str | None = None
+
+    @staticmethod
+    def table_refs(data: Any, file: str = "manifest.json") -> dict[str, TableRef]:
+        """The lists a large manifest keeps in tables (`parts`, `files`: an object naming the
+        table instead of the list itself); `manifest.read_manifest` reads them."""
+        f = _Fields(data, file, "")
+        return {key: TableRef.from_json(f.obj(key)) for key in ("parts", "files") if isinstance(f.data.get(key), dict)
+                and "table" in f.data[key]}
 
     @classmethod
     def from_json(cls, data: Any, file: str = "manifest.json") -> Manifest:
         """A format-2 manifest's JSON as records; one line naming `file` and the field if a
-        field is missing or of the wrong type (format 1: `manifest.upgrade_v1`)."""
+        field is missing or of the wrong type (format 1: `manifest.upgrade_v1`). Lists kept in
+        tables (`table_refs`) must have been put back into `data` first."""
         f = _Fields(data, file, "")
         return cls(format=f.get("format", _is_str, _STR), id=f.get("id", _is_str, _STR),
                    created=f.get("created", _is_str, _STR), count=f.get("count", _is_int, _INT),
@@ -349,14 +473,18 @@ class Manifest:
         indexes = [{**e.data, "modality": modality, "dir": f"index/{modality}"} for modality, e in f.items("indexes")]
         return cls.from_json({**data, "format": FORMAT, "encoders": encoders, "indexes": indexes, "format_read": data["format"]}, file)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, tables: dict[str, TableRef] | None = None) -> dict[str, Any]:
+        """The whole document; with `tables`, the lists they name (`parts`, `files`) are
+        written as references to those tables instead of inline."""
+        tables = tables or {}
         out: dict[str, Any] = {
             "format": self.format, "id": self.id, "created": self.created, "count": self.count,
             "source": self.source.to_json(), "roles": self.roles.to_json(),
             "encoders": {spec: e.to_json() for spec, e in self.encoders.items()},
-            "parts": [p.to_json() for p in self.parts], "indexes": [e.to_json() for e in self.indexes],
+            "parts": tables["parts"].to_json() if "parts" in tables else [p.to_json() for p in self.parts],
+            "indexes": [e.to_json() for e in self.indexes],
             "stats": self.stats.to_json(), "versions": dict(self.versions),
-            "files": {rel: e.to_json() for rel, e in self.files.items()},
+            "files": tables["files"].to_json() if "files" in tables else {rel: e.to_json() for rel, e in self.files.items()},
         }
         if self.format_read is not None:  # only in memory: a file never says it
             out["format_read"] = self.format_read
@@ -364,6 +492,8 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
+        if isinstance(self.files, FilesTable):
+            return self.files.total_bytes()
         return sum(e.bytes for e in self.files.values())
 
     def index_entry(self, spec: str, modality: str) -> IndexEntry | None:

@@ -1,7 +1,8 @@
 """The caption store: Parquet parts with small row groups, fetched by global id.
 
 A batch of ids touches only the row groups that hold them (1,024 rows each), read
-from memory-mapped files, so 128 random ids never cost a scan. The hot path of the
+from part files opened on demand (a bounded LRU of open files, `OpenFiles`), so 128 random
+ids never cost a scan and 40,000 parts never mean 40,000 open files. The hot path of the
 methods needs no text at all: de-duplication uses `caption_hash.npy`.
 """
 
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 
 from xm.errors import XMError
 from xm.indexes.layout import STORE_ROW_GROUP, atomic_path, caption_hash
+from xm.indexes.open_files import OpenFiles
 
 # Columns every store has, whatever the source; the source's own columns follow.
 CORE_COLUMNS = ("id", "caption", "url", "source_id")
@@ -39,10 +41,16 @@ def write_store_part(table: pa.Table, first_id: int, target: Path) -> np.ndarray
 
 
 class CaptionStore:
-    def __init__(self, files: Sequence[Path], rows: Sequence[int], hash_file: Path | None = None, cache_groups: int = 256) -> None:
+    """The store's parts read by global id. Part files are opened when a fetch first needs them
+    and kept in `opened`, a bounded LRU of open files (`OpenFiles`, shared with the memory's
+    other readers); decoded row groups in an LRU of `cache_groups`. Neither grows with the
+    number of parts. Not thread-safe (`LocalMemory` fetches under its lock)."""
+
+    def __init__(self, files: Sequence[str | Path], rows: Sequence[int], hash_file: Path | None = None, cache_groups: int = 256,
+                 opened: OpenFiles | None = None) -> None:
         self.files = list(files)
         self.offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-        self._pf: dict[int, pq.ParquetFile] = {}
+        self.opened = opened if opened is not None else OpenFiles()
         self._cache: OrderedDict[tuple[int, int, tuple[str, ...] | None], pa.Table] = OrderedDict()
         self._cache_groups = cache_groups
         self.hashes = np.load(hash_file, mmap_mode="r") if hash_file is not None else None
@@ -51,12 +59,15 @@ class CaptionStore:
         return int(self.offsets[-1])
 
     def _file(self, p: int) -> pq.ParquetFile:
-        if p not in self._pf:
-            try:
-                self._pf[p] = pq.ParquetFile(self.files[p], memory_map=True)
-            except (OSError, pa.ArrowInvalid) as exc:
-                raise XMError(f"{self.files[p]}: unreadable caption store part ({exc})") from exc
-        return self._pf[p]
+        return self.opened.get(("parquet", self.files[p]), lambda: self._open(p))
+
+    def _open(self, p: int) -> pq.ParquetFile:
+        try:
+            # read, not mapped: a cached row group then holds no map or descriptor of its file,
+            # so `opened` alone bounds them (a group is ~100 KB; reading it is one pread)
+            return pq.ParquetFile(self.files[p], memory_map=False)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise XMError(f"{self.files[p]}: unreadable caption store part ({exc})") from exc
 
     def _group(self, p: int, g: int, columns: tuple[str, ...] | None) -> pa.Table:
         key = (p, g, columns)

@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 from xm.errors import XMError
-from xm.indexes.embeddings import CodedEmbeddingMatrix, EmbeddingMatrix
+from xm.indexes.embeddings import ByIdParts, CodedEmbeddingMatrix, EmbeddingMatrix
 from xm.indexes.layout import Layout
-from xm.indexes.manifest import read_manifest, verify_files
+from xm.indexes.manifest import read_manifest, sample_files, verify_files
+from xm.indexes.open_files import OpenFiles
 from xm.indexes.records import EncoderEntry, IndexEntry, Manifest
 from xm.indexes.shards import ShardedIndex, top_k
 from xm.indexes.store import CaptionStore
@@ -23,6 +24,11 @@ from xm.memories.base import Memory
 # Checksumming every file at load is cheap for small indexes but a full read of a large
 # one on every `xm classify`; above this size only sizes are checked (`xm info --verify`).
 CHECKSUM_AT_LOAD_BYTES = 256 << 20
+# Checking the size of every file is a stat each: 200k of them for a 40k-part memory (seconds,
+# minutes on a network disk). Past this many files, opening checks the sizes of this many,
+# spread evenly over the list; each part is checked against its manifest rows when first read,
+# and `xm info --verify` checks every file.
+SIZES_AT_LOAD_FILES = 1_000
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,12 +73,19 @@ class LocalMemory(Memory):
         self.root = self.layout.root
         self.manifest: Manifest = read_manifest(root)
         total = self.manifest.total_bytes
-        verify_files(root, self.manifest, checksums=(total <= CHECKSUM_AT_LOAD_BYTES) if verify is None else verify)
+        checksums = (total <= CHECKSUM_AT_LOAD_BYTES) if verify is None else verify
+        # opened without --verify: a summary past SIZES_AT_LOAD_FILES files, never their checksums
+        many = verify is None and len(self.manifest.files) > SIZES_AT_LOAD_FILES
+        verify_files(root, self.manifest, checksums=checksums and not many,
+                     only=sample_files(self.manifest, SIZES_AT_LOAD_FILES) if many else None)
         self.count: int = int(self.manifest.count)
         self.parts: list[str] = [p.name for p in self.manifest.parts]
+        self.part_rows: list[int] = [p.rows for p in self.manifest.parts]
+        # every reader's memory maps and open part files, together, least recently used out first
+        self.opened = OpenFiles()
         self._matrices: dict[tuple[str, str], EmbeddingMatrix] = {}
         self._indexes: dict[str, ShardedIndex] = {}
-        self._norms: dict[tuple[str, str], np.ndarray] = {}
+        self._norms: dict[tuple[str, str], ByIdParts] = {}
         self._lock = threading.RLock()
         if verify:
             self.check_counts()
@@ -155,29 +168,28 @@ class LocalMemory(Memory):
                               f"add them with `xm build-index --out {self.root} --add-encoder {spec}={modality}`")
             codec = entry.codecs.get(modality)
             if codec:  # compressed (`--text-codec`): the same gather, decoded rows
-                files = [self.layout.code_file(entry.slug, modality, p) for p in self.parts]
-                matrix: EmbeddingMatrix = CodedEmbeddingMatrix(files, self.layout.codec_file(entry.slug, modality))
+                files = self.layout.code_files(entry.slug, modality, self.parts)
+                matrix: EmbeddingMatrix = CodedEmbeddingMatrix(files, self.layout.codec_file(entry.slug, modality),
+                                                               self.part_rows, self.opened)
             else:
-                files = [self.layout.emb_file(entry.slug, modality, p) for p in self.parts]
-                matrix = EmbeddingMatrix(files)
+                files = self.layout.emb_files(entry.slug, modality, self.parts)
+                matrix = EmbeddingMatrix(files, self.part_rows, self.opened)
             if len(matrix) != self.count:
                 raise XMError(f"{self.layout.emb_dir(entry.slug, modality)}: {len(matrix)} rows, manifest says {self.count}")
             self._matrices[key] = matrix
         return self._matrices[key]
 
     @_locked
-    def norms(self, spec: str, modality: str) -> np.ndarray:
-        """Per-item norms of the embeddings before normalisation (float32, by global id)."""
+    def norms(self, spec: str, modality: str) -> ByIdParts:
+        """Per-item norms of the embeddings before normalisation (float32, by global id: `[ids]`),
+        read part by part through the memory's bounded cache of maps."""
         key = (str(spec), f"{modality}-norm")
         if key not in self._norms:
             entry = self.encoder_entry(spec)
             if entry is None or modality not in entry.norms:
                 raise XMError(f"{self.root}: no {modality} embedding norms for encoder {spec} in this index")
-            parts = [np.load(self.layout.norm_file(entry.slug, modality, p), mmap_mode="r") for p in self.parts]
-            arr = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-            if len(arr) != self.count:
-                raise XMError(f"{self.layout.embeddings(entry.slug)}: {len(arr)} {modality} norms, manifest says {self.count}")
-            self._norms[key] = arr
+            files = self.layout.norm_files(entry.slug, modality, self.parts)
+            self._norms[key] = ByIdParts(files, self.part_rows, self.opened)
         return self._norms[key]
 
     @_locked
@@ -222,8 +234,8 @@ class LocalMemory(Memory):
 
     @cached_property
     def store(self) -> CaptionStore:
-        rows = [p.rows for p in self.manifest.parts]
-        return CaptionStore([self.layout.store_part(p) for p in self.parts], rows, self.layout.caption_hash)
+        return CaptionStore(self.layout.store_parts(self.parts), self.part_rows, self.layout.caption_hash,
+                            opened=self.opened)
 
     @property
     def caption_hashes(self) -> np.ndarray:
@@ -249,6 +261,17 @@ class LocalMemory(Memory):
         return {"kind": self.kind, "location": str(self.root), "id": self.id, "count": self.count, "roles": self.roles,
                 "encoders": encoders, "source": self.manifest.source.to_json(),
                 "columns": [c for c in self.columns() if c != "id"]}
+
+    def close(self) -> None:
+        """Drop the open part files and maps, and the shards' search threads."""
+        with self._lock:
+            for idx in self._indexes.values():
+                idx.close()
+            self._indexes.clear()
+            self._matrices.clear()
+            self._norms.clear()
+            self.__dict__.pop("store", None)
+            self.opened.clear()
 
     def preload(self) -> None:
         for index in self.manifest.indexes:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from xm.memories.base import Memory
 from xm.memories.local import LocalMemory
+from xm.memories.mirrored import is_mirrored, open_mirrored
 from xm.memories.remote import RemoteMemory
 
 Location = str | Path
@@ -55,6 +56,7 @@ def _local(location: Location) -> Memory:
 _KINDS: list[MemoryKind] = [
     MemoryKind(_by_scheme("http"), _remote, "http"),
     MemoryKind(_by_scheme("https"), _remote, "https"),
+    MemoryKind(is_mirrored, open_mirrored, "object-store"),  # s3://, gs://, hdfs://: a local copy
 ]
 
 

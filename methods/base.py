@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from xm.encoders.device import CPU, Device
 from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 
@@ -210,8 +211,9 @@ class Context:
 
     def __init__(self, memory: Any, model: str, classnames: Sequence[str], templates: Sequence[str],
                  dataset: str | None = None, cache_dir: str | None = None,
-                 precision: Precision = DEFAULT_PRECISION) -> None:
+                 precision: Precision = DEFAULT_PRECISION, device: Device = CPU) -> None:
         self.precision = precision  # how every encoder of the methods runs (parsed by the caller)
+        self.device = device  # where every encoder and method tensor of the methods runs (parsed by the caller)
         self.memory = memory
         self.model = str(model)
         self.classnames = list(classnames)
@@ -222,13 +224,15 @@ class Context:
     def encoder(self, spec: str) -> Any:
         from xm.encoders import load_encoder
 
-        return load_encoder(spec, cache_dir=self.cache_dir, precision=self.precision)
+        return load_encoder(spec, cache_dir=self.cache_dir, precision=self.precision, device=self.device)
 
     def key(self) -> dict[str, Any]:
         key = {"index": getattr(self.memory, "id", None), "model": self.model, "classnames": self.classnames,
                "templates": self.templates, "dataset": self.dataset}
         if self.precision != "fp32":  # fp32 keys stay those of the evidence cached before precisions existed
             key["precision"] = self.precision
+        if self.device.is_accelerator:  # another device's kernels round differently: its own evidence
+            key["device"] = self.device.kind
         return key
 
 
@@ -284,6 +288,13 @@ class Method:
     def fit(self, support: Support) -> dict[str, Any]:
         """Few-shot methods learn from `support`; returns what was chosen (recorded in results)."""
         return {}
+
+    def wants_validation(self) -> bool:
+        """Whether this method, with its options, chooses something on labelled validation
+        images before it decides although it is not few-shot (RECO's `mode=auto`, the
+        paper's Table 4 choice); `xm benchmark` then calls `fit` with no support images and
+        the validation split."""
+        return False
 
     def evidence(self, queries: Queries) -> dict[str, np.ndarray]:
         raise NotImplementedError

@@ -44,16 +44,19 @@ TEXT_OPTIONS = (
     Option("max_similarity", 0.9, "analogous classes and memory captions this close to another class name are dropped"),
     Option("memory_k", 8, "memory captions kept per class at most", minimum=0),
     Option("memory_search", 64, "memory captions searched per class (text-to-text kNN)", minimum=1),
+    Option("ovo_as_written", False, "one-vs-one entries of the descriptions file are whole sentences (default: "
+                                    "attributes rendered through the dataset's one-vs-one templates, as the authors)"),
 )
 
 _ENCODED: dict[tuple[str, str], CoderTexts] = {}
 
 
-def text_options(opts: dict[str, Any], dataset: str | None) -> TextOptions:
+def text_options(opts: dict[str, Any], dataset: str | None, task: str = "zero-shot") -> TextOptions:
     return TextOptions(sources=opts["sources"], descriptions=opts["descriptions"], dataset=dataset,
                        name_template=opts["name_template"], wordnet_dir=opts["wordnet_dir"],
                        synonym_min_sim=opts["synonym_min_sim"], max_similarity=opts["max_similarity"],
-                       memory_k=opts["memory_k"], memory_search=opts["memory_search"])
+                       memory_k=opts["memory_k"], memory_search=opts["memory_search"], task=task,
+                       ovo_as_written=bool(opts["ovo_as_written"]))
 
 
 def load_textset(method: Method, encoder: Any) -> TextSet:
@@ -63,8 +66,10 @@ def load_textset(method: Method, encoder: Any) -> TextSet:
         if o["descriptions"] or o["sources"]:
             raise XMError(f"{method.name}: give either texts_file ({o['texts_file']}) or descriptions/sources, not both "
                           f"(`xm texts` already built the set from its sources)")
-        return read_textset(o["texts_file"]).for_classes(ctx.classnames, o["texts_file"])
-    return build_textset(ctx.classnames, encoder, text_options(o, ctx.dataset), ctx.memory, where=method.name)
+        return read_textset(o["texts_file"]).for_classes(ctx.classnames, o["texts_file"], ctx.dataset)
+    # the authors' templates differ between their zero-shot and few-shot runs (pets, DTD)
+    task = "few-shot" if method.few_shot else "zero-shot"
+    return build_textset(ctx.classnames, encoder, text_options(o, ctx.dataset, task), ctx.memory, where=method.name)
 
 
 class CoderTexts:

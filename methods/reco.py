@@ -10,6 +10,7 @@ logit scale s.
     reco        refine both the image and the class prompts (the default mode)
     reco-image  refine the image only (v̄ · t)       reco-text   the prompts only (v · t̄)
     reco-mean   the training-free ablation: fusion = mean of original and retrieved (Table 3)
+    reco-auto   mode=auto: the mode of best accuracy on the validation split (`fit`; Table 4)
 
 RECO classifies with E itself (the image features and the class prompts are E's), not
 with the context's inference model. Class prompts: each template's prompt is refined
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xm.errors import XMError
-from xm.methods.base import Context, Decision, ExplanationSection, Method, Need, Option, Queries
+from xm.methods.base import Context, Decision, ExplanationSection, Method, Need, Option, Queries, Support
 from xm.methods.registry import register
 from xm.methods.zeroshot import check_templates, softmax
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # the model module imports torch: only a RECO that runs loads
     from xm.methods.reco_model import RecoModel
 
 MODES = ("both", "image", "text")
+AUTO = "auto"  # the mode of best accuracy on the validation split (paper §4.3, Table 4), chosen by `fit`
 
 
 class Reco(Method):
@@ -41,7 +43,8 @@ class Reco(Method):
     summary = "RECO: image->image and text->text search, cross-modal fusion by a trained transformer (xm train reco)"
     trains = True
     options = (
-        Option("mode", "both", "what is refined: both, the image only, or the class prompts only", MODES, evidence=False),
+        Option("mode", "both", "what is refined: both, the image only, the class prompts only, or auto (the one of "
+                               "best validation accuracy; xm benchmark)", MODES + (AUTO,), evidence=False),
         Option("fusion", "transformer", "transformer (trained, `xm train reco`) | mean (training-free ablation)",
                ("transformer", "mean")),
         Option("k", 10, "neighbours retrieved per image and per class prompt", minimum=1),
@@ -71,6 +74,7 @@ class Reco(Method):
         self.image_emb = memory.embeddings(self.spec, "image")
         self.text_emb = memory.embeddings(self.spec, "text")
         self.model: RecoModel | None = None  # None: the mean fusion
+        self.chosen_mode: str | None = None  # mode=auto: set by fit on the validation split
         self.meta: dict[str, Any] = {}
         self.scale = float(self.encoder.logit_scale)
         if o["fusion"] == "transformer":
@@ -115,6 +119,7 @@ class Reco(Method):
         if int(meta.get("dim", -1)) != self.encoder.dim:
             raise XMError(f"{where}: fusion width {meta.get('dim')}, encoder {self.spec} width {self.encoder.dim}")
         self.model, self.meta = load_model(path, meta)
+        self.model.to(self.ctx.device.torch)  # the fusion runs where the encoders do (a CPU-written checkpoint)
         self.scale = float(self.model.logit_scale.detach().exp())
 
     # --- fusion ------------------------------------------------------------------------
@@ -163,8 +168,40 @@ class Reco(Method):
         return {"p_both": probs(v_ref, self.class_refined), "p_image": probs(v_ref, self.class_original),
                 "p_text": probs(v, self.class_refined), "neighbours": ids, "neighbour_sims": sims}
 
+    def wants_validation(self) -> bool:
+        return self.opts["mode"] == AUTO
+
+    def fit(self, support: Support) -> dict[str, Any]:
+        """mode=auto: the inference mode of best top-1 accuracy on the validation images
+        (ties: both, image, text in that order). Other modes choose nothing."""
+        if self.opts["mode"] != AUTO:
+            return {}
+        if not support.val:
+            raise XMError(f"{self.name}: mode=auto chooses the mode on a validation split, and this run has none; "
+                          f"pass --opt mode=both|image|text")
+        labels = np.array([e.label for e in support.val])
+        correct = {m: 0 for m in MODES}
+        for lo in range(0, len(support.val), 64):
+            batch = support.val[lo:lo + 64]
+            ev = self.evidence(Queries([e.load() for e in batch]))
+            for m in MODES:
+                correct[m] += int((ev[f"p_{m}"].argmax(axis=1) == labels[lo:lo + len(batch)]).sum())
+        accuracy = {m: correct[m] / len(labels) for m in MODES}
+        self.chosen_mode = max(MODES, key=lambda m: (accuracy[m], -MODES.index(m)))
+        return {"mode": self.chosen_mode, "val_images": len(labels),
+                **{f"val_acc_{m}": round(a, 4) for m, a in accuracy.items()}}
+
+    def mode(self) -> str:
+        """The inference mode: the option's, or the one `fit` chose for mode=auto."""
+        if self.opts["mode"] != AUTO:
+            return str(self.opts["mode"])
+        if self.chosen_mode is None:
+            raise XMError(f"{self.name}: mode=auto is chosen on a validation split, which only `xm benchmark` has; "
+                          f"pass --opt mode=both|image|text here")
+        return self.chosen_mode
+
     def decide(self, evidence: dict[str, np.ndarray], state: Any = None) -> Decision:
-        mode = self.opts["mode"]
+        mode = self.mode()
         p = evidence[f"p_{mode}"]
         found = (evidence["neighbours"] >= 0).sum(axis=1)
         info = [{"mode": mode, "fusion": self.opts["fusion"], "neighbours": int(f)} for f in found]
@@ -177,7 +214,7 @@ class Reco(Method):
         keep = ids >= 0
         image = [{"id": r["id"], "caption": r["caption"], "url": r["url"], "image_similarity": float(s)}
                  for r, s in zip(memory.rows(ids[keep], columns=("id", "caption", "url")), sims[keep])]
-        pred = int(np.argmax(evidence[f"p_{self.opts['mode']}"][row]))
+        pred = int(np.argmax(evidence[f"p_{self.mode()}"][row]))
         m = self.prompt_ids.shape[1]
         prompts = []
         for j in range(m):
@@ -210,4 +247,5 @@ register(Reco, {
     "reco-image": ({"mode": "image"}, "RECO refining the image only (v̄ · t)"),
     "reco-text": ({"mode": "text"}, "RECO refining the class prompts only (v · t̄)"),
     "reco-mean": ({"fusion": "mean"}, "RECO's training-free ablation: mean of original and retrieved embeddings"),
+    "reco-auto": ({"mode": AUTO}, "RECO with the inference mode of best validation accuracy (paper Table 4; xm benchmark)"),
 })

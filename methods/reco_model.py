@@ -130,13 +130,17 @@ def mean_fusion(query: np.ndarray, retrieved: np.ndarray, valid: np.ndarray) -> 
 
 
 def refine(branch: Fusion, query: np.ndarray, retrieved: np.ndarray, valid: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """A fusion branch applied to numpy arrays (inference)."""
+    """A fusion branch applied to numpy arrays (inference), on the device the branch is on."""
     out = []
+    where = next(branch.parameters()).device
+
+    def tensor(a: np.ndarray, dtype: Any = None) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype)).to(where)
+
     with torch.inference_mode():
         for i in range(0, len(query), batch):
-            out.append(branch(torch.from_numpy(np.ascontiguousarray(query[i:i + batch], np.float32)),
-                              torch.from_numpy(np.ascontiguousarray(retrieved[i:i + batch], np.float32)),
-                              torch.from_numpy(np.ascontiguousarray(valid[i:i + batch]))).numpy())
+            out.append(branch(tensor(query[i:i + batch], np.float32), tensor(retrieved[i:i + batch], np.float32),
+                              tensor(valid[i:i + batch])).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, query.shape[1]), np.float32)
 
 

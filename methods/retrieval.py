@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from xm.encoders import DEFAULT_PRECISION, Encoder, Precision, load_encoder, load_image
+from xm.encoders import CPU, DEFAULT_PRECISION, Device, Encoder, Precision, load_encoder, load_image
 from xm.errors import XMError
 from xm.memories import Memory, open_memory
 from xm.memories.base import ById
@@ -154,12 +154,12 @@ class Retriever:
 
 def search_memory(index: str | Path | Memory, image: Path | None = None, text: str | None = None, k: int = 10,
                   modality: str = "image", encoder: str | None = None,
-                  precision: Precision = DEFAULT_PRECISION) -> list[dict[str, Any]]:
+                  precision: Precision = DEFAULT_PRECISION, device: Device = CPU) -> list[dict[str, Any]]:
     """Nearest memory items to an image or text under an indexed encoder (default: coarse),
-    the query embedded at `precision` (fp32 | bf16 | int8)."""
+    the query embedded at `precision` (fp32 | bf16 | fp16 | int8) on `device`."""
     memory = index if isinstance(index, Memory) else open_memory(index)
     spec = encoder or memory.roles["coarse"]
-    enc = load_encoder(spec, precision=precision)
+    enc = load_encoder(spec, precision=precision, device=device)
     memory.check_encoder(enc, "coarse" if spec == memory.roles.get("coarse") else "inference")
     if image is not None:
         query = enc.encode_images([load_image(image)])

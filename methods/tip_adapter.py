@@ -99,10 +99,14 @@ def search_alpha_beta(zs: np.ndarray, affinity: np.ndarray, onehot: np.ndarray, 
                       start: tuple[float, float]) -> dict[str, Any]:
     """The (α, β) of best validation accuracy: the start point, a `grid` x `grid` log-spaced
     grid over the ranges, then `rounds - 1` finer grids around the best so far (each spanning
-    one step of the previous grid either side). Ties keep the earlier point (start first)."""
+    one step of the previous grid either side, cut at the range's ends). Every point tried,
+    the start clipped into the ranges included, lies inside them. Ties keep the earlier
+    point (start first)."""
     t0 = time.perf_counter()
     y = np.asarray(labels, np.int64)
-    best = (-1.0, float(start[0]), float(start[1]))
+    # the start point too lies in the ranges, so the chosen (α, β) always does
+    start = (float(np.clip(start[0], *alpha_range)), float(np.clip(start[1], *beta_range)))
+    best = (-1.0, start[0], start[1])
     evaluations = 0
 
     def evaluate(alphas: np.ndarray, betas: np.ndarray) -> None:
@@ -121,8 +125,9 @@ def search_alpha_beta(zs: np.ndarray, affinity: np.ndarray, onehot: np.ndarray, 
         evaluate(alphas, betas)
         ra = alphas[1] / alphas[0] if len(alphas) > 1 else 2.0
         rb = betas[1] / betas[0] if len(betas) > 1 else 2.0
-        alphas = _grid(best[1] / ra, best[1] * ra, grid)
-        betas = _grid(best[2] / rb, best[2] * rb, grid)
+        # finer grids stay inside the stated ranges (docs/coder.md): a best point on an edge is refined inward only
+        alphas = _grid(max(alpha_range[0], best[1] / ra), min(alpha_range[1], best[1] * ra), grid)
+        betas = _grid(max(beta_range[0], best[2] / rb), min(beta_range[1], best[2] * rb), grid)
     return {"alpha": round(best[1], 6), "beta": round(best[2], 6), "val_accuracy": best[0], "evaluations": evaluations,
             "search_seconds": time.perf_counter() - t0}
 

@@ -23,18 +23,19 @@ import numpy as np
 
 from xm.encoders import availability_problem
 from xm.errors import XMError
-from xm.indexes.layout import Layout, atomic_path, write_json
+from xm.indexes.layout import FILE_MODE, Layout, write_json
 from xm.indexes.manifest import write_manifest
 from xm.indexes.records import BuildStats, EncoderEntry, IndexEntry, Manifest, PartEntry, Roles, ShardEntry, SourceEntry
-from xm.pipeline import compress
+from xm.pipeline import compress, index_training, staging
 from xm.pipeline.config import STAGES, BuildConfig
 from xm.pipeline.download import download
 from xm.pipeline.embed import embed_part, read_marker, slug_of, unloaded_encoder_entry
 from xm.pipeline.index_stage import build_modality_index, index_is_current
+from xm.pipeline.multi_device import describe_spread, embed_on_devices, spread
 from xm.pipeline.pins import pin_params
 from xm.pipeline.runners.base import Runner
 from xm.pipeline.sources.base import OPENAI_LOGIT_SCALE, Source
-from xm.pipeline.tasks import embed_task, hasher_for, load_plan_encoders, store_task
+from xm.pipeline.tasks import create_hash_file, embed_task, hasher_for, load_plan_encoders, store_task
 
 
 @dataclass
@@ -49,6 +50,8 @@ class BuildSummary:
     warnings: list[str] = field(default_factory=list)
     manifest_id: str | None = None
     ran_on: str = "this machine"  # or the Spark master and its task slots
+    device: str = "cpu"  # where the encoders ran (`Device.describe`); never in the manifest
+    parts_per_device: dict[str, int] = field(default_factory=dict)  # several GPUs: how the parts were shared out
 
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
@@ -69,6 +72,8 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
         raise XMError(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+    # an --out or inputs on object storage: built in a local staging folder, pushed after each stage
+    url, push = staging.stage(cfg)
     cfg.validate()
     layout = Layout(cfg.out)
     fresh = not layout.root.exists()
@@ -77,7 +82,11 @@ def build_index(cfg: BuildConfig, progress: Progress = _no_progress) -> BuildSum
         # where the stages' units of work run: here, or as tasks on the build's one Spark session
         # (created before img2dataset and autofaiss look for it; every executor checked first)
         with contextlib.closing(cfg.runner_kind.open(cfg, layout)) as runner:
-            return _run_stages(cfg, layout, progress, runner)
+            summary = _run_stages(cfg, layout, progress, runner, push)
+        push()  # what the last stage left (last_build.json)
+        if url is not None:
+            summary.out = url
+        return summary
     except BaseException:
         # a first run that failed before writing anything leaves no empty --out behind
         if fresh and not any(p.is_file() for p in layout.root.rglob("*")):
@@ -93,10 +102,13 @@ def _pause_point(stage: str) -> None:
         time.sleep(float(os.environ.get("XM_PAUSE_SECONDS", "30")))
 
 
-def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Runner) -> BuildSummary:
+def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Runner,
+                push: Callable[[], int] = lambda: 0) -> BuildSummary:
     source = cfg.kind
     kind = source.name  # as the summary and the manifest record it
-    summary = BuildSummary(out=str(layout.root), source_kind=kind, ran_on=runner.description)
+    summary = BuildSummary(out=str(layout.root), source_kind=kind, ran_on=runner.description,
+                           device=cfg.target.describe() if runner.in_process else
+                           "each task: the GPU Spark gives it (spark.task.resource.gpu.amount), else its CPU")
     encoders_needed = "embed" in cfg.stages or "manifest" in cfg.stages
 
     def timed(stage: str, fn: Callable[[], Any]) -> Any:
@@ -105,6 +117,7 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         _pause_point(stage)
         t0 = time.perf_counter()
         result = fn()
+        push()  # --out on object storage: this stage's files are there before the next stage starts
         summary.stage_seconds[stage] = round(time.perf_counter() - t0, 3)
         return result
 
@@ -135,8 +148,12 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         if runner.in_process:  # here: progress by rows, the encoders loaded once above
             images = progress("embed images", total)
             captions = progress(f"embed captions ({texts} encoder{'s' if texts != 1 else ''})", total * texts if total else None)
-            for part in todo:
-                embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=images, on_captions=captions)
+            devices = spread(cfg.target)
+            if len(devices) > 1:  # several GPUs of this machine: disjoint parts per device
+                summary.parts_per_device = describe_spread(embed_on_devices(cfg, todo, plan, layout, devices, images, captions))
+            for part in todo if len(devices) == 1 else []:
+                embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=images, on_captions=captions,
+                           num_workers=cfg.workers())
         else:
             jobs = [{"config": cfg.to_dict(), "part": p.name} for p in todo]
             runner.map(embed_task, jobs, "xm embed", on_done=progress(f"embed ({len(jobs)} parts as {runner.tasks})", len(jobs)))
@@ -158,6 +175,15 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
 
     def index() -> None:
         todo = _indexed(plan)
+        stale = [(slug_of(spec), modality, None) for spec, modality in todo
+                 if not index_is_current(layout, slug_of(spec), modality, summary.count, cfg.shards)]
+        if stale and runner.autofaiss_distributed is not None:
+            # on a cluster every stale index trains at once, one executor task each, and is kept
+            # (pipeline/index_training.py); the loop below then only fills them
+            trained = index_training.train_all(cfg, layout, stale, runner.map,
+                                               progress(f"index: train {len(stale)} on executors at once", len(stale)))
+            summary.skipped += [f"index/{slug}/{modality}: training reused" for (slug, modality), r in trained.items()
+                                if r.get("reused")]
         tick = progress(f"index ({len(todo)} kNN index{'es' if len(todo) != 1 else ''}, autofaiss)", len(todo))
         for spec, modality in todo:
             slug = slug_of(spec)
@@ -173,18 +199,8 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         compress.run_stage(layout, codecs, [(m["part"], m["rows"]) for m in done], progress, runner)))
 
     def store() -> None:
-        record = {"parts": [[m["part"], m["rows"]] for m in done]}
-        if _store_is_current(layout, record):
+        if _store_stage(layout, coarse_slug, done, runner, progress):
             summary.skipped.append("store: current")
-            return
-        firsts = np.concatenate([[0], np.cumsum([m["rows"] for m in done])]).astype(int)
-        jobs = [{"out": str(layout.root), "slug": coarse_slug, "part": m["part"], "first": int(first)}
-                for m, first in zip(done, firsts)]
-        hashes = runner.map(store_task, jobs, "xm store", on_done=progress("store", len(jobs)))
-        with atomic_path(layout.caption_hash) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.frombuffer(b"".join(hashes), dtype=np.int64))
-        write_json(_store_record(layout), record)
 
     timed("store", store)
 
@@ -196,6 +212,27 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
     timed("manifest", manifest)
     write_json(layout.work / "last_build.json", summary.__dict__)
     return summary
+
+
+def _store_stage(layout: Layout, slug: str, done: list[dict[str, Any]], runner: Runner, progress: Progress) -> bool:
+    """Write the caption store of the embedded parts `done` (one task per part) and its hash file;
+    True if it was current already."""
+    record = {"parts": [[m["part"], m["rows"]] for m in done]}
+    if _store_is_current(layout, record):
+        return True
+    firsts = np.concatenate([[0], np.cumsum([m["rows"] for m in done])]).astype(int)
+    # every task writes its rows of the hash file in place (no driver collect); renamed when all are in
+    building = layout.caption_hash.with_name(f".{layout.caption_hash.name}.building")
+    create_hash_file(building, int(firsts[-1]))
+    jobs = [{"out": str(layout.root), "slug": slug, "part": m["part"], "first": int(first), "hashes": str(building)}
+            for m, first in zip(done, firsts)]
+    rows = runner.map(store_task, jobs, "xm store", on_done=progress("store", len(jobs)))
+    if sum(rows) != int(firsts[-1]):
+        raise XMError(f"{layout.rel(layout.store)}: the store tasks wrote {sum(rows)} rows, {int(firsts[-1])} are embedded")
+    os.chmod(building, FILE_MODE)
+    os.replace(building, layout.caption_hash)
+    write_json(_store_record(layout), record)
+    return False
 
 
 def _store_record(layout: Layout) -> Path:

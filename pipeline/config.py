@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xm.encoders.device import Device
 from xm.encoders.precision import Precision
 from xm.errors import XMError
 from xm.pipeline import compress
@@ -57,16 +58,24 @@ class BuildConfig:
     image_size: int = 256
     processes: int = 2
     threads: int = 16
-    shard_size: int = 10_000
+    # rows per download shard and part; None: parts sized for the memory (pipeline/part_size.py)
+    shard_size: int | None = None
     timeout: int = 10
     distributor: str = "multiprocessing"  # which runner (`runner_kind`): pipeline/runners/
     # Spark (--distributor pyspark): master URL (local[N], local[N,F], spark://, yarn, k8s://) and
     # key=value settings; none under spark-submit, whose session is used as it is
     spark_master: str | None = None
     spark_conf: list[str] = field(default_factory=list)
+    # open Spark's web UI to the network (a cluster master); without it: loopback only (local), or off
+    spark_ui: bool = False
     # embed
     batch_size: int = 64
     precision: str = "fp32"  # how the encoders run while embedding (xm.encoders.PRECISIONS); in the manifest
+    # where the encoders run (`Device`, parsed by `validate`; "auto" until then): never in the manifest,
+    # whose artefacts are the same whichever device made them; several GPUs share the parts out
+    device: Device | str = "auto"
+    # processes decoding and preprocessing images for the embed stage (pipeline/loader.py); None: from the cores
+    num_workers: int | None = None
     # index (autofaiss)
     shards: int = 1
     k: int = 128
@@ -79,6 +88,9 @@ class BuildConfig:
     index_text: bool = True
     stages: tuple[str, ...] = STAGES
     cache_dir: str | None = None
+    # where an --out or an input on object storage (s3://, gs://, hdfs://) is mirrored
+    # (pipeline/staging.py); default $XM_HOME/cache; on a cluster, a folder every executor sees
+    stage_dir: str | None = None
     # the general form: ARCH:PRETRAINED=image,text,index-image,index-text (repeatable), on top of the roles
     encoders: list[str] = field(default_factory=list)
     # compressed caption embeddings (pipeline/compress.py): SPEC=CODEC, a FAISS codec string (SQ8, PQ64, ...)
@@ -97,7 +109,14 @@ class BuildConfig:
         if not isinstance(refine, int) or not 0 <= refine <= 64:
             raise XMError(f"--refine-k-factor {self.refine_k_factor}: must be an integer from 0 (off) to 64")
         self.precision = Precision.parse(self.precision)
+        workers: object = self.num_workers  # the API may pass any value
+        if workers is not None and (not isinstance(workers, int) or workers < 0):
+            raise XMError(f"--num-workers {self.num_workers}: must be 0 (decode in this process) or more")
         runner = self.runner_kind
+        # a Spark driver often has no GPU: its tasks use the GPU Spark gives each (`embed_task`)
+        self.device = Device.parse(self.device, "--device", check=runner.in_process)
+        if not runner.in_process:
+            self.device.single(f"--distributor {self.distributor} (each task uses the GPU Spark gives it)")
         runner.check_options(self)
         if runner.absolute_paths:
             self._absolute_paths()
@@ -150,18 +169,35 @@ class BuildConfig:
         self.out = Path(self.out).resolve()
         if Path(self.source).exists():
             self.source = str(Path(self.source).resolve())
-        for name in ("metadata_root", "embeddings_root", "cache_dir"):
+        for name in ("metadata_root", "embeddings_root", "cache_dir", "stage_dir"):
             value = getattr(self, name)
             if value and "://" not in value:
                 setattr(self, name, str(Path(value).resolve()))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, for a Spark task (the unit of work carries no closures)."""
-        return {**dataclasses.asdict(self), "out": str(self.out)}
+        return {**dataclasses.asdict(self), "out": str(self.out), "device": str(self.device)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
-        return cls(**{**data, "out": Path(data["out"]), "stages": tuple(data["stages"])})
+        # the device as the driver resolved it; a task checks what it was given (`embed_task`)
+        return cls(**{**data, "out": Path(data["out"]), "stages": tuple(data["stages"]),
+                      "device": Device.parse(data.get("device", "cpu"), check=False)})
+
+    def workers(self) -> int:
+        """Decoding processes of the embed stage: --num-workers, else `loader.default_workers` (on an
+        accelerator the cores beyond the one that drives it; 0 on the CPU); a Spark task decodes in
+        its own process (the executor's cores are Spark's to share out) unless --num-workers says otherwise."""
+        if self.num_workers is not None:
+            return self.num_workers
+        from xm.pipeline.loader import default_workers
+
+        return default_workers(self.target.is_accelerator) if self.runner_kind.in_process else 0
+
+    @property
+    def target(self) -> Device:
+        """The device `validate` parsed (the driver's; a Spark task's is the GPU it was given)."""
+        return Device.parse(self.device, check=False)
 
     def codecs(self) -> dict[str, dict[str, str]]:
         """{spec: {modality: codec}} from --text-codec and --image-codec (pipeline/compress.py)."""

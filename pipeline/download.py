@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from xm.errors import XMError
 from xm.indexes.layout import Layout
 from xm.pipeline.config import BuildConfig
+from xm.pipeline.part_size import DOWNLOAD_SHARD_ROWS
 from xm.pipeline.quiet import stdout_to_stderr
 
 # Columns img2dataset reads itself, or that the store derives; the rest travel along.
@@ -55,7 +56,7 @@ def _run(img2dataset_download: Callable[..., Any], cfg: BuildConfig, layout: Lay
         resize_only_if_bigger=True,
         processes_count=cfg.processes,
         thread_count=cfg.threads,
-        number_sample_per_shard=cfg.shard_size,
+        number_sample_per_shard=cfg.shard_size or DOWNLOAD_SHARD_ROWS,  # parts group shards (pipeline/part_size.py)
         timeout=cfg.timeout,
         retries=0,
         distributor=cfg.runner_kind.img2dataset_distributor,  # on Spark: the build's session, already started

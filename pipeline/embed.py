@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import queue
-import threading
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,57 +31,16 @@ from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, write_json
 from xm.indexes.records import EncoderEntry
 from xm.pipeline.compress import read_record
+from xm.pipeline.loader import part_batches, prefetch
 from xm.pipeline.sources.base import ArrayRef, Part, Sample
 
-T = TypeVar("T")
-
-
-def prefetch(items: Iterable[T], depth: int = 3, stop_wait: float = 60.0) -> Generator[T, None, None]:
-    """Produce items in a background thread, so decoding overlaps the model's forward pass.
-
-    Close the generator when done with it (`contextlib.closing`): closing stops the producer and
-    waits for the item it is making. A producer left running inside native code (an image decoder,
-    a torch op) while the interpreter exits after Ctrl-C makes the C++ runtime abort the process
-    ("terminate called without an active exception", SIGABRT instead of exit 130)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def put(item: object) -> bool:
-        while not stop.is_set():  # never block for good on a consumer that has gone
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-        except BaseException as exc:  # re-raised in the consumer
-            errors.append(exc)
-        finally:
-            put(done)
-
-    producer = threading.Thread(target=run, daemon=True, name="xm-prefetch")
-    producer.start()
-    try:
-        while (item := q.get()) is not done:
-            yield item
-    finally:
-        stop.set()
-        producer.join(stop_wait)
-    if errors:
-        raise errors[0]
+__all__ = ["embed_part", "prefetch", "read_marker", "slug_of", "write_text_embeddings"]  # prefetch: now in loader.py
 
 
 def _pixel_batches(samples: Iterable[Sample], preprocesses: dict[str, Callable], batch_size: int,
                    failures: Counter) -> Iterator[tuple[list[Sample], dict[str, Any]]]:
-    """Each image decoded once, preprocessed for every image encoder (shared preprocessing once)."""
+    """Each image decoded once, preprocessed for every image encoder (shared preprocessing once);
+    `--add-encoder`'s image rows (a part's embed stage reads through `pipeline/loader.py`)."""
     import torch
 
     kept: list[Sample] = []
@@ -132,9 +89,10 @@ def _save_npy(path: Path, array: np.ndarray, dtype: Any = np.float16) -> None:
 
 
 def write_text_embeddings(layout: Layout, enc: Encoder, part: str, captions: list[str],
-                          on_batch: Callable[[int], None] | None = None) -> None:
-    """One part's caption embeddings and their norms under `enc`."""
-    text, norms = enc.encode_texts_with_norms(captions, on_batch=on_batch)
+                          on_batch: Callable[[int], None] | None = None, tokens: Any = None) -> None:
+    """One part's caption embeddings and their norms under `enc` (`tokens`: the captions already
+    tokenised by the input pipeline)."""
+    text, norms = enc.encode_texts_with_norms(captions, on_batch=on_batch, tokens=tokens)
     _save_npy(layout.norm_file(enc.spec.slug, "text", part), norms, np.float32)
     _save_npy(layout.emb_file(enc.spec.slug, "text", part), text)
 
@@ -147,28 +105,46 @@ def embed_part(
     batch_size: int,
     on_rows: Callable[[int], None] = lambda n: None,
     on_captions: Callable[[int], None] = lambda n: None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Embed one part as `plan` says (the first encoder also writes the metadata); return its
     marker (rows kept, failures by reason). What the part brings precomputed is copied, the
-    rest computed with `encoders` (which need not hold an encoder with nothing to compute)."""
+    rest computed with `encoders` (which need not hold an encoder with nothing to compute),
+    on the device each encoder is on. `num_workers` processes decode and preprocess
+    (`pipeline/loader.py`; 0: a thread of this process); the files are the same for any number."""
     failures: Counter = Counter()
     first = next(iter(plan))
     given = part.precomputed or {}
     image_specs = [spec for spec, parts in plan.items() if "image" in parts and (spec, "image") not in given]
     images: dict[str, np.ndarray] = {}
+    tokens: dict[str, Any] = {}
     if part.precomputed is None:
+        import torch
+
         kept: list[Sample] = []
         chunks: dict[str, list[np.ndarray]] = {spec: [] for spec in image_specs}
         preprocesses = {spec: encoders[spec].preprocess for spec in image_specs}
         if not image_specs:  # caption-only plan: still decode, so the same rows are kept
             preprocesses = {first: encoders[first].preprocess}
-        batches = prefetch(_pixel_batches(part.samples(), preprocesses, batch_size, failures))
-        with contextlib.closing(batches):  # on Ctrl-C the decoding thread stops before the process exits
-            for batch, pixels in batches:
+        # captions tokenised beside the decoding, not between the image and caption passes
+        text_specs = [spec for spec, parts in plan.items() if "text" in parts and (spec, "text") not in given]
+        token_chunks: dict[str, list[Any]] = {spec: [] for spec in text_specs}
+        pin = any(str(e.device).startswith("cuda") for e in encoders.values())
+        batches = part_batches(part, preprocesses, {spec: encoders[spec].tokenizer for spec in text_specs},
+                               batch_size, num_workers, pin_memory=pin)
+        with contextlib.closing(batches):  # on Ctrl-C the decoding thread or workers stop before the process exits
+            for batch in batches:
+                if batch.failed:
+                    failures["failed_to_decode"] += batch.failed
+                if not batch.samples:
+                    continue
                 for spec in image_specs:
-                    chunks[spec].append(encoders[spec].encode_pixels(pixels[spec]))
-                kept.extend(batch)
-                on_rows(len(batch))
+                    chunks[spec].append(encoders[spec].encode_pixels(batch.pixels[spec]))
+                for spec in text_specs:
+                    token_chunks[spec].append(batch.tokens[spec])
+                kept.extend(batch.samples)
+                on_rows(len(batch.samples))
+        tokens = {spec: torch.cat(c) for spec, c in token_chunks.items() if c}
         images = {spec: np.concatenate(c) if c else np.zeros((0, encoders[spec].dim), np.float32) for spec, c in chunks.items()}
     else:
         if image_specs:  # the build's preflight says so first; a part never gets half its files
@@ -190,7 +166,8 @@ def embed_part(
                 if (spec, "text") in given:
                     on_captions(len(captions))
                 else:
-                    write_text_embeddings(layout, encoders[spec], part.name, captions, on_batch=on_captions)
+                    write_text_embeddings(layout, encoders[spec], part.name, captions, on_batch=on_captions,
+                                          tokens=tokens.get(spec))
             if spec in images:
                 _save_npy(layout.emb_file(slug_of(spec), "image", part.name), images[spec])
         with atomic_path(layout.metadata_file(slug_of(first), part.name)) as tmp:

@@ -19,9 +19,11 @@ import pyarrow.parquet as pq
 
 from xm.encoders import load_encoder
 from xm.errors import XMError
+from xm.indexes import object_store
 from xm.indexes.layout import Layout, write_json
 from xm.indexes.manifest import read_manifest, write_manifest
 from xm.indexes.records import Manifest
+from xm.pipeline import staging
 from xm.pipeline.build import encoder_entry, index_entry
 from xm.pipeline.compress import embedding_files
 from xm.pipeline.config import BuildConfig, parse_encoder_flag
@@ -42,7 +44,7 @@ def _image_rows(cfg: BuildConfig, layout: Layout, manifest: Manifest, part: str)
     """The part's samples from the recorded source, in the stored rows' order."""
     src = manifest.source
     build = BuildConfig(source=src.source, out=layout.root, source_kind=src.kind, limit=src.limit, parts=src.parts,
-                        shard_size=src.shard_size or BuildConfig.shard_size)
+                        shard_size=src.shard_size)  # None: the part sizes the build pinned under _work/
     if not build.kind.has_images:
         raise XMError(f"{layout.root}: built from precomputed embeddings; there are no images to embed under another encoder")
     parts = {p.name: p for p in build.kind.parts(build, layout)}
@@ -59,11 +61,20 @@ def _image_rows(cfg: BuildConfig, layout: Layout, manifest: Manifest, part: str)
 
 def add_encoder(out: str, flag: str, cfg: BuildConfig | None = None,
                 progress: Callable[[str, int | None], Callable[[int], None]] = lambda label, total: (lambda n: None)) -> AddSummary:
+    url = object_store.unmangled(out)
+    if object_store.is_remote(url):  # a memory on object storage: extended in its staging folder, then pushed
+        folder = object_store.cache_folder(url, staging.base(cfg), "stage")
+        object_store.pull(url, folder, "--out", must_exist=True)
+        added = add_encoder(str(folder), flag, replace(cfg, out=folder) if cfg else None, progress)
+        object_store.push(folder, url, "--out")
+        added.out = url
+        return added
     layout = Layout(out)
     manifest = read_manifest(out)
     spec, parts = parse_encoder_flag(flag, "--add-encoder")
     cfg = cfg or BuildConfig(source="", out=layout.root)
-    enc = load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision)
+    # the device as the command parsed it (cfg.target: auto when the API gave none); its first GPU
+    enc = load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision, device=cfg.target.first())
     prior = manifest.encoders.get(spec)
     if prior is not None and not enc.fingerprint_matches(prior.probe):
         raise XMError(f"{layout.manifest}: encoder {spec} has other weights than the ones that built this index")

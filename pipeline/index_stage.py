@@ -4,9 +4,10 @@ as memory-mappable shards with global ids.
 
 * one machine (`--distributor multiprocessing`): autofaiss builds one index; it is tuned,
   then split by id range (`write_shards`).
-* Spark (`--distributor pyspark`): autofaiss trains on the driver, executors add id ranges,
-  and it keeps `--shards` merged indices (`nb_indices_to_keep`), each written by an executor
-  with global ids. They become the shards as they are; they are tuned together, on a stacked
+* Spark (`--distributor pyspark`): the index is trained by an executor task and kept
+  (`index_training.py`: every stale index at once, reused by a rerun), executors add id ranges
+  to it, and autofaiss keeps `shards_to_keep` merged indices (`nb_indices_to_keep`, at least
+  `--shards`), each written by an executor with global ids. They become the shards as they are; they are tuned together, on a stacked
   view of all of them (`xm.indexes.tuning.stacked_view`).
 
 Either way autofaiss is given a placeholder `index_param`, which skips its own per-index
@@ -17,8 +18,10 @@ one tuner (`tune_ivf`) then picks one parameter string, stored in build.json for
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -33,9 +36,10 @@ from xm.errors import XMError
 from xm.indexes.layout import Layout, write_json
 from xm.indexes.shards import ShardInfo, ivf_id_span, write_shards
 from xm.indexes.tuning import sample_queries, stacked_view, tune_ivf
+from xm.pipeline import index_training
 from xm.pipeline.config import BuildConfig
 from xm.pipeline.quiet import captured_stderr
-from xm.pipeline.spark import active_session
+from xm.pipeline.spark import active_session, cores_per_task, run_tasks
 
 # Any IVF accepts it and it makes autofaiss skip its tuner (optimize_and_measure_index tunes only
 # when index_param is None); the real parameters come from tune_ivf.
@@ -44,6 +48,8 @@ PLACEHOLDER_PARAM = "nprobe=1"
 TUNE_QUERIES = 1000
 # the whole tuning of one index stops here and keeps its best setting so far (reported)
 TUNE_DEADLINE_S = 300.0
+# on Spark, the most vectors autofaiss may merge into one index on the driver (its own add task size)
+MERGE_ON_DRIVER_MAX = 10_000_000
 
 
 def index_is_current(layout: Layout, slug: str, modality: str, count: int, shards: int) -> bool:
@@ -56,8 +62,17 @@ def index_is_current(layout: Layout, slug: str, modality: str, count: int, shard
     )
 
 
+def autofaiss_on_gpu(cfg: BuildConfig) -> bool:
+    """Whether autofaiss trains this build's indexes on a GPU: the build runs on CUDA (--device) and
+    faiss is a GPU build that sees one (`index_training.faiss_gpu`, the `gpu` extra). The index it
+    writes is a CPU index either way, so the artefacts stay CPU-readable."""
+    return cfg.target.kind == "cuda" and index_training.faiss_gpu()
+
+
 def _autofaiss(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: Path, index_path: Path, infos_path: Path,
                **extra: Any) -> Any:
+    if autofaiss_on_gpu(cfg):
+        extra["use_gpu"] = True
     return build_index(
         embeddings=str(emb_dir),
         index_path=str(index_path),
@@ -101,21 +116,54 @@ def _single_machine(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: 
     return shards, autofaiss_infos, (tuned, index)
 
 
-def _on_spark(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: Path, tmp: Path, path_for: Callable[[int], Path],
-              queries: np.ndarray,
-              index_key: str | None, work: Path, distributed: str) -> tuple[list[ShardInfo], dict[str, Any], Any]:
-    """autofaiss on the running SparkSession keeping cfg.shards indices; each becomes a shard
-    as it is (global ids, one id range each), then all are tuned together once."""
-    import faiss
+def shards_to_keep(shards: int, count: int) -> int:
+    """How many indices autofaiss keeps on Spark: at least --shards, and never more than
+    MERGE_ON_DRIVER_MAX vectors in one. autofaiss merges into one index on the driver
+    (`nb_indices_to_keep=1`) but into several on the executors, so past that size the index is
+    kept in pieces of at most that many vectors and never gathered on the driver."""
+    return max(shards, math.ceil(count / MERGE_ON_DRIVER_MAX))
 
-    active_session()  # autofaiss would otherwise start its own local[1] one with a 16G driver
+
+def _on_spark(cfg: BuildConfig, layout: Layout, slug: str, modality: str, emb_dir: Path, tmp: Path,
+              path_for: Callable[[int], Path], queries: np.ndarray,
+              index_key: str | None, work: Path) -> tuple[list[ShardInfo], dict[str, Any], Any]:
+    """The trained index kept for (slug, modality) (trained now, on an executor, if it is not:
+    `index_training`), filled by autofaiss's distributed add on the executors, which keeps
+    `shards_to_keep` indices; each becomes a shard as it is (global ids, one id range each),
+    then all are tuned together once."""
+    import faiss
+    from autofaiss.external.metadata import IndexMetadata
+    from autofaiss.indices.build import get_optimize_index_fn
+    from autofaiss.indices.distributed import add_embeddings_to_index_distributed
+    from autofaiss.utils.cast import cast_bytes_to_memory_string, cast_memory_to_bytes
+    from embedding_reader import EmbeddingReader
+
+    session = active_session()  # autofaiss would otherwise start its own local[1] one with a 16G driver
+    trained, record = index_training.trained_for(cfg, layout, slug, modality, index_key,
+                                                 functools.partial(run_tasks, session))
     shutil.rmtree(work, ignore_errors=True)  # a killed build's small indices
     work.mkdir(parents=True, exist_ok=True)
     index_path, infos_path = tmp / "full.index", tmp / "infos.json"
-    _, metrics = _autofaiss(build_index, cfg, emb_dir, index_path, infos_path, index_key=index_key,
-                            distributed=distributed, nb_indices_to_keep=cfg.shards,
-                            # its default is an HDFS path; executors must see this folder (--out on a shared disk)
-                            temporary_indices_folder=str(work.resolve()))
+    reader = EmbeddingReader(str(emb_dir), file_format="npy")
+    # autofaiss's own optimizer writes each kept index (and its infos); the placeholder
+    # index_param skips its tuner, as on one machine
+    optimizer = get_optimize_index_fn(embedding_reader=reader, index_key=record["key"], index_path=str(index_path),
+                                      index_infos_path=str(infos_path), use_gpu=False, save_on_disk=True,
+                                      max_index_query_time_ms=cfg.max_query_time_ms,
+                                      min_nearest_neighbors_to_retrieve=cfg.k, make_direct_map=False,
+                                      index_param=PLACEHOLDER_PARAM)
+    metadata = IndexMetadata(record["key"], record["count"], record["dim"], False)
+    keep = shards_to_keep(cfg.shards, record["count"])
+    # autofaiss's add_embeddings_to_index, called one level down so that its executor tasks get
+    # `nb_cores` (the cores Spark gives a task, not every core of the node); the memory left for
+    # adding is computed as that function does: the budget less one kept index
+    adding = cast_bytes_to_memory_string(cast_memory_to_bytes(cfg.current_memory)
+                                         - metadata.estimated_index_size_in_bytes() / keep)
+    _, metrics = add_embeddings_to_index_distributed(
+        trained_index_or_path=str(trained), embedding_reader=reader, memory_available_for_adding=adding,
+        nb_cores=cores_per_task(),
+        # its default is an HDFS path; executors must see this folder
+        temporary_indices_folder=str(work.resolve()), nb_indices_to_keep=keep, index_optimizer=optimizer)
     shutil.rmtree(work, ignore_errors=True)
     # nb_indices_to_keep == 1: "full.index"; more: "full.index0", "full.index1", ... (zero-padded)
     written = sorted(p for p in tmp.glob("full.index*") if p.is_file())
@@ -141,6 +189,7 @@ def _on_spark(build_index: Callable[..., Any], cfg: BuildConfig, emb_dir: Path, 
         infos[f.name] = json.loads(f.read_text())
     if not infos and metrics:
         infos = {"metrics": metrics}
+    infos["training"] = {"index_key": record["key"], "reused": bool(record.get("reused"))}
     view = stacked_view([Path(path_for(i)) for i in range(len(shards))])  # the shards, renamed above
     tuned = tune_ivf(view, queries, cfg.k, cfg.max_query_time_ms, deadline_s=TUNE_DEADLINE_S)
     return shards, infos, (tuned, view)
@@ -180,11 +229,10 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
         # K=128 query return 128 ids instead of -1 padding
         faiss_lines: list[str] = []
         with captured_stderr(faiss_lines):
-            distributed = cfg.runner_kind.autofaiss_distributed
-            if distributed is not None:
+            if cfg.runner_kind.autofaiss_distributed is not None:
                 work = layout.work / "autofaiss" / f"{slug}-{modality}"
-                shards, autofaiss_infos, (tuned, index) = _on_spark(build_index, cfg, emb_dir, Path(tmp), path_for,
-                                                                    queries, index_key, work, distributed)
+                shards, autofaiss_infos, (tuned, index) = _on_spark(cfg, layout, slug, modality, emb_dir, Path(tmp),
+                                                                    path_for, queries, index_key, work)
             else:
                 shards, autofaiss_infos, (tuned, index) = _single_machine(build_index, cfg, emb_dir, Path(tmp), path_for,
                                                                           queries, index_key)

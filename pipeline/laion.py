@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import urllib.error
-import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from xm.errors import XMError
 from xm.indexes.layout import atomic_path
@@ -20,6 +21,11 @@ METADATA_ROOT = "https://the-eye.eu/public/AI/cah/laion400m-met-release/laion400
 METADATA_PARTS = 32
 EMBEDDINGS_ROOT = "https://the-eye.eu/public/AI/cah/laion400m-met-release/laion400m-embeddings"
 EMBEDDING_PARTS = 410
+# a part's files are fetched together, and parts by several tasks at once; each request is
+# retried (urllib3's Retry: backoff, honouring Retry-After) before the part fails
+FETCH_THREADS = 4
+FETCH_RETRIES = 5
+FETCH_TIMEOUT_S = 60
 # The released metadata parts carry a Spark job id in their names.
 _META_SUFFIX = "-5b54c5d5-bbcf-484d-a2ce-0d6f73df1a36-c000.snappy.parquet"
 
@@ -82,13 +88,51 @@ def fetch(root: str, rel: str, dest: Path, what: str, flag: str) -> Path:
                 return candidate
         raise XMError(f"{src}: {what} not found; download it on a connected machine and point {flag} at its folder")
     url = f"{root.rstrip('/')}/{rel}"
+    import requests
+
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, atomic_path(dest) as tmp:
+        with _session().get(url, stream=True, timeout=FETCH_TIMEOUT_S) as response, atomic_path(dest) as tmp:
+            response.raise_for_status()
+            response.raw.decode_content = True  # a server that gzips the transfer still gives the file's bytes
             with open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f, 1 << 20)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        reason = getattr(exc, "reason", exc)
+                shutil.copyfileobj(response.raw, f, 1 << 20)
+    except (requests.RequestException, OSError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise XMError(
             f"{url}: cannot download {what} ({reason}); fetch it on a connected machine and pass {flag} FOLDER"
         ) from exc
     return dest
+
+
+def fetch_many(jobs: Sequence[tuple[str, str, Path, str, str]], threads: int = FETCH_THREADS) -> list[Path]:
+    """`fetch` for each (root, rel, dest, what, flag), `threads` at a time; in order. The first
+    failure is raised once the others have finished (a retried task finds those in place)."""
+    if len(jobs) <= 1:
+        return [fetch(*job) for job in jobs]
+    with ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="xm-fetch") as pool:
+        futures = [pool.submit(fetch, *job) for job in jobs]
+        return [f.result() for f in futures]
+
+
+_SESSIONS: dict[int, Any] = {}
+
+
+def _session() -> Any:
+    """A requests session per process whose every request is retried by urllib3 (connection
+    errors, 429 and 5xx answers, with exponential backoff): one flaky answer out of the 1,230
+    files of LAION's embeddings no longer fails a build."""
+    pid = os.getpid()  # a forked worker makes its own connections
+    if pid not in _SESSIONS:
+        import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        retry = Retry(total=FETCH_RETRIES, connect=FETCH_RETRIES, read=FETCH_RETRIES, backoff_factor=0.5,
+                      status_forcelist=(429, 500, 502, 503, 504), allowed_methods=frozenset({"GET"}),
+                      respect_retry_after_header=True, raise_on_status=True)
+        session = requests.Session()
+        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=max(FETCH_THREADS, 8))
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        _SESSIONS[pid] = session
+    return _SESSIONS[pid]

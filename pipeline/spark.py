@@ -56,9 +56,10 @@ def parse_conf(conf: Sequence[str]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def spark_session(master: str | None, conf: Sequence[str], app_name: str) -> Iterator[Any]:
+def spark_session(master: str | None, conf: Sequence[str], app_name: str, ui: bool = False) -> Iterator[Any]:
     """The build's one session: spark-submit's if one is active (then --spark-master must agree
-    or be absent), else a new one, stopped when the build ends."""
+    or be absent), else a new one, stopped when the build ends. `ui` (--spark-ui): open Spark's
+    web UI where a cluster can reach it; without it the UI listens on loopback only, or not at all."""
     from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
@@ -81,6 +82,7 @@ def spark_session(master: str | None, conf: Sequence[str], app_name: str) -> Ite
     # otherwise; a context made from Python reads PYSPARK_PYTHON, not spark.pyspark.python
     os.environ.setdefault("PYSPARK_PYTHON", settings.get("spark.pyspark.python", sys.executable))
     settings.setdefault("spark.ui.showConsoleProgress", "false")  # xm shows its own progress
+    _loopback_defaults(master or SparkConf().get("spark.master", "local[*]"), settings, ui)
     for key, value in settings.items():
         builder = builder.config(key, value)
     try:
@@ -89,10 +91,26 @@ def spark_session(master: str | None, conf: Sequence[str], app_name: str) -> Ite
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise XMError(f"--spark-master {master or 'local[*]'}: could not start Spark ({first})") from exc
     session.sparkContext.setLogLevel("ERROR")
+    if ui and session.sparkContext.uiWebUrl:
+        print(f"xm: Spark UI at {session.sparkContext.uiWebUrl}", file=sys.stderr, flush=True)
     try:
         yield session
     finally:
         session.stop()
+
+
+def _loopback_defaults(master: str, settings: dict[str, str], ui: bool) -> None:
+    """Spark's web UI listens on every interface (SPARK_LOCAL_IP, else 0.0.0.0) and shows the
+    build's paths and settings to anyone on the network. A local master needs no network at all:
+    the driver and its UI are bound to loopback. A cluster's driver must be reachable by its
+    executors, so its address is left to Spark, and the UI is off unless --spark-ui asks for it.
+    What --spark-conf or the environment says wins."""
+    if master.startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # read by the JVM xm starts: where the UI binds
+        settings.setdefault("spark.driver.bindAddress", "127.0.0.1")
+        settings.setdefault("spark.driver.host", "127.0.0.1")
+    elif not ui:
+        settings.setdefault("spark.ui.enabled", "false")
 
 
 def active_session() -> Any:
@@ -197,13 +215,30 @@ def _finished_tasks(sc: Any, group: str) -> int:
 
 
 def _task_error(exc: BaseException, description: str) -> BaseException:
-    """An XMError raised inside a task comes back wrapped in a Py4J/Spark error: keep its one line."""
+    """An XMError raised inside a task comes back wrapped in a Py4J/Spark error: keep its one line.
+    Any other failure keeps its cause: Spark's reason for aborting the job (a result past
+    spark.driver.maxResultSize, a lost executor), else the task's own exception line, never
+    only Py4J's "An error occurred while calling ..."."""
     text = str(exc)
     match = re.search(r"xm\.errors\.XMError: (.+)", text)
     if match:
         return XMError(match.group(1).strip())
-    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return XMError(f"{description}: a Spark task failed after its retries ({first.strip()[:300]})")
+    return XMError(f"{description}: a Spark job failed ({spark_cause(exc)[:300]})")
+
+
+def spark_cause(exc: BaseException) -> str:
+    """The line of a Spark/Py4J error that says why."""
+    text = str(exc)
+    aborted = re.search(r"Job aborted due to stage failure: (.+)", text)
+    if aborted:
+        return aborted.group(1).strip()
+    # a Python exception inside the task: its last "SomeError: message" line of the traceback
+    raised = re.findall(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, flags=re.MULTILINE)
+    meaningful = [f"{name}: {msg.strip()}" for name, msg in raised if "Py4J" not in name and "occurred while calling" not in msg]
+    if meaningful:
+        return meaningful[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "occurred while calling" not in line]
+    return lines[0] if lines else type(exc).__name__
 
 
 def task_threads() -> int:
@@ -223,3 +258,10 @@ def task_gpu() -> str | None:
     resources = ctx.resources() if ctx is not None else {}
     gpu = resources.get("gpu")
     return gpu.addresses[0] if gpu is not None and gpu.addresses else None
+
+
+def cores_per_task() -> int:
+    """On the driver: the cores each task gets (spark.task.cpus of the running session; 1 by
+    default), what a library running its own tasks (autofaiss's `nb_cores`) must use per task."""
+    session = active_session()
+    return max(1, int(session.sparkContext.getConf().get("spark.task.cpus", "1")))

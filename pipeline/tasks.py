@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 import xm.encoders
+from xm.encoders.device import Device
 from xm.errors import XMError
 from xm.indexes.layout import Layout, sha256_file
 from xm.indexes.store import write_store_part
@@ -27,11 +28,14 @@ from xm.pipeline.embed import embed_part, read_marker
 from xm.pipeline.runners.base import Runner
 
 
-def load_plan_encoders(cfg: BuildConfig, plan: dict[str, tuple[str, ...]], quiet: bool = False) -> dict[str, Any]:
-    """The encoders a build's plan embeds with (cached per process by the one loader); one whose
-    every embedding the source provides precomputed is not loaded (its weights need not exist)."""
+def load_plan_encoders(cfg: BuildConfig, plan: dict[str, tuple[str, ...]], quiet: bool = False,
+                       device: Device | None = None) -> dict[str, Any]:
+    """The encoders a build's plan embeds with (cached per process by the one loader), on `device`
+    (default: the build's first device); one whose every embedding the source provides
+    precomputed is not loaded (its weights need not exist)."""
+    where = device or cfg.target.first()
     # xm.encoders.load_encoder looked up per call, so that a test may count the loads
-    return {spec: xm.encoders.load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision, quiet=quiet)
+    return {spec: xm.encoders.load_encoder(spec, cache_dir=cfg.cache_dir, precision=cfg.precision, quiet=quiet, device=where)
             for spec in cfg.kind.encoders_to_load(cfg, plan)}
 
 
@@ -82,22 +86,52 @@ def embed_task(job: dict[str, Any]) -> dict[str, Any]:
     if part is None:
         raise XMError(f"{cfg.source}: part {job['part']} is not there from this executor")
     plan = cfg.plan()
-    encoders = load_plan_encoders(cfg, plan, quiet=True)
     gpu = runner.task_gpu()
     if gpu is not None:  # spark.task.resource.gpu.amount: this task's GPU, whichever the last task had
-        for enc in encoders.values():
-            enc.to(f"cuda:{gpu}")
-    return embed_part(part, encoders, plan, layout, cfg.batch_size, on_captions=kill_point("embed", part.name))
+        device = Device.parse(f"cuda:{gpu}", check=False)
+    elif cfg.target.kind == "cuda":  # asked for and not given: one line, never the CPU instead
+        raise XMError(f"--device {cfg.device}: this {runner.tasks or 'task'} was given no GPU; set "
+                      "spark.task.resource.gpu.amount (and the executors' GPU resources)")
+    else:
+        device = cfg.target
+    encoders = load_plan_encoders(cfg, plan, quiet=True, device=device)
+    return embed_part(part, encoders, plan, layout, cfg.batch_size, on_captions=kill_point("embed", part.name),
+                      num_workers=cfg.workers())
 
 
 # ---------------------------------------------------------------- store
 
-def store_task(job: dict[str, Any]) -> bytes:
-    """Write one caption-store part (job: {"out", "slug", "part", "first"}); return its caption
-    hashes (int64 bytes, in row order)."""
+def store_task(job: dict[str, Any]) -> int:
+    """Write one caption-store part and its rows of the caption-hash file being built (job:
+    {"out", "slug", "part", "first", "hashes": that file}); return its row count. Nothing but the
+    count goes back to the driver: the hashes of 400M items are 3.2 GB, past Spark's default
+    1 GB result limit (spark.driver.maxResultSize)."""
     layout = Layout(job["out"])
     meta = pq.read_table(layout.metadata_file(job["slug"], job["part"]))
-    return write_store_part(meta, int(job["first"]), layout.store_part(job["part"])).astype(np.int64).tobytes()
+    hashes = write_store_part(meta, int(job["first"]), layout.store_part(job["part"]))
+    write_hash_rows(Path(job["hashes"]), int(job["first"]), hashes)
+    return len(hashes)
+
+
+def create_hash_file(path: Path, count: int) -> None:
+    """An int64 .npy of `count` rows (zeros, sparse on disk) that store tasks fill in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    np.lib.format.open_memmap(path, mode="w+", dtype="<i8", shape=(count,)).flush()
+
+
+def write_hash_rows(path: Path, first: int, hashes: np.ndarray) -> None:
+    """Write `hashes` at rows first.. of the .npy at `path`: disjoint byte ranges, so tasks on
+    several executors write one shared file without a driver collect; a retried task writes the
+    same bytes again."""
+    with open(path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read_header(f)  # leaves f at the first row
+        f.seek(f.tell() + 8 * first)
+        f.write(np.ascontiguousarray(hashes, dtype="<i8").tobytes())
+        f.flush()
+        os.fsync(f.fileno())  # on shared storage, visible to the driver once the task is done
 
 
 # ---------------------------------------------------------------- manifest checksums

@@ -6,6 +6,10 @@ One thread per (encoder, kind) runs the forward passes: a request submits its im
 them as one batch. Under load this turns 50 single-image forwards into a few batched
 ones; alone, a request pays at most `wait_s` extra. It also means one forward pass at a
 time per encoder, which is what a CPU with few cores wants.
+
+A batch that fails is retried one request at a time, so one bad image fails only the request
+that sent it; and the thread drops its references to a batch (inputs and outputs) as soon as
+the results are handed over, so a batch's memory is not held until the next one.
 """
 
 from __future__ import annotations
@@ -48,36 +52,47 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
+            first = self._queue.get()
+            if first is None:
                 return
-            jobs = [job]
-            n = len(job[0])
-            deadline = time.perf_counter() + self.wait_s
-            while n < self.max_items:
-                try:
-                    nxt = self._queue.get_nowait() if time.perf_counter() >= deadline else \
-                        self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                jobs.append(nxt)
-                n += len(nxt[0])
-            jobs = [j for j in jobs if j[1].set_running_or_notify_cancel()]
-            if not jobs:
-                continue
-            items = [it for j in jobs for it in j[0]]
+            self._deliver(self._collect(first))
+            first = None  # the batch's images and tensors belong to the requests now, not to this thread
+
+    def _collect(self, first: tuple[list[Any], Future]) -> list[tuple[list[Any], Future]]:
+        """`first` and whatever else is queued (up to max_items, waiting at most wait_s)."""
+        jobs = [first]
+        n = len(first[0])
+        deadline = time.perf_counter() + self.wait_s
+        while n < self.max_items:
             try:
-                out = self.encode(items)
-            except BaseException as exc:  # delivered to every waiting request
-                for _, fut in jobs:
-                    fut.set_exception(exc)
-                continue
-            if self.on_batch is not None:
-                self.on_batch(len(items))
-            lo = 0
-            for its, fut in jobs:
-                fut.set_result(out[lo : lo + len(its)])
-                lo += len(its)
+                nxt = self._queue.get_nowait() if time.perf_counter() >= deadline else \
+                    self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._queue.put(None)
+                break
+            jobs.append(nxt)
+            n += len(nxt[0])
+        return [j for j in jobs if j[1].set_running_or_notify_cancel()]
+
+    def _deliver(self, jobs: list[tuple[list[Any], Future]]) -> None:
+        if not jobs:
+            return
+        items = [it for j in jobs for it in j[0]]
+        try:
+            out = self.encode(items)
+        except BaseException as exc:
+            if len(jobs) == 1:
+                jobs[0][1].set_exception(exc)
+                return
+            del items
+            for one in jobs:  # isolate the request that broke the batch: each alone
+                self._deliver([one])
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(items))
+        lo = 0
+        for its, fut in jobs:
+            fut.set_result(out[lo : lo + len(its)])
+            lo += len(its)

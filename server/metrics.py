@@ -54,11 +54,16 @@ class Metrics:
             self.requests[(endpoint, status)] += 1
             self.latency.setdefault(endpoint, Histogram(BUCKETS)).observe(seconds)
 
+    def end_other(self, status: int) -> None:
+        """A request the router answered itself (no such path, a method the path does not take)."""
+        with self._lock:
+            self.requests[("other", status)] += 1
+
     def batch(self, name: str, size: int) -> None:
         with self._lock:
             self.batches.setdefault(name, Histogram(BATCH_BUCKETS)).observe(size)
 
-    def text(self) -> str:
+    def text(self, extra: dict[str, float] | None = None) -> str:
         with self._lock:
             lines = ["# HELP xm_requests_total Requests answered, by endpoint and status.",
                      "# TYPE xm_requests_total counter"]
@@ -74,4 +79,6 @@ class Metrics:
                 lines += h.lines("xm_encoder_batch_items", f'batcher="{name}"')
             lines += ["# TYPE xm_requests_in_flight gauge", f"xm_requests_in_flight {self.inflight}",
                       "# TYPE xm_uptime_seconds gauge", f"xm_uptime_seconds {time.time() - self.started:.1f}"]
+            for name, value in (extra or {}).items():
+                lines += [f"# TYPE {name} gauge", f"{name} {value:g}"]
         return "\n".join(lines) + "\n"

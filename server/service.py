@@ -26,16 +26,16 @@ from typing import Any
 
 import numpy as np
 
+from xm.encoders.device import CPU, Device
 from xm.errors import XMError
 from xm.methods.base import Queries
 from xm.server.batching import Batcher
+from xm.server.filters import connected_dedup, load_violence_prompts, safety_column, unsafe, violent
 from xm.server.metrics import Metrics
 
 # what clip back would honour and xm does not (they are accepted, named in this header, not failed)
 UNHONOURED_HEADER = "X-XM-Unhonoured-Options"
 STREAM_HEADER = "X-XM-Stream"
-# clip back's `deduplicate`: results whose embeddings are this similar are one connected group
-DEDUP_THRESHOLD = 0.94
 # method options naming files on the server: never taken from a request
 FILE_OPTIONS = {"checkpoint", "descriptions", "texts_file", "wordnet_dir"}
 # method options naming an encoder: only the served index's own encoders
@@ -68,12 +68,18 @@ class Limits:
     max_label_chars: int = 200
     max_templates: int = 32
     max_images: int = 16  # images in one /classify request
-    request_timeout_s: float = 60.0  # socket reads, and waiting for a worker or an encoder batch
+    max_aspect: float = 20.0  # an image's long side over its short side (CLIP's resize scales the short side)
+    max_request_pixels: int = 64_000_000  # decoded + resized pixels of all the images of one request
+    resize_side: int = 336  # CLIP's input side the budget assumes: the largest common one (ViT-L-14-336)
+    request_timeout_s: float = 60.0  # waiting for a compute slot, and for an encoder batch
+    read_timeout_s: float = 20.0  # a request's line, headers and body must arrive within this (slowloris)
+    max_pending_per_address: int = 32  # unfinished requests from one client address; the oldest is closed past it
+    max_head_bytes: int = 16 * 1024  # request line and headers
     url_fetch_bytes: int = 16 << 20
     url_fetch_timeout_s: float = 10.0
     max_streams: int = 10_000  # least recently used streams are dropped beyond this
     max_classifiers: int = 32  # (labels, method, options) combinations kept warm
-    max_connections: int = 256
+    max_connections: int = 1024  # open connections per process; past it the oldest unfinished one is closed
 
 
 def _bool(body: dict, key: str, default: bool = False) -> bool:
@@ -126,11 +132,34 @@ def decode_base64(text: str, what: str = "image") -> bytes:
         raise RequestError(400, f"{what}: not valid base64 ({exc})") from exc
 
 
-def decode_image(data: bytes, max_pixels: int, name: str = "image") -> Any:
-    """RGB PIL image from untrusted bytes; the pixel limit is checked on the header, before decoding."""
-    from PIL import Image, UnidentifiedImageError
+class PixelBudget:
+    """What one request's images may cost, counted from their headers before any decoding: each
+    image's decoded pixels and those of CLIP's resize (short side to `resize_side`: a thin
+    image's long side grows with it), bounded per image (`max_pixels`, `max_aspect`) and summed
+    over the request (`max_request_pixels`)."""
 
-    from xm.encoders import load_image
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.used = 0
+
+    def take(self, w: int, h: int, name: str) -> None:
+        lim = self.limits
+        if w * h > lim.max_pixels:
+            raise RequestError(413, f"{name}: {w}x{h} pixels is over the server's limit of {lim.max_pixels / 1e6:g} megapixels")
+        short, long = min(w, h), max(w, h)
+        if short < 1 or long / short > lim.max_aspect:
+            raise RequestError(413, f"{name}: {w}x{h} has an aspect ratio over the server's limit of {lim.max_aspect:g} "
+                                    f"(CLIP's resize would make it {lim.resize_side}x{lim.resize_side * long // max(short, 1)})")
+        resized = lim.resize_side * math.ceil(lim.resize_side * long / short)
+        self.used += w * h + resized
+        if self.used > lim.max_request_pixels:
+            raise RequestError(413, f"{name}: the request's images decode and resize to over "
+                                    f"{lim.max_request_pixels / 1e6:g} megapixels, the server's limit per request")
+
+
+def probe_image(data: bytes, budget: PixelBudget, name: str = "image") -> None:
+    """Charge an image's cost to the request's budget from its header alone (nothing decoded)."""
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise RequestError(400, f"{name}: empty")
@@ -141,19 +170,68 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> Any:
         raise RequestError(400, f"{name}: not a readable image ({type(exc).__name__})") from exc
     except Image.DecompressionBombError as exc:
         raise RequestError(413, f"{name}: over the pixel limit (a decompression bomb?)") from exc
-    if w * h > max_pixels:
-        raise RequestError(413, f"{name}: {w}x{h} pixels is over the server's limit of {max_pixels / 1e6:g} megapixels")
+    budget.take(w, h, name)
+
+
+def decode_images(images: Sequence[tuple[bytes, str]], budget: PixelBudget) -> list[Any]:
+    """RGB PIL images from untrusted bytes: every image's cost is checked on its header before
+    any is decoded, so a request over its budget costs no decoding at all."""
+    from xm.encoders import load_image
+
+    for data, name in images:
+        probe_image(data, budget, name)
+    out = []
+    for data, name in images:
+        try:
+            out.append(load_image(data, name=name))
+        except XMError as exc:
+            raise RequestError(400, str(exc)) from exc
+    return out
+
+
+def decode_image(data: bytes, max_pixels: int | PixelBudget, name: str = "image") -> Any:
+    """One image (`decode_images`); an int is a pixel limit with the other limits at their defaults."""
+    budget = max_pixels if isinstance(max_pixels, PixelBudget) else PixelBudget(Limits(max_pixels=max_pixels))
+    return decode_images([(data, name)], budget)[0]
+
+
+def check_strings(value: Any, where: str = "body") -> None:
+    """JSON may carry strings that are not text (a lone surrogate, `"\\ud800"`): refused here,
+    before a tokenizer or the UTF-8 answer trips on them."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise RequestError(400, f"{where}: a string holds a lone surrogate ({v[exc.start]!a}); send UTF-8 text") from exc
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def check_template(t: str) -> None:
+    """A prompt template has one `{}` (or `{c}`) where the class name goes, nothing else in braces."""
+    import string
+
     try:
-        return load_image(data, name=name)
-    except XMError as exc:
-        raise RequestError(400, str(exc)) from exc
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(t.replace("{c}", "{}")) if f is not None]
+    except ValueError:  # an unmatched brace
+        fields = []
+    if len(fields) != 1 or fields[0][0] not in ("", "0") or fields[0][1] or fields[0][2]:
+        raise RequestError(400, f"templates: {t[:60]!r} must hold exactly one {{}} (where the class name goes) "
+                                "and no other braces (write {{{{ or }}}} for a literal brace)")
 
 
 class ServedIndex:
     """One memory as clip back serves one indice: its coarse encoder embeds the queries.
     Request threads share the memory, which is safe for concurrent readers (`Memory`)."""
 
-    def __init__(self, name: str, path: Path, columns: Sequence[str] | None = None, precision: str = "fp32") -> None:
+    def __init__(self, name: str, path: Path, columns: Sequence[str] | None = None, precision: str = "fp32",
+                 violence_prompts: np.ndarray | None = None, device: Device = CPU) -> None:
         from xm.encoders import load_encoder
         from xm.memories import Memory, open_memory
 
@@ -162,7 +240,7 @@ class ServedIndex:
         self.memory: Memory = open_memory(self.path)
         m = self.memory
         self.spec = m.roles["coarse"]
-        self.encoder = load_encoder(self.spec, quiet=True, precision=precision)
+        self.encoder = load_encoder(self.spec, quiet=True, precision=precision, device=device)
         m.check_encoder(self.encoder, "coarse")
         self.modalities = [mod for mod in ("image", "text") if m.has_index(self.spec, mod)]
         m.preload()  # shards, embeddings, norms, caption hashes: opened before the first request
@@ -174,6 +252,19 @@ class ServedIndex:
                 raise XMError(f"--columns: {', '.join(unknown)} not in {path}'s caption store ({', '.join(available)})")
             available = [c for c in available if c in columns]
         self.columns = available
+        # clip back's filters this memory can honour (server/filters.py); the rest is said at start
+        self.safety_column = safety_column(list(self.info["columns"]))
+        dim = self.encoder.dim
+        self.violence = violence_prompts if violence_prompts is not None and violence_prompts.shape[1] == dim else None
+        self.cannot: dict[str, str] = {
+            "use_mclip": "M-CLIP is not part of an xm index",
+            "aesthetic_score": "the aesthetic embeddings are not part of an xm index"}
+        if self.safety_column is None:
+            self.cannot["use_safety_model"] = "the caption store has no NSFW or punsafe column (LAION metadata has)"
+        if self.violence is None:
+            self.cannot["use_violence_detector"] = (
+                "no --violence-prompts FILE (clip back's violence_detection_*.npy)" if violence_prompts is None else
+                f"--violence-prompts has dimension {violence_prompts.shape[1]}, the coarse encoder {dim}")
         src = self.info.get("source", {})
         root = Path(src.get("source", "")) if src.get("source") else None
         # local source files (the web page's thumbnails) are read only from under these folders
@@ -181,8 +272,9 @@ class ServedIndex:
 
     def describe(self) -> dict[str, Any]:
         i = self.info
+        filters = ["deduplicate"] + [f for f in ("use_safety_model", "use_violence_detector") if f not in self.cannot]
         return {"id": i["id"], "count": i["count"], "roles": i["roles"], "modalities": self.modalities, "columns": self.columns,
-                "encoders": i["encoders"]}
+                "encoders": i["encoders"], "filters": filters, "has_local_images": bool(self.image_roots)}
 
     def local_image(self, row: dict) -> Path | None:
         """The source file of a memory item, if it lies under a served folder; else None."""
@@ -201,48 +293,27 @@ class ServedIndex:
         return None
 
 
-def connected_dedup(emb: np.ndarray, threshold: float = DEDUP_THRESHOLD) -> np.ndarray:
-    """Positions kept by clip back's `deduplicate`: results whose embeddings are at least
-    `threshold` similar form connected groups; each group keeps its best-ranked member."""
-    n = len(emb)
-    if n < 2:
-        return np.arange(n)
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for lo in range(0, n, 1024):
-        block = emb[lo : lo + 1024] @ emb.T
-        rows, cols = np.nonzero(block >= threshold)
-        for r, c in zip(rows + lo, cols):
-            if c > r:
-                a, b = find(int(r)), find(int(c))
-                if a != b:
-                    parent[max(a, b)] = min(a, b)  # the root is always the best-ranked member
-    return np.array([i for i in range(n) if find(i) == i], dtype=np.int64)
-
-
 class Service:
     def __init__(self, indexes: Sequence[tuple[str, Path]], limits: Limits | None = None, allow_url_fetch: bool = False,
                  inline_images: bool = False, columns: Sequence[str] | None = None, batch_items: int = 32,
-                 batch_wait_s: float = 0.004, precision: str | None = None) -> None:
+                 batch_wait_s: float = 0.004, precision: str | None = None, unhonoured: str = "header",
+                 violence_prompts: Path | None = None, device: str | Device | None = None) -> None:
         from xm.encoders.precision import Precision
 
         self.precision = Precision.parse(precision)  # the server config's edge: every encoder the server runs
+        self.device = Device.parse(device).single("xm serve")  # where they run, their batches included (None: auto)
         self.limits = limits or Limits()
         self.allow_url_fetch = allow_url_fetch
         self.inline_images = inline_images
         self.batch_items, self.batch_wait_s = batch_items, batch_wait_s
         self.metrics = Metrics()
+        self.refuse_unhonoured = unhonoured == "refuse"  # --unhonoured refuse: a 400 rather than a header
+        prompts = load_violence_prompts(violence_prompts) if violence_prompts is not None else None
         self.indices: dict[str, ServedIndex] = {}
         for name, path in indexes:
             if name in self.indices:
                 raise XMError(f"indice name {name!r} is given twice; name them NAME=PATH")
-            self.indices[name] = ServedIndex(name, path, columns, self.precision)
+            self.indices[name] = ServedIndex(name, path, columns, self.precision, prompts, self.device)
         if not self.indices:
             raise XMError("xm serve: give at least one index")
         self._lock = threading.Lock()
@@ -250,6 +321,15 @@ class Service:
         self._classifiers: OrderedDict[str, Any] = OrderedDict()
         self._classifier_locks: dict[str, threading.Lock] = {}
         self._streams: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def unhonoured_lines(self) -> list[str]:
+        """What clip back would do and this server cannot, per indice: printed at start."""
+        how = "refused (400)" if self.refuse_unhonoured else f"ignored, named in {UNHONOURED_HEADER}"
+        lines = []
+        for name, s in self.indices.items():
+            for flag, why in s.cannot.items():
+                lines.append(f"{name}: {flag} cannot be honoured ({why}); {how}")
+        return lines
 
     # --- shared pieces -------------------------------------------------------------
     def index(self, name: Any) -> ServedIndex:
@@ -300,10 +380,14 @@ class Service:
             raise RequestError(413, f"image_url: over {self.limits.url_fetch_bytes >> 20} MiB")
         return data
 
-    def image_from(self, value: Any, what: str) -> Any:
+    def budget(self) -> PixelBudget:
+        """What one request's images may cost (decoded and resized pixels)."""
+        return PixelBudget(self.limits)
+
+    def image_from(self, value: Any, what: str, budget: PixelBudget) -> Any:
         if not isinstance(value, str):
             raise RequestError(400, f"{what}: expected a base64 string, got {type(value).__name__}")
-        return decode_image(decode_base64(value, what), self.limits.max_pixels, what)
+        return decode_image(decode_base64(value, what), budget, what)
 
     # --- clip back: /knn-service, /metadata, /indices-list ---------------------------
     def indices_list(self) -> list[str]:
@@ -335,16 +419,19 @@ class Service:
         num_images = _int(body, "num_images", 40, 1, lim.max_results)
         num_ids = _int(body, "num_result_ids", num_images, 1, lim.max_results)
         dedup = _bool(body, "deduplicate")
-        unhonoured = []
-        for flag in ("use_safety_model", "use_violence_detector", "use_mclip"):
-            if _bool(body, flag):
-                unhonoured.append(flag)
+        asked = {flag for flag in ("use_safety_model", "use_violence_detector", "use_mclip") if _bool(body, flag)}
         score, weight = body.get("aesthetic_score"), body.get("aesthetic_weight")
         for key, v in (("aesthetic_score", score), ("aesthetic_weight", weight)):
             if v not in (None, "") and (isinstance(v, bool) or not isinstance(v, (int, float, str))):
                 raise RequestError(400, f"{key}: expected a number or \"\"")
         if score not in (None, ""):
-            unhonoured.append("aesthetic_score")
+            asked.add("aesthetic_score")
+        order = ("use_safety_model", "use_violence_detector", "use_mclip", "aesthetic_score")
+        unhonoured = [f for f in order if f in asked and f in served.cannot]
+        if unhonoured and self.refuse_unhonoured:
+            raise RequestError(400, f"{', '.join(unhonoured)}: indice {served.name} cannot honour "
+                               f"{'it' if len(unhonoured) == 1 else 'them'} ({'; '.join(served.cannot[f] for f in unhonoured)}); "
+                               "send them false (or aesthetic_score \"\")")
         text = _str(body, "text", lim.max_text_chars)
         inputs = {k: body.get(k) for k in ("text", "image", "image_url", "embedding_input") if body.get(k) is not None}
         if len(inputs) != 1:
@@ -354,11 +441,11 @@ class Service:
         if text is not None:
             query = self.encode(enc, "text", [text])
         elif "image" in inputs:
-            query = self.encode(enc, "image", [self.image_from(inputs["image"], "image")])
+            query = self.encode(enc, "image", [self.image_from(inputs["image"], "image", self.budget())])
         elif "image_url" in inputs:
             url = _str(body, "image_url", 4096)
             assert url is not None  # in `inputs`: given, not None
-            query = self.encode(enc, "image", [decode_image(self.fetch_url(url), lim.max_pixels, "image_url")])
+            query = self.encode(enc, "image", [decode_image(self.fetch_url(url), self.budget(), "image_url")])
         else:
             vec = inputs["embedding_input"]
             if not isinstance(vec, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vec):
@@ -374,12 +461,9 @@ class Service:
         stop = np.nonzero(ids < 0)[0]
         if len(stop):
             sims, ids = sims[: stop[0]], ids[: stop[0]]
-        if dedup and len(ids) > 1:
-            emb = m.embeddings(served.spec, modality).gather(ids)
-            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-            keep = connected_dedup(emb)
-            sims, ids = sims[keep], ids[keep]
-        metas = self.rows(served, ids[:num_images])
+        sims, ids = self.post_filter(served, modality, sims, ids, dedup, "use_safety_model" in asked,
+                                     "use_violence_detector" in asked)
+        metas = self.rows(served, ids[:num_images].tolist())
         out = []
         for j, (i, s) in enumerate(zip(ids, sims)):
             row = dict(metas[j]) if j < len(metas) else {}
@@ -388,6 +472,26 @@ class Service:
             out.append(row)
         headers = {UNHONOURED_HEADER: ", ".join(unhonoured) if unhonoured else "none"}
         return out, headers
+
+    def post_filter(self, served: ServedIndex, modality: str, sims: np.ndarray, ids: np.ndarray, dedup: bool,
+                    safety: bool, violence: bool) -> tuple[np.ndarray, np.ndarray]:
+        """clip back's post_filter: what each asked-for filter drops, computed over all results, then dropped."""
+        drop: set[int] = set()
+        m = served.memory
+        if len(ids) and (dedup or (violence and served.violence is not None)):
+            emb = m.embeddings(served.spec, modality).gather(ids)
+            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            if dedup:
+                drop |= set(range(len(ids))) - {int(i) for i in connected_dedup(emb)}
+            if violence and served.violence is not None:
+                drop |= {int(i) for i in violent(emb, served.violence)}
+        if len(ids) and safety and served.safety_column is not None:
+            col = served.safety_column
+            drop |= {int(i) for i in unsafe([r.get(col) for r in m.rows(list(ids), columns=(col,))])}
+        if not drop:
+            return sims, ids
+        keep = np.array([i for i in range(len(ids)) if i not in drop], dtype=np.int64)
+        return sims[keep], ids[keep]
 
     def metadata(self, body: Any) -> list[dict[str, Any]]:
         """POST /metadata: [{"id": .., "metadata": {..}}] for the given ids, in order."""
@@ -408,7 +512,18 @@ class Service:
 
     # --- the web page's helpers -----------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        return {name: s.describe() for name, s in self.indices.items()}
+        return {name: {**s.describe(), "image_url": self.allow_url_fetch} for name, s in self.indices.items()}
+
+    def embedding(self, name: str, item: str, modality: str) -> dict[str, Any]:
+        """A memory item's stored coarse embedding (the page's "similar": its kNN through embedding_input)."""
+        served = self.index(name)
+        if not re.fullmatch(r"[0-9]{1,18}", item) or not 0 <= int(item) < served.memory.count:
+            raise RequestError(404, f"no item {item[:20]!r} in indice {served.name}")
+        if modality not in ("image", "text") or not served.memory.has_embeddings(served.spec, modality):
+            raise RequestError(400, f"modality {modality[:20]!r}: indice {served.name} keeps no such embeddings")
+        vec = served.memory.embeddings(served.spec, modality).gather(np.array([int(item)]))[0].astype(np.float32)
+        vec /= max(float(np.linalg.norm(vec)), 1e-12)
+        return {"id": int(item), "modality": modality, "embedding": [float(x) for x in vec]}
 
     def methods(self) -> list[dict[str, Any]]:
         from xm.methods.registry import variants
@@ -425,7 +540,7 @@ class Service:
 
     def local_image(self, name: str, item: str) -> tuple[bytes, str]:
         served = self.index(name)
-        if not item.isdigit() or not 0 <= int(item) < served.memory.count:
+        if not re.fullmatch(r"[0-9]{1,18}", item) or not 0 <= int(item) < served.memory.count:
             raise RequestError(404, f"no item {item[:20]!r} in indice {served.name}")
         row = served.memory.rows([int(item)])[0]
         path = served.local_image(row)
@@ -510,6 +625,8 @@ class Service:
         if (not isinstance(templates, list) or not all(isinstance(t, str) and len(t) <= 300 for t in templates)
                 or len(templates) > lim.max_templates):
             raise RequestError(400, f"templates: expected up to {lim.max_templates} strings, each with a {{}}")
+        for t in templates:
+            check_template(t)
         protocol = body.get("protocol") or DEFAULT_PROTOCOL
         if not isinstance(protocol, str):
             raise RequestError(400, "protocol: expected a string (authors | xm)")
@@ -527,7 +644,8 @@ class Service:
             if clf is None:
                 try:
                     clf = Classifier(served.memory, labels, method=method, model=model, templates=templates,
-                                     protocol_name=protocol, options=options, precision=self.precision)
+                                     protocol_name=protocol, options=options, precision=self.precision,
+                                     device=self.device)
                 except XMError as exc:
                     raise RequestError(400, str(exc)) from exc
                 clf.evidence_lock = None if clf.method.thread_safe_evidence else threading.Lock()
@@ -576,8 +694,11 @@ class Service:
             stream = "s-" + secrets.token_urlsafe(12)
         if stream is not None and (not isinstance(stream, str) or not STREAM_ID.match(stream)):
             raise RequestError(400, "stream: expected an id of 1-64 letters, digits, '_', '-', '.' or ':' (or true for a new one)")
-        images = [v if not isinstance(v, str) else self.image_from(v, "image" if single else f"images[{i}]")
-                  for i, v in enumerate(raw)]
+        if all(isinstance(v, str) for v in raw):
+            names = ["image"] if single else [f"images[{i}]" for i in range(len(raw))]
+            images = decode_images([(decode_base64(v, n), n) for v, n in zip(raw, names)], self.budget())
+        else:  # multipart: decoded already (classify_form)
+            images = raw
         if not all(hasattr(im, "size") for im in images):
             raise RequestError(400, "image: expected a base64 string")
         clf, _ = self.classifier(body)
@@ -600,6 +721,41 @@ class Service:
         rows = result_rows(method, clf.classnames, decision, evidence, explain)
         headers = {STREAM_HEADER: stream_id} if stream_id else {}
         return (rows[0] if single else rows), headers
+
+
+    def classify_form(self, fields: dict[str, list[Any]], stream_header: str | None = None) -> tuple[Any, dict[str, str]]:
+        """/classify as multipart/form-data: `image` (file, repeatable), `labels` (text or a file),
+        the other fields as text, repeated `templates`; anything else is a method option."""
+        out: dict[str, Any] = {}
+        files: list[tuple[bytes, str]] = []
+        for name, values in fields.items():
+            check_strings(name, "multipart field name")
+            for value in values:
+                if name in ("image", "images"):
+                    if not isinstance(value, tuple):
+                        raise RequestError(400, f"multipart field {name}: expected a file")
+                    files.append((value[1], str(value[0])[:80] or name))
+                    continue
+                if isinstance(value, tuple):  # a file: its text (labels files, mostly)
+                    try:
+                        value = value[1].decode("utf-8-sig")
+                    except UnicodeDecodeError as exc:
+                        raise RequestError(400, f"multipart field {name}: not UTF-8 text") from exc
+                check_strings(value, f"multipart field {name}")
+                if name in ("templates", "template"):
+                    out.setdefault("templates", []).append(value)
+                elif name == "explain":
+                    out["explain"] = value.strip().lower() in ("1", "true", "yes", "on")
+                elif name in out:
+                    raise RequestError(400, f"multipart field {name}: given twice")
+                else:
+                    out[name] = value.strip() if name != "labels" else value
+        images = decode_images(files, self.budget())
+        if len(images) == 1:
+            out["image"] = images[0]
+        elif images:
+            out["images"] = images
+        return self.classify(out, stream_header)
 
 
 class BatchedQueries(Queries):

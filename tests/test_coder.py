@@ -292,11 +292,13 @@ def test_adapter_needs_fit_and_keys_its_state(splits) -> None:
 
 def test_descriptions_dclip_and_sectioned(tmp_path) -> None:
     flat = tmp_path / "dclip.json"
-    flat.write_text(json.dumps({"Red_Fox": ["a bushy tail", "orange fur"], "Blue Tram": ["rails"], "unicorn": ["a horn"]}))
+    flat.write_text(json.dumps({"Red_Fox": ["a bushy tail", "orange fur"], "Blue Tram": ["rails"], "unicorn": ["a horn"],
+                                "GreenParrot": ["green wings"], "STONE bridge": ["arches"]}))
     d = read_descriptions(flat, CLASSES)
-    assert d.descriptors == {"red fox": ["a bushy tail", "orange fur"], "blue tram": ["rails"]} and d.unmatched == ["unicorn"]
+    assert d.descriptors == {"red fox": ["a bushy tail", "orange fur"], "blue tram": ["rails"], "green parrot": ["green wings"],
+                             "stone bridge": ["arches"]} and d.unmatched == ["unicorn"]
     sec = tmp_path / "sections.json"
-    sec.write_text(json.dumps({"descriptors": {"red fox": ["a bushy tail"]},
+    sec.write_text(json.dumps({"descriptors": {"red fox": ["a bushy tail"], "green parrot": ["wings"], "stone bridge": ["arches"]},
                                "analogous": {"red fox": ["arctic fox", "Blue_Tram"]},
                                "differences": {"red fox": {"blue tram": ["fur instead of metal"]}}}))
     enc = _ctx().encoder(TINY)
@@ -304,7 +306,12 @@ def test_descriptions_dclip_and_sectioned(tmp_path) -> None:
     fox = {t.kind: t for t in ts.of("red fox")}
     assert fox["name"].text == "a photo of red fox" and fox["attribute"].text == "red fox which has a bushy tail"
     assert fox["attribute"].source == "descriptions" and fox["analogous"].text == "a red fox similar to arctic fox."
-    assert fox["ovo"].versus == "blue tram" and fox["ovo"].text == "fur instead of metal"
+    # one-vs-one attributes rendered through every one-vs-one template (the authors' default list has 7)
+    ovo = ts.of("red fox", ("ovo",))
+    assert len(ovo) == 7 and {t.versus for t in ovo} == {"blue tram"}
+    assert ovo[0].text == "Because of fur instead of metal, red fox is different from blue tram."
+    as_written = build_textset(CLASSES, enc, TextOptions(descriptions=str(sec), max_similarity=1.0, ovo_as_written=True))
+    assert [t.text for t in as_written.of("red fox", ("ovo",))] == ["fur instead of metal"]
     assert [x["analogous"] for x in ts.dropped] == ["Blue_Tram"]  # another class of the label set
     strict = build_textset(CLASSES, enc, TextOptions(descriptions=str(sec), max_similarity=-1.0))
     assert not strict.of("red fox", ("analogous",)) and len(strict.dropped) == 2
@@ -423,7 +430,7 @@ def test_texts_cli_round_trip(mined_index, tmp_path) -> None:
                                  "--max-similarity", "1", "--memory-k", "2", "--memory-search", "8", "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output.strip().splitlines()[-1])
-    assert summary["by_source"]["descriptions"] == {"attribute": 12, "ovo": 2} and summary["by_source"]["names"]["name"] == 4
+    assert summary["by_source"]["descriptions"] == {"attribute": 12, "ovo": 14}  # 2 attributes x 7 templates and summary["by_source"]["names"]["name"] == 4
     data = json.loads(out.read_text())
     assert data["format"] == "xm-texts/1" and data["classes"] == CLASSES and data["counts"]["vector"] == summary["vector_texts"]
     ts = read_textset(out)
@@ -448,7 +455,7 @@ def test_texts_cli_round_trip(mined_index, tmp_path) -> None:
     assert isinstance(bad.exception, XMError) and "needs an index" in str(bad.exception)
     with pytest.raises(XMError, match="not an xm text set"):
         read_textset(desc)
-    with pytest.raises(XMError, match="no texts for class"):
+    with pytest.raises(XMError, match="no key matches class.*xm texts --labels.*--classnames"):
         create("coder", Context(None, TINY, CLASSES + ["kite"], ["{}"]), texts_file=str(out))
 
 

@@ -201,3 +201,29 @@ def test_parallel_shard_search_equals_sequential(tmp_path) -> None:
     d1, i1 = index.search(q, 30)
     np.testing.assert_array_equal(sharded.search(q, 30)[1], i1)
     sharded.close()
+
+
+def test_spark_training_is_kept_and_reused(spark, tmp_path) -> None:
+    """Training runs once, on an executor, and is kept under _work: a rebuild (a new driver after
+    a lost one) reuses it and fills the same index."""
+    from xm.pipeline.index_training import trained_dir
+
+    sizes = [1200, 1300]
+    layout, x = _write_embeddings(tmp_path, sizes, seed=2)
+    cfg = _cfg(tmp_path, shards=2)
+    first = _build(cfg, layout, sum(sizes), None, timeout_s=240)
+    assert first["autofaiss"]["training"] == {"index_key": first["key"], "reused": False}
+    kept = trained_dir(layout, SLUG, "image") / "trained.index"
+    stamp = kept.stat().st_mtime_ns
+    before = [_stored_ids(layout.index_dir(SLUG, "image") / s["file"]) for s in first["shards"]]
+    layout.index_build_info(SLUG, "image").unlink()  # the index must be rebuilt, its training need not
+    again = _build(cfg, layout, sum(sizes), None, timeout_s=240)
+    assert again["autofaiss"]["training"] == {"index_key": first["key"], "reused": True}
+    assert kept.stat().st_mtime_ns == stamp
+    assert again["params"] == first["params"] and again["shards"] == first["shards"]
+    after = [_stored_ids(layout.index_dir(SLUG, "image") / s["file"]) for s in again["shards"]]
+    assert all(np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(before, after))
+    # another budget is another index: trained anew, not the kept one
+    other = _build(BuildConfig(**{**cfg.__dict__, "max_index_memory": "100M"}), layout, sum(sizes), "IVF16,Flat", timeout_s=240)
+    assert other["autofaiss"]["training"]["reused"] is False and other["key"] == "IVF16,Flat"
+    _check_distributed(layout, _build(cfg, layout, sum(sizes), None, timeout_s=240), x, shards=2, k=cfg.k)

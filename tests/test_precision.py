@@ -24,7 +24,7 @@ CAPTIONS = ["a photo of a dog.", "a red tram in the snow", "caption number 3", "
             "", "a very long caption " * 6, "ünïcödé text", "a photo of a {}."]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "int8"])
 @pytest.mark.parametrize("spec", [TINY, TINY_WIDE])
 def test_embeddings_within_stated_cosine_of_fp32(spec: str, precision: str) -> None:
     ref, low = load_encoder(spec), load_encoder(spec, precision=precision)
@@ -69,7 +69,7 @@ def test_queries_preprocess_once_per_distinct_preprocessing() -> None:
     assert not np.array_equal(fa, f16) and (fa * f16).sum(1).min() >= MIN_COSINE["bf16"]  # own entry per precision
 
 
-@pytest.mark.parametrize("built, queried", [("fp32", "bf16"), ("bf16", "fp32"), ("fp32", "int8")])
+@pytest.mark.parametrize("built, queried", [("fp32", "bf16"), ("bf16", "fp32"), ("fp32", "int8"), ("fp16", "fp32")])
 def test_index_built_at_one_precision_finds_its_items_at_another(tmp_path, built: str, queried: str) -> None:
     src = write_caption_folder(tmp_path / "pairs", 10)
     build_index(BuildConfig(source=str(src), out=tmp_path / "idx", precision=built, **TINY_ROLES))
@@ -83,8 +83,8 @@ def test_index_built_at_one_precision_finds_its_items_at_another(tmp_path, built
 
 
 def test_unknown_precision_is_one_line(tmp_path) -> None:
-    with pytest.raises(XMError, match=r"^--precision 'fp16': unknown precision; choose from fp32, bf16, int8$"):
-        load_encoder(TINY, precision="fp16")
+    with pytest.raises(XMError, match=r"^--precision 'fp8': unknown precision; choose from fp32, bf16, fp16, int8$"):
+        load_encoder(TINY, precision="fp8")
     with pytest.raises(XMError, match="unknown precision"):
         BuildConfig(source="x", out=tmp_path / "o", precision="int4").validate()
     r = subprocess.run([sys.executable, "-m", "xm.cli", "search", str(tmp_path / "none"), "--text", "x", "--precision", "fp8"],

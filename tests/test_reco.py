@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import TINY, TINY_WIDE, make_image, near_duplicate
 from xm.errors import XMError
 from xm.memories import open_index
-from xm.methods.base import Context, Queries
+from xm.methods.base import Context, Example, Queries, Support
 from xm.methods.reco_model import build_model, mean_fusion
 from xm.methods.registry import create, variants
 from xm.pipeline import BuildConfig, build_index
@@ -312,7 +312,7 @@ def test_method_interface_and_explain(memory, trained) -> None:
     out, _ = trained
     ctx = _ctx(index)
     names = {v for v in variants() if v.startswith("reco")}
-    assert names == {"reco", "reco-image", "reco-text", "reco-mean"}
+    assert names == {"reco", "reco-image", "reco-text", "reco-mean", "reco-auto"}
     reco = create("reco", ctx, checkpoint=str(out))
     assert type(reco).trains and {n.kind for n in reco.needs()} == {"embeddings", "index", "trained"}
     assert {n.kind for n in create("reco-mean", ctx).needs()} == {"embeddings", "index"}
@@ -328,6 +328,37 @@ def test_method_interface_and_explain(memory, trained) -> None:
     x = reco.explain(ev, 0)
     assert len(x["image_neighbours"]) == 10 and x["image_neighbours"][0]["caption"] in {t.format(CLASSES[labels[0]]) for t in TEMPLATES}
     assert len(x["class_prompts"]) == len(TEMPLATES) and x["class_prompts"][0]["retrieved"]
+
+
+def test_mode_auto_is_chosen_on_the_validation_split(memory, trained) -> None:
+    """mode=auto (paper Table 4): the mode of best validation accuracy, recorded; labels of the
+    validation split decide it, and without one the method says so in one line."""
+    index, queries, labels = memory
+    out, _ = trained
+    ctx = _ctx(index)
+    auto = create("reco-auto", ctx, checkpoint=str(out), k=DUPS)
+    assert auto.wants_validation() and not create("reco", ctx, checkpoint=str(out)).wants_validation()
+    ev = auto.evidence(Queries(queries[:4]))
+    with pytest.raises(XMError, match="mode=auto .* validation split"):
+        auto.decide(ev)
+    with pytest.raises(XMError, match="mode=auto .* validation split"):
+        auto.fit(Support([], [], 0, 0))
+    val_images = [near_duplicate(q, 777 + i) for i, q in enumerate(queries)]
+
+    def examples(ys):
+        return [Example(lambda im=im: im, int(y), f"v{i}") for i, (im, y) in enumerate(zip(val_images, ys))]
+
+    preds = {m: _predict(create(f"reco-{m}" if m != "both" else "reco", ctx, checkpoint=str(out), k=DUPS), val_images)
+             for m in ("both", "image", "text")}
+    got = auto.fit(Support([], examples(labels), 0, 0))
+    acc = {m: float(np.mean(p == np.array(labels))) for m, p in preds.items()}
+    assert got["val_images"] == len(labels) and all(got[f"val_acc_{m}"] == round(a, 4) for m, a in acc.items())
+    assert got["mode"] == max(("both", "image", "text"), key=lambda m: (acc[m], -("both", "image", "text").index(m)))
+    d = auto.decide(ev)
+    assert np.array_equal(d.probs, ev[f"p_{got['mode']}"]) and d.info[0]["mode"] == got["mode"]
+    # validation labels that agree with the text-only mode choose it
+    assert not np.array_equal(preds["text"], preds["both"])
+    assert auto.fit(Support([], examples(preds["text"]), 0, 0))["mode"] == "text"
 
 
 def test_missing_checkpoint_names_the_command(memory) -> None:

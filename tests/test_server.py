@@ -35,6 +35,7 @@ TOKEN = "test-token-0123456789abcdef"
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
                  if p and os.path.exists(p)), None)
 SCREENSHOT = Path(__file__).resolve().parents[1] / "bench" / "out" / "server-page.png"
+SCREENS = Path(os.environ.get("XM_SCREENS", "/work/screens"))  # where the browser test leaves its screenshots
 
 
 def xm(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -233,6 +234,7 @@ def test_classify_equals_cli_json(memory, server) -> None:
         assert cli.returncode == 0, cli.stderr
         want = json.loads(cli.stdout)
         want.pop("image")
+        want.pop("device")  # where the CLI ran (the server says its device once, at start)
         got = _classify_json(server, queries[2], opts={} if method == "clip" else OPTS, method=method)
         assert _approx_equal(got, want)
     # caption_prefix "": the authors' prefix swamps what the tiny random text tower reads in a caption
@@ -328,7 +330,7 @@ def test_bad_requests_are_4xx_json(memory, server) -> None:
         ("no Content-Length", "POST", "/knn-service", None, {"X-Test-No-Length": "1"}, 411, "Content-Length"),
         ("unknown endpoint", "GET", "/etc/passwd", None, {}, 404, "no such endpoint"),
         ("unsupported HTTP method", "PUT", "/knn-service", b"{}", {}, 405, "not allowed"),
-        ("GET on a POST endpoint", "GET", "/knn-service", None, {}, 404, "no such endpoint"),
+        ("GET on a POST endpoint (clip back answers 405)", "GET", "/knn-service", None, {}, 405, "not allowed"),
         ("metadata ids not a list", "POST", "/metadata", {"ids": 3, "indice_name": "mem"}, {}, 400, "list"),
         ("metadata id out of range", "POST", "/metadata", {"ids": [0, 10**9], "indice_name": "mem"}, {}, 400, "outside"),
         ("metadata id not an integer", "POST", "/metadata", {"ids": ["0"], "indice_name": "mem"}, {}, 400, "not an integer"),
@@ -588,15 +590,54 @@ def test_web_page_in_headless_chromium(memory, server, tmp_path) -> None:
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
         SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
-        # the memory browser: a text search, results as a grid
+        # the memory browser: a text search, results as a grid, the query in the URL
         browser.eval("document.querySelector('[data-tab=browse]').click()")
         browser.eval(f"document.querySelector('#browse-text').value = {json.dumps(CLASSES[0])}")
         browser.eval("document.querySelector('#browse-modality').value = 'text'")
+        browser.eval("document.querySelector('#browse-dedup').checked = false")  # tiny random encoders: near-duplicates all
         browser.eval("document.querySelector('#browse-form').requestSubmit()")
-        browser.wait("document.querySelectorAll('#grid figure').length > 0")
-        assert browser.eval("document.querySelectorAll('#grid figure').length") == N_QUERIES * 3 + 12  # all of them (k=40)
+        browser.wait("document.body.dataset.browse === '1'")
+        grid_ids = "[...document.querySelectorAll('#grid figure')].map(f => Number(f.dataset.id))"
+        want = [h["id"] for h in server.request("POST", "/knn-service", {**clip_client_payload(
+            text=CLASSES[0], modality="text", deduplicate=False, use_safety_model=False, use_violence_detector=False,
+            aesthetic_score="")})[2]]
+        assert browser.eval(grid_ids) == want and len(want) == N_QUERIES * 3 + 12  # all of them (k=40), as the API answers
+        assert browser.eval("document.querySelector('#browse-error').textContent") == ""
+        text_url = browser.eval("location.href")
+        assert "tab=browse" in text_url and "text=red+fox" in text_url and "modality=text" in text_url and "dedup=0" in text_url
         browser.wait("[...document.querySelectorAll('#grid img')].slice(0, 8).every(i => i.complete && i.naturalWidth > 0)")
+        assert browser.eval("document.querySelector('#browse-download').disabled") is False
+        # "similar" on the third result: the kNN of its stored image embedding, itself first
+        third = want[2]
+        browser.eval("document.querySelectorAll('#grid figure .similar')[2].click()")
+        browser.wait("document.body.dataset.browse === '2'")
+        similar = browser.eval(grid_ids)
+        assert similar[0] == third and f"similar={third}" in browser.eval("location.href")
+        emb = server.request("GET", f"/xm/embedding/mem/{third}?modality=image")[2]["embedding"]
+        api = server.request("POST", "/knn-service", clip_client_payload(embedding_input=emb, modality="image", deduplicate=False,
+                                                                        use_safety_model=False, use_violence_detector=False))[2]
+        assert similar == [h["id"] for h in api] and len(similar) > 1
+        browser.wait("[...document.querySelectorAll('#grid img')].slice(0, 8).every(i => i.complete && i.naturalWidth > 0)")
+        SCREENS.mkdir(parents=True, exist_ok=True)
         shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+        (SCREENS / "xm-serve-memory-browser.png").write_bytes(base64.b64decode(shot["data"]))
         (SCREENSHOT.parent / "server-page-browser.png").write_bytes(base64.b64decode(shot["data"]))
+        # the back button returns to the text search, re-run from the URL
+        browser.eval("history.back()")
+        browser.wait("document.body.dataset.browse === '3'")
+        assert browser.eval("location.href") == text_url and browser.eval(grid_ids) == want
+        assert browser.eval("document.querySelector('#browse-text').value") == CLASSES[0]
+        # the URL is shareable: a fresh page opened on it shows the same search
+        browser.send("Page.navigate", {"url": text_url})
+        browser.wait("document.body && document.body.dataset.browse === '1'")
+        assert browser.eval(grid_ids) == want and not browser.eval("document.querySelector('#browse').hidden")
+        # only what the index can do is offered: no NSFW column, no violence prompts, no URL fetching here
+        assert browser.eval("document.querySelector('#safe-box').hidden") is True
+        assert browser.eval("document.querySelector('#browse-url-box').hidden") is True
+        # an error names no server path
+        browser.eval("document.querySelector('#browse-text').value = 'x'.repeat(5000)")
+        browser.eval("document.querySelector('#browse-form').requestSubmit()")
+        browser.wait("document.querySelector('#browse-error').textContent.length > 0")
+        assert "/" not in browser.eval("document.querySelector('#browse-error').textContent")
     finally:
         browser.close()

@@ -2,12 +2,16 @@
 
 Sources, each text recording its own:
 
-* ``names``: one name text per class from the name template (CODER's "a photo of {c}",
-  per-dataset variants such as EuroSAT's "a photo of {c}, satellite domain."),
-* ``descriptions``: a DCLIP-format file (attributes "{c} which has {att}"), and in its
-  sectioned form analogous classes ("a {c} similar to {ana}.") and one-vs-one differences;
-  an analogous class whose similarity to another class's name exceeds `max_similarity`
-  (0.9, as CODER) is dropped,
+* ``names``: one name text per class from the name template (the CODER authors'
+  per-dataset templates, `xm.texts.templates`: "a photo of {c}", EuroSAT's "a photo of
+  {c}, satellite domain.", ...),
+* ``descriptions``: a DCLIP-format file (attributes, the dataset's attribute template,
+  default "{c} which has {att}"), and in its sectioned form analogous classes (default
+  "a {c} similar to {ana}.") and one-vs-one attributes, each rendered through every one of
+  the dataset's one-vs-one templates (as the authors; `ovo_as_written` keeps them as
+  written). The analogous filter is the authors': "a photo of {ana}" against "a photo of
+  {c'}" for every OTHER class c', dropped above `max_similarity` (0.9); a candidate that
+  is another class's name is dropped too (that text would coincide with the class's),
 * ``wordnet`` (opt-in): lemma names of the class's synsets, rendered with the name
   template, kept when their similarity to the class's own name text is at least
   `synonym_min_sim` and higher than to every other class's,
@@ -28,13 +32,15 @@ import numpy as np
 
 from xm.errors import XMError
 from xm.texts.descriptions import Descriptions, norm_name, read_descriptions
+from xm.texts.templates import CoderTemplates, coder_templates, fill
 from xm.texts.textset import Text, TextSet
 
 SOURCE_NAMES = ("names", "descriptions", "wordnet", "memory")
-DEFAULT_NAME_TEMPLATE = "a photo of {c}"
-NAME_TEMPLATES = {"eurosat": "a photo of {c}, satellite domain."}
-ATTRIBUTE_TEMPLATE = "{c} which has {att}"
-ANALOGOUS_TEMPLATE = "a {c} similar to {ana}."
+_DEFAULT = coder_templates(None)
+DEFAULT_NAME_TEMPLATE = _DEFAULT.name[0]
+NAME_TEMPLATES = {d: t for d in ("eurosat",) for t in coder_templates(d).name}  # kept for callers; the data file has all
+ATTRIBUTE_TEMPLATE = _DEFAULT.attribute[0]
+ANALOGOUS_TEMPLATE = _DEFAULT.analogous[0]
 
 
 @dataclass
@@ -44,7 +50,9 @@ class TextOptions:
     sources: str = ""  # comma-separated; "" = names, plus descriptions when a file is given
     descriptions: str = ""
     dataset: str | None = None
-    name_template: str = ""  # "" = the dataset's (NAME_TEMPLATES) or CODER's default
+    name_template: str = ""  # "" = the dataset's (the authors' templates) or CODER's default
+    task: str = "zero-shot"  # the authors' templates differ between zero-shot and few-shot runs (pets, DTD)
+    ovo_as_written: bool = False  # one-vs-one entries are whole sentences, not attributes to render
     wordnet_dir: str = ""
     synonym_min_sim: float = 0.8
     max_similarity: float = 0.9
@@ -68,18 +76,17 @@ class TextOptions:
             raise XMError(f"{where}: source 'descriptions' needs a descriptions file (--descriptions desc.json)")
         return out
 
+    def templates(self) -> CoderTemplates:
+        return coder_templates(self.dataset, self.task)
+
     def template(self) -> str:
-        t = self.name_template or NAME_TEMPLATES.get((self.dataset or "").lower(), DEFAULT_NAME_TEMPLATE)
+        t = self.name_template or self.templates().name[0]
         if "{c}" not in t:
             raise XMError(f"name_template {t!r}: needs a {{c}} where the class name goes")
         return t
 
 
-def _fill(template: str, **kw: str) -> str:
-    out = template
-    for k, v in kw.items():
-        out = out.replace("{" + k + "}", v)
-    return out
+_fill = fill
 
 
 def build_textset(classnames: Sequence[str], encoder: Any, opts: TextOptions, memory: Any = None,
@@ -90,9 +97,10 @@ def build_textset(classnames: Sequence[str], encoder: Any, opts: TextOptions, me
         raise XMError(f"{where}: source 'memory' needs an index (--index IDX)")
     classnames = list(classnames)
     name_t = opts.template()
+    tpl = opts.templates()
     meta: dict[str, Any] = {
         "dataset": opts.dataset, "encoder": str(getattr(encoder, "spec", encoder)), "sources": sources,
-        "templates": {"name": name_t, "attribute": ATTRIBUTE_TEMPLATE, "analogous": ANALOGOUS_TEMPLATE},
+        "templates": {**tpl.to_json(), "name": name_t, "task": opts.task},
         "options": {k: v for k, v in asdict(opts).items() if k not in ("sources", "dataset")},
     }
     ts = TextSet(classnames, {}, meta)
@@ -102,10 +110,10 @@ def build_textset(classnames: Sequence[str], encoder: Any, opts: TextOptions, me
     name_emb = encoder.encode_texts(names).astype(np.float64)  # C x d
 
     if "descriptions" in sources:
-        desc = read_descriptions(opts.descriptions, classnames)
+        desc = read_descriptions(opts.descriptions, classnames, opts.dataset)
         meta["descriptions"] = {"file": opts.descriptions, "classes_described": desc.classes_described(),
                                 "unmatched_classes": desc.unmatched}
-        _add_descriptions(ts, desc, encoder, opts)
+        _add_descriptions(ts, desc, encoder, opts, tpl)
     if "wordnet" in sources:
         from xm.texts.wordnet import open_wordnet
 
@@ -119,16 +127,17 @@ def build_textset(classnames: Sequence[str], encoder: Any, opts: TextOptions, me
     return ts
 
 
-def _add_descriptions(ts: TextSet, desc: Descriptions, encoder: Any, opts: TextOptions) -> None:
+def _add_descriptions(ts: TextSet, desc: Descriptions, encoder: Any, opts: TextOptions, tpl: CoderTemplates) -> None:
     classnames = ts.classes
     for c in classnames:
         for att in desc.descriptors.get(c, []):
-            ts.add(c, Text(_fill(ATTRIBUTE_TEMPLATE, c=c, att=att), "attribute", "descriptions", extra={"descriptor": att}))
-    # analogous classes: dropped when they are (nearly) another class of the label set
+            for t in tpl.attribute:
+                ts.add(c, Text(_fill(t, c=c, att=att), "attribute", "descriptions", extra={"descriptor": att}))
+    # analogous classes: the authors' filter, "a photo of {ana}" against every OTHER class's "a photo of {c}"
     pairs = [(c, a) for c in classnames for a in desc.analogous.get(c, [])]
     if pairs:
-        bare = encoder.encode_texts(classnames).astype(np.float64)
-        ana = encoder.encode_texts([a for _, a in pairs]).astype(np.float64)
+        bare = encoder.encode_texts([_fill(tpl.filter_template, c=c) for c in classnames]).astype(np.float64)
+        ana = encoder.encode_texts([_fill(tpl.filter_template, c=a) for _, a in pairs]).astype(np.float64)
         sims = ana @ bare.T
         index = {c: i for i, c in enumerate(classnames)}
         norms = {norm_name(c): c for c in classnames}
@@ -143,11 +152,18 @@ def _add_descriptions(ts: TextSet, desc: Descriptions, encoder: Any, opts: TextO
                 ts.dropped.append({"class": c, "source": "descriptions", "kind": "analogous", "analogous": a,
                                    "reason": f"similarity {other[j]:.3f} to class {others[j]!r} > {opts.max_similarity:g}"})
             else:
-                ts.add(c, Text(_fill(ANALOGOUS_TEMPLATE, c=c, ana=a), "analogous", "descriptions", extra={"analogous": a}))
+                for t in tpl.analogous:
+                    ts.add(c, Text(_fill(t, c=c, ana=a), "analogous", "descriptions", extra={"analogous": a}))
     for c in classnames:
-        for versus, sentences in desc.differences.get(c, {}).items():
-            for s in sentences:
-                ts.add(c, Text(s, "ovo", "descriptions", versus=versus))
+        for versus, entries in desc.differences.get(c, {}).items():
+            for s in entries:
+                if opts.ovo_as_written:
+                    ts.add(c, Text(s, "ovo", "descriptions", versus=versus))
+                    continue
+                # the authors render each one-vs-one attribute through every one-vs-one template of the dataset
+                for t in tpl.ovo:
+                    ts.add(c, Text(_fill(t, c=c, other=versus, ovo=s), "ovo", "descriptions", versus=versus,
+                                   extra={"attribute": s}))
 
 
 def _add_synonyms(ts: TextSet, wn: Any, encoder: Any, name_emb: np.ndarray, name_t: str, opts: TextOptions) -> None:
@@ -170,13 +186,15 @@ def _add_synonyms(ts: TextSet, wn: Any, encoder: Any, name_emb: np.ndarray, name
 
 def _add_memory(ts: TextSet, memory: Any, encoder: Any, name_emb: np.ndarray, names: list[str],
                 opts: TextOptions, where: str) -> None:
-    from xm.encoders import load_encoder
+    from xm.encoders import Device, load_encoder
 
     coarse = memory.roles.get("coarse")
     if not coarse or not memory.has_index(coarse, "text"):
         raise XMError(f"{memory.root}: source 'memory' needs a caption kNN index; add it with "
                       f"`xm build-index --out {memory.root} --add-encoder {coarse}=index-text`")
-    search_enc = encoder if str(getattr(encoder, "spec", "")) == coarse else load_encoder(coarse)
+    # on the device the command's encoder runs on (parsed at its edge)
+    same_device = Device.parse(str(getattr(encoder, "device", "cpu")), check=False)
+    search_enc = encoder if str(getattr(encoder, "spec", "")) == coarse else load_encoder(coarse, device=same_device)
     q = search_enc.encode_texts(names)
     _, ids = memory.search("text", q, opts.memory_search, encoder=coarse)
     flat = sorted({int(i) for i in ids.ravel() if i >= 0})

@@ -13,8 +13,10 @@ never mix up):
      "analogous":   {"forest": ["woodland", "jungle"]},
      "differences": {"forest": {"river": ["dense trees instead of water", ...]}}}
 
-`differences[c][c']` says how c differs from c' (the rerank's ovo(c, c')). Class keys
-match the label names ignoring case, underscores and surrounding spaces.
+`differences[c][c']` lists the attributes in which c differs from c' (the rerank's
+ovo(c, c'); rendered through the dataset's one-vs-one templates, `xm.texts.templates`).
+Class keys match the labels under either naming (`xm.texts.classmatch`); a label that no
+key of the file matches is refused in one line that names it and mentions `--classnames`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from xm.errors import XMError
+from xm.texts.classmatch import ClassMatcher
 from xm.userfiles import read_json
 
 SECTIONS = ("descriptors", "analogous", "differences")
@@ -54,8 +57,9 @@ def _strings(path: Path, where: str, value: Any) -> list[str]:
     return [s.strip() for s in value if s.strip()]
 
 
-def read_descriptions(path: str | Path, classnames: Sequence[str]) -> Descriptions:
-    """Read a DCLIP-format or sectioned descriptions file for the label set `classnames`."""
+def read_descriptions(path: str | Path, classnames: Sequence[str], dataset: str | None = None) -> Descriptions:
+    """Read a DCLIP-format or sectioned descriptions file for the label set `classnames`
+    (keys matched under either naming of `dataset`'s classes); every label needs a key."""
     path = Path(path)
     data = read_json(path, "descriptions file")
     if not isinstance(data, dict) or not data:
@@ -72,14 +76,19 @@ def read_descriptions(path: str | Path, classnames: Sequence[str]) -> Descriptio
         raise XMError(f"{path}: mixes lists and objects at the top level; use either DCLIP's class -> list form "
                       f"or the sections {', '.join(SECTIONS)}")
 
-    by_norm = {norm_name(c): c for c in classnames}
+    matcher = ClassMatcher(classnames, dataset)
     out = Descriptions(str(path))
     unmatched: set[str] = set()
+    matched: set[str] = set()
+    keys: list[str] = []
 
     def label(key: str) -> str | None:
-        name = by_norm.get(norm_name(key))
+        keys.append(key)
+        name = matcher.label(key)
         if name is None:
             unmatched.add(key)
+        else:
+            matched.add(name)
         return name
 
     for key, sentences in (sections.get("descriptors") or {}).items():
@@ -100,7 +109,5 @@ def read_descriptions(path: str | Path, classnames: Sequence[str]) -> Descriptio
             if c is not None and o is not None and o != c:
                 out.differences.setdefault(c, {}).setdefault(o, []).extend(s)
     out.unmatched = sorted(unmatched)
-    if not (out.descriptors or out.analogous or out.differences):
-        raise XMError(f"{path}: no class of the file matches a label (first labels: "
-                      f"{', '.join(map(repr, list(classnames)[:3]))}; file: {', '.join(map(repr, sorted(unmatched)[:3]))})")
+    matcher.require_all(matched, str(path), keys)
     return out

@@ -100,14 +100,25 @@ class TextSet:
                 if t.kind == "ovo" and (t.versus not in known or t.versus == c):
                     raise XMError(f"{where}: class {c!r}: ovo text {t.text!r} needs 'versus' naming another class")
 
-    def for_classes(self, classnames: Sequence[str], where: str) -> TextSet:
-        """This set for the label set `classnames` (same names; any order); refuses a mismatch."""
-        missing = [c for c in classnames if c not in self.texts]
-        if missing:
-            raise XMError(f"{where}: no texts for class(es) {', '.join(map(repr, missing[:5]))}"
-                          f"{' ...' if len(missing) > 5 else ''}; rebuild it with `xm texts --labels ...`")
-        keep = set(classnames)
-        texts = {c: [t for t in self.texts[c] if t.kind != "ovo" or t.versus in keep] for c in classnames}
+    def for_classes(self, classnames: Sequence[str], where: str, dataset: str | None = None) -> TextSet:
+        """This set for the label set `classnames` (any order; the set's class names matched to
+        the labels under either naming, `xm.texts.classmatch`); refuses a label with no texts."""
+        from xm.texts.classmatch import ClassMatcher
+
+        matcher = ClassMatcher(classnames, dataset)
+        to_label = {c: matcher.label(c) for c in self.classes}
+        matcher.require_all({v for v in to_label.values() if v is not None}, where, self.classes,
+                            hint="rebuild it with `xm texts --labels ...`")
+        texts: dict[str, list[Text]] = {c: [] for c in classnames}
+        for c in self.classes:
+            label = to_label[c]
+            if label is None or texts[label]:
+                continue  # a class of no label, or a second key of the same label: the first wins
+            for t in self.texts[c]:
+                versus = to_label.get(t.versus) if t.versus is not None else None
+                if t.kind == "ovo" and versus is None:
+                    continue  # its other class is not in this label set
+                texts[label].append(Text(t.text, t.kind, t.source, versus, dict(t.extra)))
         return TextSet(list(classnames), texts, dict(self.meta), list(self.dropped))
 
     # --- JSON ------------------------------------------------------------------------

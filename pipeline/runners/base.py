@@ -24,6 +24,9 @@ class RunnerOptions(Protocol):
     @property
     def spark_conf(self) -> Sequence[str]: ...
 
+    @property
+    def spark_ui(self) -> bool: ...
+
 
 class Runner:
     """One build's runner, open from `open` until `close`."""

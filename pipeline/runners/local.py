@@ -18,8 +18,9 @@ class LocalRunner(Runner):
 
     @classmethod
     def check_options(cls, options: RunnerOptions) -> None:
-        if options.spark_master or options.spark_conf:
-            raise XMError(f"{'--spark-master' if options.spark_master else '--spark-conf'}: only with --distributor pyspark")
+        if options.spark_master or options.spark_conf or options.spark_ui:
+            flag = "--spark-master" if options.spark_master else "--spark-conf" if options.spark_conf else "--spark-ui"
+            raise XMError(f"{flag}: only with --distributor pyspark")
 
     def map(self, fn: Callable[[Any], Any], jobs: list[Any], description: str,
             on_done: Callable[[int], None] | None = None) -> list[Any]:

@@ -36,7 +36,8 @@ class SparkRunner(Runner):
     def open(cls, options: RunnerOptions, layout: Layout) -> SparkRunner:
         with contextlib.ExitStack() as stack:
             session = stack.enter_context(spark.spark_session(options.spark_master, options.spark_conf,
-                                                              f"xm build-index {layout.root.name}"))
+                                                              f"xm build-index {layout.root.name}",
+                                                              ui=options.spark_ui))
             slots = spark.preflight(session, layout.root)
             runner = cls(session, f"Spark {session.sparkContext.master} ({slots} task slots)", stack.pop_all())
         return runner

@@ -77,7 +77,7 @@ class SourceOptions(Protocol):
     embeddings_root: str | None
     nsfw_filter: bool
     allow_file_urls: bool
-    shard_size: int
+    shard_size: int | None  # None: parts sized for the memory (pipeline/part_size.py)
 
 
 Plan = dict[str, tuple[str, ...]]  # encoder spec -> what it contributes (BuildConfig.plan)

@@ -43,6 +43,21 @@ class DataComp(Source):
         pin_params(layout.work / "datacomp.json", {"limit": cfg.limit, "parts": cfg.parts}, "--limit/--parts")
         return out
 
+    def part_named(self, cfg: SourceOptions, layout: Layout, name: str) -> Part | None:
+        """The pair named `name`, opened directly (a task must not list and read every pair's
+        footer to find its own: that is quadratic in parts). Under `--limit` the cut depends on
+        the pairs before it, so the parts are derived (the limit bounds how many are read)."""
+        if cfg.limit is not None or cfg.metadata_root is None:
+            return super().part_named(cfg, layout, name)
+        root = Path(cfg.metadata_root)
+        parquet = next((c for c in (root / f"{name}.parquet", root / "metadata" / f"{name}.parquet") if c.is_file()), None)
+        if parquet is None:
+            return None
+        rows = datacomp.num_rows(parquet)
+        refs = {key: ArrayRef(datacomp.npz_of(parquet), arr, f"{self.name}:{arr}", datacomp.DIMS[key[0]], rows, parquet)
+                for key, arr in datacomp.ARRAYS.items()}
+        return Part(name=name, samples=functools.partial(_samples, parquet, rows), precomputed=refs, size=rows)
+
     def problems(self, cfg: SourceOptions, plan: Plan) -> list[str]:
         problem = datacomp.problem(cfg.metadata_root)
         return ([problem] if problem else []) + super().problems(cfg, plan)

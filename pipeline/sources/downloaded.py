@@ -4,6 +4,7 @@ stage writes their URL list (`_work/select/urls`), the download stage fetches it
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xm.indexes.layout import Layout
+from xm.pipeline.part_size import DOWNLOAD_SHARD_ROWS, read_groups, shard_groups
 from xm.pipeline.pins import pin_params
 from xm.pipeline.sources.base import Part, Source, SourceOptions
 from xm.pipeline.sources.img2dataset_output import download_failures, img2dataset_parts, shard_part
@@ -46,14 +48,22 @@ class DownloadedSource(Source):
             table = table.slice(0, cfg.limit)
         self.check_selection(cfg, table)
         pin_params(params_file, params, "selection")  # only once a selection exists to resume
-        _write_selection(layout.selection, table, cfg.shard_size)
+        _write_selection(layout.selection, table, cfg.shard_size or DOWNLOAD_SHARD_ROWS)
         return table.num_rows
 
     def parts(self, cfg: SourceOptions, layout: Layout) -> list[Part]:
-        return img2dataset_parts(layout.download)
+        # grouped by the selection's shard count, not the shards found: a shard img2dataset
+        # could not write must not change which shards the others are grouped with
+        selected = sum(pq.read_metadata(f).num_rows for f in layout.selection_files())
+        shard_rows = cfg.shard_size or DOWNLOAD_SHARD_ROWS
+        return img2dataset_parts(layout.download, lambda shards, digits: shard_groups(
+            layout, cfg.shard_size, max(shards, math.ceil(selected / shard_rows)), digits))
 
     def part_named(self, cfg: SourceOptions, layout: Layout, name: str) -> Part | None:
-        return shard_part(layout.download, name) or super().part_named(cfg, layout, name)
+        groups = read_groups(layout)
+        direct = shard_part(layout.download, name, groups)
+        # once the driver pinned the grouping, the shards' names are the whole answer
+        return direct if direct is not None or groups is not None else super().part_named(cfg, layout, name)
 
     def failures(self, cfg: SourceOptions, layout: Layout) -> dict[str, int]:
         return download_failures(layout.download)

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 
 from xm.encoders.images import IMAGE_SUFFIXES
 from xm.errors import XMError
-from xm.indexes.layout import Layout
+from xm.indexes.layout import Layout, part_name
+from xm.pipeline.part_size import ShardGroups, read_groups, shard_groups
 from xm.pipeline.sources.base import Part, Sample, Source, SourceOptions
 
 
@@ -55,10 +56,18 @@ def _files_dir_samples(path: Path) -> Iterator[Sample]:
         yield _sample_from_files(key, groups[key])
 
 
-def img2dataset_parts(folder: Path) -> list[Part]:
+def img2dataset_parts(folder: Path, grouping: Callable[[int, int], ShardGroups] | None = None) -> list[Part]:
+    """The folder's parts: its shards, or runs of `grouping(shards, digits).per_part` consecutive
+    shards (`pipeline/part_size.py`)."""
     tars = sorted(folder.glob("*.tar"))
     if tars:
-        return [_tar_part(t) for t in tars]
+        groups = grouping(len(tars), len(tars[0].stem)) if grouping is not None and all(t.stem.isdigit() for t in tars) else None
+        if groups is None or groups.per_part == 1:
+            return [_tar_part(t) for t in tars]
+        runs: dict[int, list[Path]] = {}
+        for t in tars:
+            runs.setdefault(int(t.stem) // groups.per_part, []).append(t)
+        return [_run_part(part_name(i), run) for i, run in sorted(runs.items())]
     dirs = sorted(d for d in folder.iterdir() if d.is_dir() and d.name.isdigit())
     if not dirs:
         for fmt, pattern in (("tfrecord", "*.tfrecord"), ("parquet", "*.parquet")):
@@ -68,11 +77,27 @@ def img2dataset_parts(folder: Path) -> list[Part]:
     return [Part(name=d.name, samples=functools.partial(_files_dir_samples, d)) for d in dirs]
 
 
-def shard_part(folder: Path, name: str) -> Part | None:
-    """A downloaded shard opened directly (a Spark task per part must not read every shard's
-    sidecar: that is quadratic in parts); None if it is not a tar here."""
+def shard_part(folder: Path, name: str, groups: ShardGroups | None = None) -> Part | None:
+    """A downloaded shard (or run of shards, `groups`) opened directly (a Spark task per part
+    must not list or read every shard's sidecar: that is quadratic in parts); None if not here."""
+    if groups is not None and groups.per_part > 1:
+        if not name.isdigit():
+            return None
+        run = [t for t in (folder / f"{s}.tar" for s in groups.shard_names(int(name))) if t.is_file()]
+        return _run_part(name, run) if run else None
     tar = folder / f"{name}.tar"
     return _tar_part(tar) if tar.is_file() else None
+
+
+def _run_part(name: str, tars: list[Path]) -> Part:
+    sizes = [_shard_successes(t.with_suffix(".parquet")) for t in tars]
+    known = [n for n in sizes if n is not None]
+    return Part(name=name, samples=functools.partial(_run_samples, tars), size=sum(known) if len(known) == len(sizes) else None)
+
+
+def _run_samples(tars: list[Path]) -> Iterator[Sample]:
+    for t in tars:
+        yield from _tar_samples(t)
 
 
 def _tar_part(tar: Path) -> Part:
@@ -89,14 +114,16 @@ def _shard_successes(sidecar: Path) -> int | None:
 
 
 def limit_parts(parts: list[Part], limit: int | None) -> list[Part]:
-    """The first `limit` samples over the parts in order (later parts dropped, the last cut)."""
+    """The first `limit` samples over the parts in order (later parts dropped, the last cut).
+    A part's count comes from its sidecar where img2dataset wrote one (`Part.size`); only a
+    part without one is read to count it. Parts past the limit are never read."""
     if limit is None:
         return parts
     out, left = [], limit
     for part in parts:
         if left <= 0:
             break
-        n = sum(1 for _ in part.samples())
+        n = part.size if part.size is not None else sum(1 for _ in part.samples())
         if n <= left:
             out.append(Part(part.name, part.samples, part.precomputed, n))
         else:
@@ -133,12 +160,17 @@ class Img2datasetOutput(Source):
         return path.is_dir() and (any(path.glob("*_stats.json")) or any(path.glob("*.tar")))
 
     def parts(self, cfg: SourceOptions, layout: Layout) -> list[Part]:
-        return limit_parts(img2dataset_parts(Path(cfg.source)), cfg.limit)
+        grouping = (lambda shards, digits: shard_groups(layout, cfg.shard_size, shards, digits)) if cfg.limit is None else None
+        return limit_parts(img2dataset_parts(Path(cfg.source), grouping), cfg.limit)
 
     def part_named(self, cfg: SourceOptions, layout: Layout, name: str) -> Part | None:
-        # a cut (--limit) part is only known by counting the parts before it
-        direct = shard_part(Path(cfg.source), name) if cfg.limit is None else None
-        return direct or super().part_named(cfg, layout, name)
+        # a cut (--limit) part is only known by counting the parts before it (the limit bounds how many)
+        if cfg.limit is not None:
+            return super().part_named(cfg, layout, name)
+        groups = read_groups(layout)
+        direct = shard_part(Path(cfg.source), name, groups)
+        # once the driver pinned the grouping, the shards' names are the whole answer
+        return direct if direct is not None or groups is not None else super().part_named(cfg, layout, name)
 
     def failures(self, cfg: SourceOptions, layout: Layout) -> dict[str, int]:
         return download_failures(Path(cfg.source))

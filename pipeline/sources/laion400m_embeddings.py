@@ -30,16 +30,30 @@ class LaionEmbeddings(Source):
             raise XMError("--limit: LAION's precomputed embedding parts are taken whole; choose how many with --parts")
         root = cfg.embeddings_root or laion.EMBEDDINGS_ROOT
         parts = cfg.parts if cfg.parts is not None else list(range(laion.EMBEDDING_PARTS))
-        out = []
-        for i in parts:
-            files = {
-                kind: laion.fetch(root, rel, layout.work / "laion" / Path(rel).name, f"LAION-400M embedding part {i} ({kind})", "--embeddings-root")
-                for kind, rel in laion.embedding_part_names(i).items()
-            }
-            refs = {(cfg.coarse, modality): ArrayRef(files[name], None, f"{self.name}:{name}", meta=files["metadata"])
-                    for modality, name in _ARRAYS}
-            out.append(Part(name=part_name(i), samples=functools.partial(_samples, files["metadata"]), precomputed=refs))
-        return out
+        return [self._part(root, layout, i, cfg.coarse) for i in parts]
+
+    def part_named(self, cfg: SourceOptions, layout: Layout, name: str) -> Part | None:
+        """Part `name` directly (no other part is looked at, nor fetched)."""
+        if cfg.limit is not None or not name.isdigit():
+            return super().part_named(cfg, layout, name)
+        i = int(name)
+        if cfg.parts is not None and i not in cfg.parts:
+            return None
+        return self._part(cfg.embeddings_root or laion.EMBEDDINGS_ROOT, layout, i, cfg.coarse)
+
+    def _part(self, root: str, layout: Layout, i: int, coarse: str) -> Part:
+        """Part i. From a URL root its three files are fetched by whoever reads the part (the
+        task that embeds it, on an executor), together and with retries (`laion.fetch_many`),
+        not one after another on the driver while it lists the parts."""
+        jobs = [(root, rel, layout.work / "laion" / Path(rel).name, f"LAION-400M embedding part {i} ({kind})", "--embeddings-root")
+                for kind, rel in laion.embedding_part_names(i).items()]
+        if "://" in root:
+            files = {kind: dest for kind, (_, _, dest, _, _) in zip(laion.embedding_part_names(i), jobs)}
+        else:  # a folder: the files are read where they are (found, not copied)
+            files = dict(zip(laion.embedding_part_names(i), laion.fetch_many(jobs, threads=1)))
+        refs = {(coarse, modality): ArrayRef(files[name], None, f"{self.name}:{name}", meta=files["metadata"])
+                for modality, name in _ARRAYS}
+        return Part(name=part_name(i), samples=functools.partial(_samples, files["metadata"], jobs), precomputed=refs)
 
     def problems(self, cfg: SourceOptions, plan: Plan) -> list[str]:
         offline = laion.offline() and not laion.usable_offline(cfg.embeddings_root)
@@ -48,7 +62,9 @@ class LaionEmbeddings(Source):
             + super().problems(cfg, plan)
 
 
-def _samples(meta: Path) -> Iterator[Sample]:
+def _samples(meta: Path, jobs: list[tuple[str, str, Path, str, str]]) -> Iterator[Sample]:
+    # a part's samples are read before its arrays (embed_part): fetch all three files first
+    laion.fetch_many(jobs)
     table = pq.read_table(meta)
     cols = table.column_names
     cap = "caption" if "caption" in cols else "TEXT"

@@ -82,9 +82,11 @@ async function loadIndices() {
 
 function showIndiceInfo() {
   const i = state.indices[$("#indice").value];
-  $("#indice-info").textContent = i ? `${i.count.toLocaleString()} items · coarse ${i.roles.coarse}` : "";
+  $("#indice-info").textContent = i ? `${i.count.toLocaleString()} items · coarse ${clean(i.roles.coarse)}` : "";
   const mods = i ? i.modalities : ["image", "text"];
   for (const opt of $("#browse-modality").options) opt.disabled = !mods.includes(opt.value);
+  if (!mods.includes($("#browse-modality").value)) $("#browse-modality").value = mods[0];
+  showBrowseOptions();
 }
 
 async function loadMethods() {
@@ -143,7 +145,7 @@ async function classify(ev) {
     if ($("#use-stream").checked) state.streamId = headers.get("X-XM-Stream") || state.streamId;
     showResult(result);
   } catch (e) {
-    $("#classify-error").textContent = e.message;
+    $("#classify-error").textContent = clean(e.message);
   } finally {
     $("#classify-button").disabled = false;
     $("#classify-button").textContent = "Classify";
@@ -175,38 +177,177 @@ function showResult(r) {
   document.body.dataset.result = "shown";
 }
 
-// --- memory browser -------------------------------------------------------------------------
-async function browse(ev, imageFile) {
-  if (ev) ev.preventDefault();
+// --- memory browser: the query lives in the URL (shareable; back and forward re-run it) ------------
+const PAGE = 40;        // results added per scroll
+const MAX_RESULTS = 1000;
+const browser = { query: null, rows: [], k: PAGE, busy: false, upload: null, runs: 0 };
+
+// An error as the page shows it: never a server path (a message naming a file shows its name only).
+function clean(message) {
+  return String(message || "error").replace(/(?:[A-Za-z]:)?(?:[\/\\][^\s\/\\'"`:,;()]+){2,}/g, (p) => "…" + p.split(/[\/\\]/).pop());
+}
+
+function queryFromForm() {
+  const q = { tab: "browse", indice: $("#indice").value, modality: $("#browse-modality").value,
+              dedup: $("#browse-dedup").checked ? "1" : "0" };
+  if (!$("#safe-box").hidden) q.safe = $("#browse-safe").checked ? "1" : "0";
+  if (!$("#violence-box").hidden) q.violence = $("#browse-violence").checked ? "1" : "0";
+  const text = $("#browse-text").value.trim();
+  const url = $("#browse-url").value.trim();
+  if (text) q.text = text; else if (url && !$("#browse-url-box").hidden) q.image_url = url;
+  return q;
+}
+
+function queryToUrl(q) {
+  const params = new URLSearchParams();
+  for (const [k, v] of Object.entries(q)) if (v !== undefined && v !== null && v !== "") params.set(k, v);
+  return "?" + params.toString();
+}
+
+function queryFromUrl() {
+  const p = new URLSearchParams(location.search);
+  const q = {};
+  for (const [k, v] of p.entries()) q[k] = v;
+  return q;
+}
+
+function fillForm(q) {
+  if (q.indice && state.indices[q.indice] !== undefined) { $("#indice").value = q.indice; showIndiceInfo(); }
+  if (q.modality) $("#browse-modality").value = q.modality;
+  $("#browse-text").value = q.text || "";
+  $("#browse-url").value = q.image_url || "";
+  $("#browse-dedup").checked = q.dedup !== "0";
+  if (q.safe !== undefined) $("#browse-safe").checked = q.safe !== "0";
+  if (q.violence !== undefined) $("#browse-violence").checked = q.violence === "1";
+}
+
+function showTab(name) {
+  for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t.dataset.tab === name);
+  for (const p of document.querySelectorAll(".panel")) p.hidden = p.id !== name;
+}
+
+// A new search: into the browser's history, then run.
+function search(q, upload = null) {
+  browser.upload = upload;
+  const url = queryToUrl(q);
+  history.pushState({ q, upload }, "", url);
+  return run(q, true);
+}
+
+async function knnBody(q) {
+  const indice = q.indice || $("#indice").value;
+  const body = { indice_name: indice, modality: q.modality || "image", num_images: browser.k, num_result_ids: browser.k,
+                 deduplicate: q.dedup !== "0", use_safety_model: q.safe === "1", use_violence_detector: q.violence === "1",
+                 use_mclip: false, aesthetic_score: "", aesthetic_weight: "" };
+  if (q.text) body.text = q.text;
+  else if (q.image_url) body.image_url = q.image_url;
+  else if (q.similar !== undefined) {
+    const of = q.of || "image";
+    const { body: emb } = await api(`/xm/embedding/${encodeURIComponent(indice)}/${encodeURIComponent(q.similar)}?modality=${of}`);
+    body.embedding_input = emb.embedding;
+  } else if (q.upload && browser.upload) body.image = browser.upload.split(",")[1];
+  else if (q.upload) throw new Error("an uploaded image is not kept in the URL: choose it again");
+  else throw new Error("type a text, choose an image" + ($("#browse-url-box").hidden ? "" : " or give an image URL"));
+  return body;
+}
+
+function describe(q) {
+  if (q.text) return `“${q.text}”`;
+  if (q.image_url) return `the image at ${q.image_url}`;
+  if (q.similar !== undefined) return `item #${q.similar} (its ${q.of || "image"} embedding)`;
+  if (q.upload) return `the uploaded ${q.upload}`;
+  return "";
+}
+
+async function run(q, fresh) {
+  if (browser.busy) return;
+  browser.busy = true;
   $("#browse-error").textContent = "";
-  const indice = $("#indice").value;
-  const k = Math.max(1, Math.min(500, Number($("#browse-k").value) || 40));
-  const body = { indice_name: indice, modality: $("#browse-modality").value, num_images: k, num_result_ids: k,
-                 deduplicate: false, use_safety_model: false, use_violence_detector: false, use_mclip: false };
+  if (fresh) { browser.k = PAGE; browser.rows = []; browser.query = q; }
   try {
-    if (imageFile) body.image = (await readAsDataURL(imageFile)).split(",")[1];
-    else if ($("#browse-text").value.trim()) body.text = $("#browse-text").value.trim();
-    else throw new Error("type a text or choose an image");
-    const { body: rows } = await api("/knn-service", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    const { body: rows, headers } = await api("/knn-service", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(await knnBody(q)),
     });
-    releaseThumbnails();
-    $("#browse-header").textContent = `${rows.length} nearest in ${indice} (${body.modality} index)` +
-      (imageFile ? ` to ${imageFile.name}` : ` to “${body.text}”`);
-    $("#grid").replaceChildren(...rows.map((row) => el("figure", { class: "card" },
-      thumbnail(indice, row), el("figcaption", {}, el("span", { text: row.caption || "" }),
-        el("span", { class: "muted small", text: `#${row.id} · ${fmt(row.similarity)}` })))));
+    const indice = q.indice || $("#indice").value;
+    if (fresh) { releaseThumbnails(); $("#grid").replaceChildren(); }
+    const shown = browser.rows.length;
+    browser.rows = rows;
+    const unhonoured = headers.get("X-XM-Unhonoured-Options");
+    $("#browse-header").textContent = `${rows.length} nearest in ${indice} (${q.modality || "image"} index) to ${describe(q)}` +
+      (unhonoured && unhonoured !== "none" ? ` · not applied: ${unhonoured}` : "");
+    $("#grid").append(...rows.slice(shown).map((row) => card(indice, q, row)));
+    const more = rows.length >= browser.k && browser.k < MAX_RESULTS;
+    $("#grid-end").textContent = more ? "scroll for more" : rows.length ? "end of results" : "no results";
+    $("#grid-end").dataset.more = more ? "1" : "0";
+    $("#browse-download").disabled = rows.length === 0;
+    browser.runs += 1;
+    document.body.dataset.browse = String(browser.runs);
   } catch (e) {
-    $("#browse-error").textContent = e.message;
+    $("#browse-error").textContent = clean(e.message);
+  } finally {
+    browser.busy = false;
   }
+}
+
+function card(indice, q, row) {
+  const similar = el("button", { type: "button", class: "similar", text: "similar" });
+  const of = (state.indices[indice] || {}).modalities || ["image"];
+  similar.addEventListener("click", () => {
+    // the item's own stored embedding, searched in the index of the same modality (itself comes first)
+    const mod = of.includes("image") ? "image" : "text";
+    const next = { tab: "browse", indice, modality: mod, dedup: q.dedup, safe: q.safe, violence: q.violence,
+                   similar: String(row.id), of: mod };
+    fillForm(next);
+    search(next);
+    window.scrollTo(0, 0);
+  });
+  const fig = el("figure", { class: "card", "data-id": String(row.id) },
+    thumbnail(indice, row),
+    el("figcaption", {}, el("span", { text: row.caption || "" }),
+      el("span", { class: "muted small", text: `#${row.id} · ${fmt(row.similarity)}` })),
+    el("div", { class: "actions" }, similar));
+  return fig;
+}
+
+function more() {
+  if (!browser.query || browser.busy || $("#grid-end").dataset.more !== "1") return;
+  browser.k = Math.min(MAX_RESULTS, browser.k + PAGE);
+  run(browser.query, false);
+}
+
+function download() {
+  const data = JSON.stringify({ query: browser.query, results: browser.rows }, null, 2);
+  const a = el("a", { href: URL.createObjectURL(new Blob([data], { type: "application/json" })), download: "xm-results.json" });
+  document.body.append(a);
+  a.click();
+  setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
+}
+
+// Offer only what the served index can do: its indexes, its filters, URL fetching when the server allows it.
+function showBrowseOptions() {
+  const i = state.indices[$("#indice").value] || {};
+  const filters = i.filters || ["deduplicate"];
+  $("#safe-box").hidden = !filters.includes("use_safety_model");
+  $("#violence-box").hidden = !filters.includes("use_violence_detector");
+  $("#browse-url-box").hidden = !i.image_url;
+}
+
+function onPopState() {
+  const q = (history.state && history.state.q) || queryFromUrl();
+  browser.upload = (history.state && history.state.upload) || null;
+  showTab(q.tab === "browse" ? "browse" : "classify");
+  fillForm(q);
+  if (q.tab === "browse" && (q.text || q.image_url || q.similar !== undefined || q.upload)) run(q, true);
+  else { $("#grid").replaceChildren(); $("#browse-header").textContent = ""; $("#grid-end").textContent = ""; }
 }
 
 // --- wiring -----------------------------------------------------------------------------------
 function wire() {
   for (const tab of document.querySelectorAll(".tab")) {
     tab.addEventListener("click", () => {
-      for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t === tab);
-      for (const p of document.querySelectorAll(".panel")) p.hidden = p.id !== tab.dataset.tab;
+      showTab(tab.dataset.tab);
+      const q = tab.dataset.tab === "browse" ? (browser.query || { tab: "browse", indice: $("#indice").value }) : { tab: "classify" };
+      history.pushState({ q, upload: browser.upload }, "", queryToUrl(q));
     });
   }
   const drop = $("#drop");
@@ -221,9 +362,19 @@ function wire() {
   });
   $("#method").addEventListener("change", () => { showMethod(); state.streamId = null; });
   $("#indice").addEventListener("change", () => { showIndiceInfo(); state.streamId = null; });
+  window.addEventListener("popstate", onPopState);
+  new IntersectionObserver((entries) => { if (entries.some((e) => e.isIntersecting)) more(); }).observe($("#grid-end"));
+  $("#browse-download").addEventListener("click", download);
   $("#classify-form").addEventListener("submit", classify);
-  $("#browse-form").addEventListener("submit", (e) => browse(e, null));
-  $("#browse-image").addEventListener("change", (e) => browse(null, e.target.files[0]));
+  $("#browse-form").addEventListener("submit", (e) => { e.preventDefault(); search(queryFromForm()); });
+  $("#browse-image").addEventListener("change", async (e) => {
+    const f = e.target.files[0];
+    if (!f) return;
+    const q = Object.assign(queryFromForm(), { upload: f.name });
+    delete q.text; delete q.image_url;
+    $("#browse-text").value = "";
+    search(q, await readAsDataURL(f));
+  });
   $("#token-save").addEventListener("click", () => {
     sessionStorage.setItem("xm-token", $("#token").value.trim());
     start();
@@ -235,9 +386,12 @@ async function start() {
     await loadIndices();
     await loadMethods();
     $("#auth").hidden = !token() && $("#auth").hidden;
+    const q = queryFromUrl();
+    history.replaceState({ q, upload: null }, "", location.search || "?");
+    onPopState();
     document.body.dataset.ready = "1";
   } catch (e) {
-    $("#classify-error").textContent = e.message;
+    $("#classify-error").textContent = clean(e.message);
   }
 }
 

@@ -1,0 +1,103 @@
+"""A memory of many parts opens and serves under `ulimit -n 1024` (issue 19, point 2): readers
+open parts lazily through one bounded cache of maps and files, and a large manifest keeps its
+per-part records in checksummed Parquet tables (point 5).
+
+The memories are written with xm's own writers by bench/bench_parts.py (no encoder runs: this
+tests the readers); the probe opens, searches and fetches in a fresh process whose descriptor
+limit is set with `resource.setrlimit(RLIMIT_NOFILE, 1024)`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from xm.errors import XMError
+from xm.indexes import manifest as manifest_module, read_manifest
+from xm.memories import open_index
+
+PARTS = 600  # 2,400 part files: past INLINE_FILES, so the manifest keeps tables
+_spec = importlib.util.spec_from_file_location("bench_parts", Path(__file__).parents[1] / "bench" / "bench_parts.py")
+bench_parts = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(bench_parts)  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def past_the_limit(tmp_path_factory) -> Path:
+    """More parts than the probe's descriptor limit (600 parts, 2,400 part files, under 256
+    descriptors; the 40k one under 1,024 is the slow test): a reader holding every part open
+    fails here, as it failed at 1,017 parts under 1,024."""
+    root = tmp_path_factory.mktemp("many") / "memory"
+    bench_parts.build(root, PARTS, 2)
+    return root
+
+
+def test_more_parts_than_descriptors_open_search_and_fetch(past_the_limit) -> None:
+    got = bench_parts.probe(past_the_limit, nofile=256)
+    assert got["top1_is_query"]  # the probe also checked every fetched caption against what was written
+    assert got["cached_open"] <= 128 and got["open_files"] < 256
+    assert got["memory_maps_of_the_memory"] <= 128 + 4  # the cache's parts, the caption hashes, the shard
+
+
+def test_a_large_manifest_keeps_parts_and_files_in_tables(past_the_limit) -> None:
+    data = json.loads((past_the_limit / "manifest.json").read_text())
+    assert set(data["parts"]) == {"table", "rows", "sha256"} and data["parts"]["rows"] == PARTS
+    assert data["files"]["rows"] == 4 * PARTS + 2 and (past_the_limit / "manifest.json").stat().st_size < 4096
+    m = read_manifest(past_the_limit)
+    assert len(m.parts) == PARTS and m.parts[7].rows == 2 and len(m.files) == 4 * PARTS + 2
+    assert m == read_manifest(past_the_limit) and m.id
+
+
+def test_opening_checks_a_sample_and_verify_checks_everything(past_the_limit, tmp_path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(past_the_limit, copy)
+    m = read_manifest(copy)
+    sampled = set(manifest_module.sample_files(m, 1_000))
+    spared = next(rel for rel in m.files if rel not in sampled and rel.startswith("store/"))
+    (copy / spared).write_bytes(b"x")  # resized, in a file opening does not check
+    open_index(copy)  # opens: a summary check
+    with pytest.raises(XMError, match="bytes, the manifest says"):
+        open_index(copy, verify=True)  # xm info --verify: every file
+
+
+def test_a_damaged_manifest_table_is_refused_in_one_line(past_the_limit, tmp_path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(past_the_limit, copy)
+    table = copy / json.loads((copy / "manifest.json").read_text())["parts"]["table"]
+    t = pq.read_table(table)
+    pq.write_table(t.slice(0, 10), table)
+    with pytest.raises(XMError, match="checksum differs from the manifest's; the manifest's parts table is damaged"):
+        read_manifest(copy)
+    table.unlink()
+    with pytest.raises(XMError, match="missing .the manifest keeps its parts there"):
+        read_manifest(copy)
+
+
+def test_a_rewrite_with_the_same_content_keeps_its_tables(past_the_limit, tmp_path) -> None:
+    import shutil
+
+    from xm.indexes.layout import Layout
+
+    copy = tmp_path / "copy"
+    shutil.copytree(past_the_limit, copy)
+    before = sorted(p.name for p in (copy / "manifest").iterdir())
+    m = read_manifest(copy)
+    files = [copy / rel for rel in m.files]
+    again = manifest_module.write_manifest(Layout(copy), m, files, keep_if_same=True)
+    assert again == m and sorted(p.name for p in (copy / "manifest").iterdir()) == before
+
+
+@pytest.mark.slow
+def test_a_40k_part_memory_opens_under_ulimit_1024(tmp_path) -> None:
+    """Issue 19's done-when: 40,000 parts (the simulated 400M) open, search and fetch under 1,024 descriptors."""
+    root = tmp_path / "memory"
+    bench_parts.build(root, 40_000, 1)
+    got = bench_parts.probe(root, nofile=1024)
+    assert got["top1_is_query"] and got["open_files"] < 1024 and got["memory_maps_of_the_memory"] <= 132

@@ -1,0 +1,125 @@
+"""`--out`, `--source` and a memory on object storage, against an S3-compatible server this
+test starts on 127.0.0.1 (moto's ThreadedMotoServer, from PyPI: the `test` extra pins
+`moto[server]`; s3fs is the `s3` extra). The build to `s3://` equals the build to a folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+from conftest import TINY, TINY_ROLES, TINY_WIDE, make_image, write_caption_folder  # noqa: E402
+from xm.encoders import load_encoder  # noqa: E402
+from xm.errors import XMError  # noqa: E402
+from xm.memories import open_index  # noqa: E402
+from xm.memories.registry import open_memory  # noqa: E402
+from xm.pipeline import BuildConfig, build_index  # noqa: E402
+from xm.pipeline.extend import add_encoder  # noqa: E402
+
+BUCKET = "xm-test"
+# no instance-metadata lookups (169.254.169.254) and no user config: only the loopback server answers
+_ISOLATED = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+             "AWS_DEFAULT_REGION": "us-east-1"}
+_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict[str, str]]:
+    """The server, a bucket on it, and the environment that points s3fs at it."""
+    import fsspec
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {**_ISOLATED, **_KEYS, "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    saved_conf = fsspec.config.conf.get("s3")
+    fsspec.config.conf["s3"] = {"endpoint_url": endpoint}  # fsspec read its environment at import
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir(BUCKET)
+    try:
+        yield env
+    finally:
+        if saved_conf is None:
+            fsspec.config.conf.pop("s3", None)
+        else:
+            fsspec.config.conf["s3"] = saved_conf
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def _content(memory) -> dict:
+    coarse = load_encoder(TINY)
+    queries = coarse.encode_images([make_image(i) for i in (0, 3, 5)])
+    out = {"count": memory.count, "captions": memory.captions(range(memory.count)),
+           "hashes": np.asarray(memory.caption_hashes[np.arange(memory.count)]).tolist()}
+    for modality in ("image", "text"):
+        sims, ids = memory.search(modality, queries, 4)
+        out[f"knn/{modality}"] = (ids.tolist(), np.round(sims, 5).tolist())
+    return out
+
+
+def test_build_to_s3_equals_local_build_and_opens_from_s3(s3, tmp_path, monkeypatch) -> None:
+    import fsspec
+
+    monkeypatch.chdir(tmp_path)  # a URL taken for a path would make ./s3: here
+    monkeypatch.setenv("XM_HOME", str(tmp_path / "home"))
+    src = write_caption_folder(tmp_path / "pairs", 6)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.put(str(src), f"{BUCKET}/pairs", recursive=True)  # the source on object storage too
+    local = build_index(BuildConfig(source=str(src), out=tmp_path / "local", **TINY_ROLES))
+    # the CLI hands --out over as a Path ("s3:/xm-test/mem"): it stays a URL
+    remote = build_index(BuildConfig(source=f"s3://{BUCKET}/pairs", out=Path(f"s3://{BUCKET}/mem"), **TINY_ROLES))
+    assert remote.out == f"s3://{BUCKET}/mem" and remote.count == local.count == 6
+    assert not (tmp_path / "s3:").exists()
+    stored = {p.split(f"{BUCKET}/mem/", 1)[1] for p in fs.find(f"{BUCKET}/mem")}
+    assert "manifest.json" in stored and "store/caption_hash.npy" in stored
+    assert any(p.startswith("index/") and p.endswith(".index") for p in stored)
+    here, there = _content(open_index(tmp_path / "local")), _content(open_memory(f"s3://{BUCKET}/mem"))
+    assert here == there
+    # a rerun resumes from what the bucket holds and writes nothing new there
+    before = {p: fs.info(p)["ETag"] for p in fs.find(f"{BUCKET}/mem") if not p.endswith("last_build.json")}
+    again = build_index(BuildConfig(source=f"s3://{BUCKET}/pairs", out=Path(f"s3://{BUCKET}/mem"), **TINY_ROLES))
+    assert "store: current" in again.skipped and again.manifest_id == remote.manifest_id
+    fs.invalidate_cache()
+    assert {p: fs.info(p)["ETag"] for p in fs.find(f"{BUCKET}/mem") if not p.endswith("last_build.json")} == before
+    # --add-encoder on the memory in the bucket: extended there, and a new open sees it
+    added = add_encoder(f"s3://{BUCKET}/mem", f"{TINY_WIDE}=image")
+    assert added.out == f"s3://{BUCKET}/mem" and not (tmp_path / "s3:").exists()
+    assert "image" in open_memory(f"s3://{BUCKET}/mem").manifest.encoders[TINY_WIDE].embedded
+
+
+def _xm(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xm.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **env, "XM_HOME": str(cwd / "home")})
+
+
+def test_bad_s3_locations_are_one_line_exit_2(s3, tmp_path) -> None:
+    src = write_caption_folder(tmp_path / "pairs", 2)
+    roles = ["--coarse", TINY, "--fine", TINY, "--inference", TINY]
+    no_bucket = _xm(s3, tmp_path, "build-index", "--source", str(src), "--out", "s3://no-such-bucket/x", *roles)
+    env_without_keys = {k: v for k, v in os.environ.items() if k not in _KEYS}
+    no_keys = subprocess.run([sys.executable, "-m", "xm.cli", "build-index", "--source", str(src), "--out", f"s3://{BUCKET}/y", *roles],
+                             capture_output=True, text=True, cwd=tmp_path,
+                             env={**env_without_keys, **{k: v for k, v in s3.items() if k not in _KEYS}, "XM_HOME": str(tmp_path / "home")})
+    for r, says in ((no_bucket, "s3://no-such-bucket/x: not found"), (no_keys, f"s3://{BUCKET}/y: no credentials")):
+        errors = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert errors[0].startswith("xm: error: --out ") and says in errors[0], errors[0]
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "home").exists()
+    with pytest.raises(XMError, match="--index s3://no-such-bucket/m: not found"):
+        open_memory("s3://no-such-bucket/m")

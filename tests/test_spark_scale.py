@@ -1,0 +1,116 @@
+"""Spark at a scale the result limit cannot hold, on one local session (`local[2,2]`) whose
+`spark.driver.maxResultSize` is 4 KB: the store stage still writes every caption hash (none
+comes back through the driver), a job that does return too much fails with Spark's reason in
+xm's one line, and the session's web UI listens on loopback only."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import operator
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("pyspark")
+
+from xm.errors import XMError  # noqa: E402
+from xm.indexes.layout import Layout, caption_hash, part_name  # noqa: E402
+from xm.pipeline import spark  # noqa: E402
+from xm.pipeline.build import _store_stage  # noqa: E402
+from xm.pipeline.runners.local import LocalRunner  # noqa: E402
+from xm.pipeline.runners.spark import SparkRunner  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PARTS, ROWS = 4, 1500  # 48 KB of caption hashes: twelve times the result limit
+
+
+@pytest.fixture(scope="module")
+def session():
+    fresh_jvm = not _jvm_running()
+    saved = os.environ.pop("SPARK_LOCAL_IP", None)  # conftest's default: xm must bind loopback by itself
+    try:
+        with spark.spark_session("local[2,2]", ["spark.driver.maxResultSize=4k"], "xm test spark scale") as s:
+            yield s, fresh_jvm
+    finally:
+        if saved is not None:
+            os.environ["SPARK_LOCAL_IP"] = saved
+
+
+def _jvm_running() -> bool:
+    from pyspark import SparkContext
+
+    return SparkContext._gateway is not None
+
+
+def _metadata(root: Path) -> list[dict]:
+    layout = Layout(root)
+    done = []
+    for p in range(PARTS):
+        # repeated captions too: the hash file keeps one row per item, duplicates included
+        captions = [f"caption {p}-{i % 700}" for i in range(ROWS)]
+        target = layout.metadata_file("enc", part_name(p))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"caption": captions, "url": [f"http://x/{p}/{i}" for i in range(ROWS)]}).to_parquet(target)
+        done.append({"part": part_name(p), "rows": ROWS})
+    return done
+
+
+def test_store_under_a_tiny_result_limit_equals_the_local_store(session, tmp_path) -> None:
+    s, _ = session
+    here, there = Layout(tmp_path / "local"), Layout(tmp_path / "spark")
+    done = _metadata(here.root)
+    _metadata(there.root)
+    _store_stage(here, "enc", done, LocalRunner(), lambda label, total: lambda n: None)
+    _store_stage(there, "enc", done, SparkRunner(s, "test"), lambda label, total: lambda n: None)
+    expected = [caption_hash(f"caption {p}-{i % 700}") for p in range(PARTS) for i in range(ROWS)]
+    assert np.load(here.caption_hash).tolist() == expected
+    assert np.load(there.caption_hash).tolist() == expected
+    for p in range(PARTS):
+        assert here.store_part(part_name(p)).read_bytes() == there.store_part(part_name(p)).read_bytes()
+    assert not list(there.store.glob(".*"))  # no temporary file left
+
+
+def test_a_spark_failure_keeps_its_cause(session) -> None:
+    s, _ = session
+    with pytest.raises(XMError) as caught:
+        # 8 KB per task (a function the executors can import: operator.mul on bytes)
+        spark.run_tasks(s, functools.partial(operator.mul, b"x" * 8192), [1, 1], "xm big results")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("xm big results: a Spark job failed (")
+    assert "maxResultSize" in message, message
+
+
+def test_local_spark_ui_listens_on_loopback_only(session) -> None:
+    s, fresh_jvm = session
+    url = s.sparkContext.uiWebUrl
+    assert url and url.startswith("http://127.0.0.1:"), url
+    port = int(url.rsplit(":", 1)[1])
+    listening = _listening_addresses(port)
+    assert listening, f"nothing listens on port {port}"
+    if fresh_jvm:  # the JVM (and where its UI binds) was started by xm here, not by an earlier test
+        assert listening == {"127.0.0.1"}, listening
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a socket in LISTEN state on `port` (Linux /proc/net/tcp, tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                if len(address) == 8:
+                    found.add(".".join(str(b) for b in bytes.fromhex(address)[::-1]))
+                else:  # four little-endian 32-bit words; an IPv4-mapped address read as its IPv4 form
+                    raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, 32, 8))
+                    v6 = ipaddress.IPv6Address(raw)
+                    found.add(str(v6.ipv4_mapped or v6))
+    return found
