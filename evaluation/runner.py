@@ -34,8 +34,8 @@ from xm.evaluation.cache import FAILED, ROWS, EvidenceChunks, chunk_spans
 from xm.evaluation.datasets import DatasetSplit, load_dataset
 from xm.evaluation.decontaminate import Decontamination, decontaminate
 from xm.evaluation.metrics import zeroshot_metrics
-from xm.evaluation.stream_order import stream_order
 from xm.evaluation.results import merge_csv, plot, write_outputs  # noqa: F401  (the output files live in results.py)
+from xm.evaluation.stream_order import stream_order
 from xm.indexes.layout import atomic_path
 from xm.memories import Memory
 from xm.methods.base import Context, Decision, Example, Method, Queries, Support, stack_evidence, take_rows
