@@ -53,10 +53,13 @@ def benchmark_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON"),
     precision: str = typer.Option("fp32", "--precision", help="encoder inference precision: fp32 | bf16 | fp16 | int8 (see bench/bench_precision.py)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    decontaminate: bool | None = typer.Option(None, "--decontaminate/--no-decontaminate", help="hide the memory's near-duplicates of the test images from every method for the run (default: on when the memory holds more items than the test set)"),
+    decontaminate_threshold: float = typer.Option(0.95, "--decontaminate-threshold", help="coarse-encoder cosine at or above which a memory image is a near-duplicate (plus exact pHash where the memory's images are local)"),
 ) -> None:
     """Evaluate methods side by side on the same images, through the one method interface."""
     from xm.encoders.precision import Precision
     from xm.evaluation.datasets import load_dataset
+    from xm.evaluation.decontaminate import Decontamination
     from xm.evaluation.results import write_outputs
     from xm.evaluation.runner import BenchmarkConfig, run_benchmark
     from xm.indexes import home
@@ -65,6 +68,7 @@ def benchmark_cmd(
     from xm.methods.registry import get
 
     inference_precision = Precision.parse(precision)  # parsed once, before any work
+    decontamination = Decontamination(enabled=decontaminate, threshold=decontaminate_threshold)
     where = parse_device(device, "benchmark")
     if suite is not None:
         from xm.cli.suite_cmd import run_suite_command
@@ -89,7 +93,8 @@ def benchmark_cmd(
                           methods=method_names,
                           seeds=_ints("--seeds", seeds) if seeds else None, shots=_ints("--shots", shots), split=split,
                           split_file=split_file, classnames_file=classnames, templates=templates, limit=limit,
-                          options=options, batch_size=batch_size, precision=inference_precision, device=where)
+                          options=options, batch_size=batch_size, precision=inference_precision, device=where,
+                          decontaminate=decontamination)
     if cache_dir is not None:
         cfg.cache_dir = cache_dir
     ds = load_dataset(dataset, data_dir, split, split_file, classnames, names=proto["classnames"])
@@ -131,6 +136,14 @@ def show_benchmark(result: dict) -> None:
             for name, r in result["methods"].items() for f in r.get("fit", [])]
     if fits:
         console.print(table("few-shot fits (chosen on the validation split)", ["method", "seed", "chosen"], fits))
+    d = result.get("decontamination") or {}
+    if d.get("enabled"):
+        cosine = (f"{d['by_cosine']} by {d['encoder']} cosine >= {d['threshold']}" if d["threshold"] is not None
+                  else f"cosine {d['cosine']}")
+        console.print(f"decontaminated ({d['why']}): {d['hidden']} memory item(s) hidden as near-duplicates of the test images "
+                      f"({cosine}; {d['by_phash_only']} by pHash of {d['phash_checked']} local memory images)", markup=False)
+    elif d:
+        console.print(f"not decontaminated ({d['why']})", markup=False)
     t = result["timing"]
     console.print(f"{t['seconds']:.1f} s in all on {t.get('device', 'cpu')}; evidence cache {t['cache_dir']}", markup=False)
     if result["images_failed"]:

@@ -67,6 +67,8 @@ def record(result: dict[str, Any], name: str) -> dict[str, Any]:
         "classnames": result["classnames"], "templates": result["templates"],
         "evidence_key": r.get("evidence_key"), "result_key": result_key(result, name), "run_id": run_id(result),
         "images_scored": r["images_scored"], "images_skipped": r["images_skipped"],
+        "stream_order": result.get("protocol_settings", {}).get("stream_order"),
+        "decontamination": {k: v for k, v in (result.get("decontamination") or {}).items() if k != "hidden_ids"},
         **({"shots": r["shots"], "fit": r["fit"]} if "shots" in r else {"fit": r["fit"]} if "fit" in r else {}),
     }
 

@@ -7,7 +7,7 @@
    depends on (`Method.evidence_key`: index id, encoders, class names, templates,
    options, fitted or trained state) plus the image list. While a pass runs, its finished
    chunks are kept (evaluation/cache.py), so an interrupted benchmark resumes there.
-2. Per method and seed: the stream in a seeded random order through `decide`. Test
+2. Per method and seed: the stream in the protocol's seeded order through `decide`. Test
    labels are used only here, to score; no method ever sees them.
 3. Few-shot methods (`fit`): per shot count and seed, a support set drawn from the
    train split and a validation set (the dataset's validation split when it has one);
@@ -32,8 +32,10 @@ from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 from xm.evaluation.cache import FAILED, ROWS, EvidenceChunks, chunk_spans
 from xm.evaluation.datasets import DatasetSplit, load_dataset
+from xm.evaluation.decontaminate import Decontamination, decontaminate
 from xm.evaluation.metrics import zeroshot_metrics
 from xm.evaluation.results import merge_csv, plot, write_outputs  # noqa: F401  (the output files live in results.py)
+from xm.evaluation.stream_order import stream_order
 from xm.indexes.layout import atomic_path
 from xm.memories import Memory
 from xm.methods.base import Context, Decision, Example, Method, Queries, Support, stack_evidence, take_rows
@@ -63,6 +65,8 @@ class BenchmarkConfig:
     val_per_class: int = 16
     batch_size: int = 32
     precision: Precision | str = DEFAULT_PRECISION  # encoder inference precision, parsed by run_benchmark
+    # test near-duplicates hidden from the memory for the run (default: when it outnumbers the test set)
+    decontaminate: Decontamination = field(default_factory=Decontamination)
     device: Device | str | None = None  # where encoders and methods run (None: auto), parsed by run_benchmark
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xm" / "benchmark")
 
@@ -226,10 +230,11 @@ class _LazyImages(Sequence):
         return self._images[i]
 
 
-def _stream_scores(method: Method, ev: dict[str, np.ndarray], labels: np.ndarray, seed: int) -> tuple[dict[str, float], Decision]:
-    """One seeded stream order through `decide`; metrics over the scored (not skipped) images,
-    and the decision put back in dataset order."""
-    order = np.random.default_rng(seed).permutation(len(labels))
+def _stream_scores(method: Method, ev: dict[str, np.ndarray], labels: np.ndarray, seed: int,
+                   order_kind: str = "numpy-permutation") -> tuple[dict[str, float], Decision]:
+    """One seeded stream order (the protocol's, `evaluation/stream_order.py`) through `decide`;
+    metrics over the scored (not skipped) images, and the decision put back in dataset order."""
+    order = stream_order(len(labels), seed, order_kind)
     decision = method.decide(take_rows(ev, order), method.new_state())
     probs = np.empty_like(decision.probs)
     probs[order] = decision.probs
@@ -288,6 +293,8 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
         get(name)  # unknown names fail before any work
     seeds = cfg.seeds or proto["seeds"]
     ds = _subset(ds, cfg.limit)
+    index_id = memory.items_id if memory is not None else None
+    memory, decontamination = decontaminate(memory, cfg.decontaminate, ds.items, precision, cfg.cache_dir)
     templates = resolve_templates(ds, cfg.templates or proto["templates"] or "paper")
     model = cfg.model or (memory.default_model() if memory is not None else None)
     if model is None:
@@ -313,7 +320,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
         per_seed, t = [], time.perf_counter()
         first = None
         for seed in run_seeds:
-            metrics, detail = _stream_scores(m, ev, labels, seed)
+            metrics, detail = _stream_scores(m, ev, labels, seed, proto["stream_order"])
             per_seed.append(metrics)
             first = first if first is not None else detail
         assert first is not None  # run_seeds is never empty
@@ -384,7 +391,8 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
         "failed_keys": [ds.items[i].key for i in evidence.failed][:20],
         "model": model,
         "index": str(cfg.index) if cfg.index is not None else None,
-        "index_manifest_id": getattr(memory, "id", None),
+        "index_manifest_id": index_id,
+        "decontamination": decontamination,
         "encoders": {"inference": model, **({k: memory.roles.get(k) for k in ("coarse", "fine")} if memory is not None else {})},
         "templates": templates,
         "classnames": ds.classnames,

@@ -56,6 +56,13 @@ class Memory(ABC):
         """A stable identifier of the memory's content (streams and caches are keyed by it)."""
 
     @property
+    def items_id(self) -> str:
+        """The id of the memory whose items this one's ids number: its own `id`, or for a view
+        that hides some items (`memories/filtered.py`) the wrapped memory's. What was trained
+        on a memory (RECO's checkpoint) fits every view of it."""
+        return self.id
+
+    @property
     @abstractmethod
     def roles(self) -> dict[str, Any]:
         """X-MoRe's roles: {"coarse": spec, "fine": spec, "inference": [spec, ...]}."""

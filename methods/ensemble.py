@@ -90,7 +90,9 @@ def adjust(state: StreamState, c_img: float, c_txt: float, mode: str) -> Weights
 
 
 def combine(p_img: np.ndarray, p_txt: np.ndarray, w: Weights) -> np.ndarray:
-    """Eq. 4, p = w_img p_img + w_txt p_txt, renormalised to a distribution."""
+    """Eq. 4, p = w_img p_img + w_txt p_txt, renormalised to a distribution (the authors' code
+    takes the argmax of the mix as it is: dividing by its positive sum changes no ranking).
+    Both weights 0: the equal mix."""
     wi, wt = (w.img, w.txt) if (w.img + w.txt) > 0 else (0.5, 0.5)
     p = wi * np.asarray(p_img, np.float64) + wt * np.asarray(p_txt, np.float64)
     return p / p.sum()

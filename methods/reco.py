@@ -105,7 +105,7 @@ class Reco(Method):
         assert path is not None  # set for a transformer fusion; check() refused a RECO without a memory or an encoder
         meta = read_meta(path)
         where = meta_path(path)
-        if meta.get("index_id") != memory.id:
+        if meta.get("index_id") != memory.items_id:  # a decontaminated view of the index is the same index
             raise XMError(f"{where}: RECO checkpoint trained on index {meta.get('index_id')} "
                           f"({meta.get('index_root')}), not on this one ({memory.id}, {memory.root}); "
                           f"train one with `xm train reco --index {memory.root}`")

@@ -4,14 +4,22 @@
 both modalities' class distributions) and batches; `decide` feeds it through the one
 ensemble (`methods/ensemble.py`) in stream order. Every variant is an option preset:
 
-    xmore           the authors' protocol: L1 weighting over the stream, not renormalised
+    xmore           the authors' weighting: L1 over the stream (c_t / sum of c so far)
     xmore-minmax    the paper's eqs. 2-3 (min-max over the stream, documented first query)
     xmore-equal     equal confidence (Table 5)       xmore-raw   unadjusted (Table 7)
     xmore-indirect  no fine re-ranking (Table 3)     captions    the text modality alone
     captions-logits the caption baseline by the argmax of the mean caption logits
 
 Retrieval switches (pool order, raw dot or cosine, skipping short retrievals) default to
-the authors' protocol; `--protocol xm` sets xm's own (`methods/protocols.py`).
+the authors' protocol; `--protocol xm` sets xm's own (`methods/protocols.py`). The caption
+prefix defaults to none (captions as stored, their precomputed embeddings used); the
+authors' protocol sets their `a_photo_of_a `, which `xm classify`, the server and the
+benchmark apply through the protocol (captions then encoded on the fly, cached).
+
+The final mix w_img p_img + w_txt p_txt is renormalised to sum to 1 (`ensemble.combine`),
+so `Decision.probs` is a distribution. The authors' code takes the argmax of the mix
+without renormalising: dividing by a positive sum changes no ranking, so every decision,
+top-k included, is theirs (tested in tests/test_authors_protocol.py).
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ def bench_setup(tmp_path_factory):
 
 
 def _config(root: Path, index: Path, data: Path, **kw) -> BenchmarkConfig:
-    options = {"k_coarse": 3, "k_fine": kw.pop("k_fine", 2)}
+    # the tiny random text tower is no CLIP: the authors' caption prefix swamps what its captions say
+    # (the prefix itself is tested in test_authors_protocol.py)
+    options = {"k_coarse": 3, "k_fine": kw.pop("k_fine", 2), "caption_prefix": ""}
     return BenchmarkConfig(dataset="imagefolder", data_dir=data, index=index, model=TINY, templates=str(root / "templates.txt"),
                            cache_dir=root / "cache", options=options, **kw)
 
@@ -49,7 +51,8 @@ def test_xmore_beats_clip_and_outputs(bench_setup) -> None:
     # clip and captions do not depend on the stream order; the adjusted ensembles do
     assert result["methods"]["clip"]["std"]["acc1"] == 0.0
     cases = result["diagnostics"]["l1_weight_ratio_by_case"]
-    assert sum(v["n"] for v in cases.values()) == round(36 * acc["xmore"] / 1) or sum(v["n"] for v in cases.values()) <= 36
+    # Table 8's cases split the images the ensemble got right under the first seed, each in exactly one case
+    assert sum(v["n"] for v in cases.values()) == round(36 * result["methods"]["xmore"]["per_seed"][0]["acc1"])
     assert result["diagnostics"]["mean_entropy"]["image"] > 0
     assert not any(result["timing"]["cache_hits"].values())
 

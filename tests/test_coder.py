@@ -174,15 +174,50 @@ def _predict(method, examples) -> np.ndarray:
     return np.argmax(method.decide(method.evidence(q)).probs, axis=1)
 
 
+def _on_disk(root: Path, train, val, test, test_labels: list[int] | None = None) -> tuple[Path, Path]:
+    """The splits' images under `root` and a CoOp split file naming them, with `test_labels`
+    in place of the test split's own where given (the benchmark reads labels from there)."""
+    rows: dict[str, list] = {}
+    for split, examples in (("train", train), ("val", val), ("test", test)):
+        rows[split] = []
+        for j, e in enumerate(examples):
+            rel = f"{e.key}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            if not (root / rel).is_file():
+                e.load().save(root / rel)
+            y = test_labels[j] if split == "test" and test_labels is not None else e.label
+            rows[split].append([rel, int(y), CLASSES[int(y)]])
+    split_file = root / f"split-{uuid.uuid4().hex[:8]}.json"
+    split_file.write_text(json.dumps(rows))
+    return root, split_file
+
+
+def _bench(root: Path, split_file: Path, methods: list[str], cache: Path, **options) -> dict:
+    from xm.evaluation.datasets import load_dataset
+    from xm.evaluation.runner import BenchmarkConfig, run_benchmark
+
+    cfg = BenchmarkConfig(dataset="imagefolder", data_dir=root, index=None, model=TINY, methods=methods, seeds=[1],
+                          split_file=split_file, shots=[4], val_per_class=4, options=options, cache_dir=cache)
+    return run_benchmark(cfg, load_dataset("imagefolder", root, "test", split_file), None)
+
+
 def test_coder_predictions_ignore_test_labels(splits, tmp_path) -> None:
-    """Shuffled test labels give identical predictions (coder, coder-rerank)."""
-    _, _, test = splits
-    rng = np.random.default_rng(0)
-    shuffled = [Example(e.load, int(y), e.key) for e, y in zip(test, rng.permutation([e.label for e in test]))]
+    """The benchmark holds the test labels; relabelled there, they leave every prediction of
+    coder and coder-rerank unchanged while the scores from the same labels change (so the
+    new labels did reach the run). With random weights coder is at chance, and a shuffle of
+    balanced labels can keep its accuracy: the relabelling is its own first predictions,
+    under which the same predictions score 100%."""
+    train, val, test = splits
     desc = tmp_path / "desc.json"
     desc.write_text(json.dumps({"differences": {a: {b: [f"{a} rather than {b}"] for b in CLASSES if b != a} for a in CLASSES}}))
-    for m in (create("coder", _ctx()), create("coder-rerank", _ctx(), threshold=1.0, descriptions=str(desc))):
-        assert np.array_equal(_predict(m, test), _predict(m, shuffled))
+    opts = {"threshold": 1.0, "descriptions": str(desc)}
+    a = _bench(*_on_disk(tmp_path / "d", train, val, test), ["coder", "coder-rerank"], tmp_path / "c1", **opts)
+    relabelled = a["methods"]["coder"]["predictions"]
+    assert relabelled != [e.label for e in test] and a["methods"]["coder"]["metrics"]["acc1"] < 1.0
+    b = _bench(*_on_disk(tmp_path / "d", train, val, test, relabelled), ["coder", "coder-rerank"], tmp_path / "c2", **opts)
+    for m in ("coder", "coder-rerank"):
+        assert a["methods"][m]["predictions"] == b["methods"][m]["predictions"]
+    assert b["methods"]["coder"]["metrics"]["acc1"] == 1.0
     reranked = create("coder-rerank", _ctx(), threshold=1.0, descriptions=str(desc))
     assert all(i["reranked"] for i in reranked.decide(reranked.evidence(Queries([e.load() for e in test]))).info)
 
@@ -194,16 +229,25 @@ def _fit(name: str, train, val, test, **kw) -> tuple[dict, np.ndarray]:
 
 
 @pytest.mark.parametrize("name", ["coder-adapter", "tip-adapter"])
-def test_adapter_search_ignores_the_test_split(splits, name) -> None:
+def test_adapter_search_ignores_the_test_split(splits, name, tmp_path) -> None:
     """alpha and beta come from the validation split: poisoning the test labels changes
     nothing, poisoning the validation labels changes the choice."""
     train, val, test = splits
     chosen, pred = _fit(name, train, val, test)
     assert chosen["selected_on"] == "validation" and chosen["val_images"] == len(val) and chosen["shots"] == 4
-    poisoned_test = [Example(e.load, (e.label + 1) % len(CLASSES), e.key) for e in test]
-    chosen2, pred2 = _fit(name, train, val, poisoned_test)
-    assert {k: v for k, v in chosen.items() if "seconds" not in k} == {k: v for k, v in chosen2.items() if "seconds" not in k}
-    assert np.array_equal(pred, pred2)
+    # poisoned test labels, through the benchmark that holds them: the same fit and predictions,
+    # other scores (the poisoned labels did reach the run)
+    opts = {"augment_passes": 0, "grid": 8, "search_rounds": 2}
+    clean = _bench(*_on_disk(tmp_path / "d", train, val, test), [name], tmp_path / "c1", **opts)[
+        "methods"][f"{name}@4"]
+    poisoned = _bench(*_on_disk(tmp_path / "d", train, val, test, [(e.label + 1) % len(CLASSES) for e in test]), [name],
+                      tmp_path / "c2", **opts)["methods"][f"{name}@4"]
+
+    def fitted(r: dict) -> list[dict]:
+        return [{k: v for k, v in f.items() if "seconds" not in k} for f in r["fit"]]
+
+    assert fitted(clean) == fitted(poisoned) and clean["predictions"] == poisoned["predictions"]
+    assert clean["metrics"]["acc1"] != poisoned["metrics"]["acc1"]
     poisoned_val = [Example(e.load, (e.label + 1) % len(CLASSES), e.key) for e in val]
     chosen3, _ = _fit(name, train, poisoned_val, test)
     assert (chosen3["alpha"], chosen3["beta"], chosen3["val_accuracy"]) != (chosen["alpha"], chosen["beta"], chosen["val_accuracy"])

@@ -390,21 +390,40 @@ def test_checkpoint_for_another_index_or_encoder_is_refused(memory, trained, tmp
         create("reco", _ctx(index), checkpoint=str(copy / "reco.json"))
 
 
-def test_test_labels_never_reach_the_method(memory, trained) -> None:
-    """Predictions through the registry are identical when the test's labels are shuffled:
-    nothing the method is built or called with carries them."""
+def test_test_labels_never_reach_the_method(memory, trained, tmp_path) -> None:
+    """The benchmark holds the test labels; shuffling them there leaves every RECO prediction
+    unchanged (nothing the method is built or called with carries them) while the scores,
+    computed from the same labels, do change: the shuffled labels did reach the run."""
+    from xm.evaluation.datasets import load_dataset
+    from xm.evaluation.decontaminate import Decontamination
+    from xm.evaluation.runner import BenchmarkConfig, run_benchmark
+
     index, queries, labels = memory
     out, _ = trained
-    for name, method_opts in (("reco", {"checkpoint": str(out)}), ("reco-mean", {})):
+    for name in ("reco", "reco-mean"):
         for param in ("evidence", "decide"):
-            assert "label" not in " ".join(inspect.signature(getattr(create(name, _ctx(index), **method_opts), param)).parameters)
+            opts = {"checkpoint": str(out)} if name == "reco" else {}
+            assert "label" not in " ".join(inspect.signature(getattr(create(name, _ctx(index), **opts), param)).parameters)
+    data = tmp_path / "data"
+    for i, (image, y) in enumerate(zip(queries, labels)):
+        (data / CLASSES[y]).mkdir(parents=True, exist_ok=True)
+        image.save(data / CLASSES[y] / f"q{i:03d}.png")
+    (tmp_path / "templates.txt").write_text("\n".join(TEMPLATES))
 
-        def run(items, name=name, method_opts=method_opts):  # this iteration's method, bound now
-            method = create(name, _ctx(index), **method_opts)  # Context: memory, model, class names, templates
-            return _predict(method, [image for image, _ in items])
+    def run(ds, cache: str) -> dict:
+        cfg = BenchmarkConfig(dataset="imagefolder", data_dir=data, index=index, model=TINY, methods=["reco", "reco-mean"],
+                              templates=str(tmp_path / "templates.txt"), seeds=[0], options={"checkpoint": str(out)},
+                              decontaminate=Decontamination(enabled=False), cache_dir=tmp_path / cache)
+        return run_benchmark(cfg, ds, open_index(index))
 
-        items = list(zip(queries, labels))
-        shuffled = [lab for _, lab in items]
-        random.Random(0).shuffle(shuffled)
-        assert shuffled != labels
-        assert np.array_equal(run(items), run(list(zip(queries, shuffled))))
+    ds = load_dataset("imagefolder", data)
+    a = run(ds, "c1")
+    shuffled = [it.label for it in ds.items]
+    random.Random(0).shuffle(shuffled)
+    assert shuffled != [it.label for it in ds.items]
+    for item, y in zip(ds.items, shuffled):
+        item.label = y  # the test labels shuffled, images and their order unchanged; evidence recomputed
+    b = run(ds, "c2")
+    for name in ("reco", "reco-mean"):
+        assert a["methods"][name]["predictions"] == b["methods"][name]["predictions"]
+        assert a["methods"][name]["metrics"]["acc1"] != b["methods"][name]["metrics"]["acc1"]
