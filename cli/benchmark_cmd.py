@@ -69,11 +69,16 @@ def benchmark_cmd(
 
     inference_precision = Precision.parse(precision)  # parsed once, before any work
     decontamination = Decontamination(enabled=decontaminate, threshold=decontaminate_threshold)
-    where = parse_device(device, "benchmark")
+    published = None
     if suite is not None:
+        from xm.evaluation.suites import load_suite
+
+        published = load_suite(suite)  # an unknown name is one line before anything is said or loaded
+    where = parse_device(device, "benchmark")
+    if published is not None:
         from xm.cli.suite_cmd import run_suite_command
 
-        run_suite_command(suite, index, model, limit, _ints("--seeds", seeds) if seeds else None,
+        run_suite_command(published, index, model, limit, _ints("--seeds", seeds) if seeds else None,
                           method_options(opt, k_coarse=k_coarse, k_fine=k_fine, descriptions=descriptions,
                                          texts_file=texts_file, checkpoint=reco_checkpoint),
                           batch_size, inference_precision, cache_dir, out, as_json, device=where)

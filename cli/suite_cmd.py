@@ -4,19 +4,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xm.cli.output import console, err_console, print_json, progress_bars, table
 
+if TYPE_CHECKING:
+    from xm.evaluation.suites import Suite
 
-def run_suite_command(name: str, index: Path | None, model: str | None, limit: int | None, seeds: list[int] | None,
+
+def run_suite_command(suite: Suite, index: Path | None, model: str | None, limit: int | None, seeds: list[int] | None,
                       options: dict[str, Any], batch_size: int, precision: str, cache_dir: Path | None,
                       out: Path | None, as_json: bool, device: Any = None) -> None:
-    from xm.evaluation.suites import SuiteConfig, load_suite, missing_line, run_suite, table_rows, write_suite
+    from xm.evaluation.suites import SuiteConfig, missing_line, run_suite, table_rows, write_suite
     from xm.indexes import home
     from xm.memories import open_index
 
-    suite = load_suite(name)
     if index is None:
         index = home.default_index()  # a suite runs its memory-free methods without one
     memory = open_index(index) if index is not None else None
@@ -24,7 +26,7 @@ def run_suite_command(name: str, index: Path | None, model: str | None, limit: i
                       precision=precision, cache_dir=cache_dir, device=device)
     with progress_bars() as make:
         result = run_suite(suite, cfg, memory, progress=make)
-    paths = write_suite(result, out or Path(f"xm-suite-{name}"))
+    paths = write_suite(result, out or Path(f"xm-suite-{suite.name}"))
     result["outputs"] = {k: str(v) for k, v in paths.items()}
     if as_json:
         print_json(result)
