@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from xm.cli.output import err_console
-
 if TYPE_CHECKING:  # the command modules load at every `xm` start: torch only when a command runs
     from xm.encoders.device import Device
 
@@ -16,11 +14,12 @@ BUILD_DEVICE_HELP = DEVICE_HELP + "; build-index also takes several GPUs, cuda:0
 
 def parse_device(text: str, command: str, several: bool = False) -> Device:
     """The command's device, parsed once before any work (one line for a bad or unusable value),
-    and said once on stderr: what runs where."""
-    from xm.encoders.device import Device
+    and said once on stderr (when the first encoder loads): what runs where."""
+    from xm.encoders.device import Device, announce_when_used
 
     device = Device.parse(text)
     if not several:
         device.single(f"xm {command}")
-    err_console.print(f"xm {command}: device {device.describe()}", markup=False, highlight=False)
+    # said when the first encoder loads, not now: an option refused after this one stays one line
+    announce_when_used(f"xm {command}: device {device.describe()}")
     return device

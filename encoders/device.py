@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,4 +171,22 @@ def _resolve_auto() -> Device:
 
 
 CPU = Device("cpu", (), "cpu")
+
+_announcement: list[str] = []  # the command's "what runs where" line, until the first encoder loads
+_announcement_lock = threading.Lock()
+
+
+def announce_when_used(line: str) -> None:
+    """Say `line` (a command's device, once) on stderr when the first encoder is loaded: work has
+    begun then, every option is validated, so a bad option elsewhere stays one line."""
+    with _announcement_lock:
+        _announcement[:] = [line]
+
+
+def announce() -> None:
+    """Print the pending device line, if any (called by `load_encoder`)."""
+    with _announcement_lock:
+        lines, _announcement[:] = list(_announcement), []
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
 DEFAULT_DEVICE = "auto"  # the flag's default text; resolved by `Device.parse`

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from xm.encoders.device import CPU, Device, out_of_memory
+from xm.encoders.device import CPU, Device, announce, out_of_memory
 from xm.encoders.precision import DEFAULT_PRECISION, Precision
 from xm.errors import XMError
 
@@ -399,6 +399,7 @@ def load_encoder(spec: EncoderSpec | str, cache_dir: str | None = None, quiet: b
     if isinstance(spec, str):
         spec = EncoderSpec.parse(spec)
     where = device.torch
+    announce()  # the command's device line, now that its options are all validated
     key = f"{spec}|{cache_dir}|{precision}" + ("" if where == "cpu" else f"|{where}")
     with _cache_lock:
         if key in _loaded:

@@ -23,7 +23,7 @@ from xm.memories import open_index
 from xm.methods.registry import variants
 from xm.methods.xmore import XMoRe
 
-PRECISION_ERROR = "--precision 'fp8': unknown precision; choose from fp32, bf16, int8"
+PRECISION_ERROR = "--precision 'fp8': unknown precision; choose from fp32, bf16, fp16, int8"
 
 
 def test_methods_import_nothing_from_training_evaluation_or_server() -> None:

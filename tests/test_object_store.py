@@ -46,7 +46,10 @@ def s3() -> Iterator[dict[str, str]]:
     saved_conf = fsspec.config.conf.get("s3")
     fsspec.config.conf["s3"] = {"endpoint_url": endpoint}  # fsspec read its environment at import
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir(BUCKET)
+    try:
+        fs.mkdir(BUCKET)
+    except FileExistsError:  # moto keeps its buckets per process: another module's server made it
+        pass
     try:
         yield env
     finally:
