@@ -26,13 +26,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xm.encoders import Encoder, EncoderSpec, load_image
+from xm.encoders import Encoder, EncoderSpec
 from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, write_json
 from xm.indexes.records import EncoderEntry
 from xm.pipeline.checkpoint import PartCheckpoint
 from xm.pipeline.compress import read_record
-from xm.pipeline.loader import part_batches, prefetch
+from xm.pipeline.loader import part_batches, prefetch, preprocessed
 from xm.pipeline.sources.base import ArrayRef, Part, Sample
 
 __all__ = ["embed_part", "prefetch", "read_marker", "slug_of", "write_text_embeddings"]  # prefetch: now in loader.py
@@ -47,16 +47,8 @@ def _pixel_batches(samples: Iterable[Sample], preprocesses: dict[str, Callable],
     kept: list[Sample] = []
     pixels: dict[str, list[Any]] = {k: [] for k in preprocesses}
     for s in samples:
-        try:
-            image = load_image(s.read_image(), name=s.key)
-            done: dict[str, Any] = {}
-            row = {}
-            for k, fn in preprocesses.items():
-                same = repr(fn)  # torchvision transforms print their parameters: equal repr, equal output
-                if same not in done:
-                    done[same] = fn(image)
-                row[k] = done[same]
-        except (XMError, OSError):
+        row = preprocessed(s, preprocesses)
+        if row is None:
             failures["failed_to_decode"] += 1
             continue
         for k, v in row.items():

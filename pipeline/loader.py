@@ -93,6 +93,23 @@ class _PartBatches:
             yield make_batch(chunk, self.preprocesses, self.tokenizers, first)
 
 
+def preprocessed(s: Sample, preprocesses: dict[str, Callable]) -> dict[str, Any] | None:
+    """The sample's image decoded once and preprocessed once per distinct preprocessing (by
+    encoder), or None if it does not decode."""
+    try:
+        image = load_image(s.read_image(), name=s.key)
+        done: dict[str, Any] = {}
+        row = {}
+        for k, fn in preprocesses.items():
+            same = repr(fn)  # torchvision transforms print their parameters: equal repr, equal output
+            if same not in done:
+                done[same] = fn(image)
+            row[k] = done[same]
+        return row
+    except (XMError, OSError):
+        return None
+
+
 def make_batch(chunk: list[Sample], preprocesses: dict[str, Callable], tokenizers: dict[str, Callable],
                first: int = 0) -> Batch:
     """Each image of `chunk` (the part's samples from position `first` on) decoded once and
@@ -105,16 +122,8 @@ def make_batch(chunk: list[Sample], preprocesses: dict[str, Callable], tokenizer
     pixels: dict[str, list[Any]] = {k: [] for k in preprocesses}
     failed = 0
     for pos, s in enumerate(chunk, first):
-        try:
-            image = load_image(s.read_image(), name=s.key)
-            done: dict[str, Any] = {}
-            row = {}
-            for k, fn in preprocesses.items():
-                same = repr(fn)  # torchvision transforms print their parameters: equal repr, equal output
-                if same not in done:
-                    done[same] = fn(image)
-                row[k] = done[same]
-        except (XMError, OSError):
+        row = preprocessed(s, preprocesses)
+        if row is None:
             failed += 1
             continue
         for k, v in row.items():
