@@ -24,6 +24,14 @@ def npy_shape(path: str | Path) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), np.dtype(dtype)
 
 
+def _mapped(f: Path, what: str) -> np.ndarray:
+    """One part file memory-mapped, or one line naming it (`what`: the kind of file, for the line)."""
+    try:
+        return np.load(f, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise XMError(f"{f}: unreadable {what} ({exc})") from exc
+
+
 class EmbeddingMatrix:
     """The concatenation of `*_emb_<part>.npy` files, gathered by global id without loading them.
 
@@ -57,10 +65,7 @@ class EmbeddingMatrix:
 
     def _open(self, p: int) -> np.ndarray:
         f = self.files[p]
-        try:
-            arr = np.load(f, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise XMError(f"{f}: unreadable embedding file ({exc})") from exc
+        arr = _mapped(f, "embedding file")
         expected = int(self.offsets[p + 1] - self.offsets[p])
         if arr.ndim != 2 or arr.shape[0] != expected or arr.shape[1] != self.part_width():
             raise XMError(f"{f}: shape {arr.shape}, the manifest says {expected} rows of {self.part_width()}")
@@ -100,10 +105,7 @@ class ByIdParts:
 
     def _open(self, p: int) -> np.ndarray:
         f = self.files[p]
-        try:
-            arr = np.load(f, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise XMError(f"{f}: unreadable file ({exc})") from exc
+        arr = _mapped(f, "file")
         expected = int(self.offsets[p + 1] - self.offsets[p])
         if arr.shape != (expected,):
             raise XMError(f"{f}: shape {arr.shape}, the manifest says {expected} rows")

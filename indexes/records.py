@@ -339,8 +339,14 @@ def files_table(files: Mapping[str, FileEntry]) -> pa.Table:
 
 
 def _columns(table: pa.Table, schema: pa.Schema, file: str, nullable: tuple[str, ...] = ()) -> list[list[Any]]:
-    """The table's columns as lists, refusing (one line) a schema other than `schema` or a null
-    where one is not allowed: the types are checked once per column, not per record."""
+    """The table's columns as lists, checked first (`_check_columns`)."""
+    _check_columns(table, schema, file, nullable)
+    return [table.column(fld.name).to_pylist() for fld in schema]
+
+
+def _check_columns(table: pa.Table, schema: pa.Schema, file: str, nullable: tuple[str, ...] = ()) -> None:
+    """Refuse (one line) a schema other than `schema` or a null where one is not allowed: the
+    types are checked once per column, not per record."""
     for fld in schema:
         if fld.name not in table.column_names:
             raise XMError(f"{file}: no column {fld.name!r}; the manifest's table is damaged")
@@ -349,7 +355,6 @@ def _columns(table: pa.Table, schema: pa.Schema, file: str, nullable: tuple[str,
                           "the manifest's table is damaged")
         if fld.name not in nullable and table.column(fld.name).null_count:
             raise XMError(f"{file}: column {fld.name!r} has nulls; the manifest's table is damaged")
-    return [table.column(fld.name).to_pylist() for fld in schema]
 
 
 def parts_from_table(table: pa.Table, file: str) -> list[PartEntry]:
@@ -404,14 +409,7 @@ class FilesTable(Mapping[str, FileEntry]):
 
 def files_from_table(table: pa.Table, file: str) -> FilesTable:
     """The files table checked (schema, nulls) once per column, entries read on demand."""
-    for fld in _FILES_SCHEMA:
-        if fld.name not in table.column_names:
-            raise XMError(f"{file}: no column {fld.name!r}; the manifest's table is damaged")
-        if not table.schema.field(fld.name).type.equals(fld.type):
-            raise XMError(f"{file}: column {fld.name!r} is {table.schema.field(fld.name).type}, expected {fld.type}; "
-                          "the manifest's table is damaged")
-        if fld.name != "mtime_ns" and table.column(fld.name).null_count:
-            raise XMError(f"{file}: column {fld.name!r} has nulls; the manifest's table is damaged")
+    _check_columns(table, _FILES_SCHEMA, file, nullable=("mtime_ns",))
     return FilesTable(table)
 
 
