@@ -24,7 +24,7 @@ def npy_shape(path: str | Path) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), np.dtype(dtype)
 
 
-def _mapped(f: Path, what: str) -> np.ndarray:
+def _mapped(f: str | Path, what: str) -> np.ndarray:
     """One part file memory-mapped, or one line naming it (`what`: the kind of file, for the line)."""
     try:
         return np.load(f, mmap_mode="r")
