@@ -2,16 +2,22 @@
 
 Each mutant changes one token on one line of one method file (an arithmetic or comparison
 operator swapped, `and`/`or`, `True`/`False`, a dropped `not`, a small integer changed,
-min/max or mean/sum exchanged), is written over the file, and the test files that concern
-that file run against it (pytest -x, in a fresh process); a failing run kills the mutant.
+min/max or mean/sum exchanged), and the test files that concern that file (`TESTS`) run
+against it (pytest -x, -m "not slow", in a fresh process); a failing run kills the mutant.
 Mutants are enumerated from the tokens of the code (never inside strings or comments),
-then a seeded sample is drawn when there are more than --sample. The file is always
-restored (try/finally), so stop it with Ctrl-C, not kill -9.
+then a seeded sample is drawn when there are more than --sample.
 
-Equivalent mutants (a change that cannot alter behaviour) count as survivors: the score is
-a lower bound. The survivors are listed, for a person to judge.
+The mutants are written into a private copy of the tree (a temporary folder whose `xm`
+package is put first on PYTHONPATH, ahead of the editable install), never over the
+working tree: the worktree stays usable while a run goes on, and an interrupted run
+leaves nothing mutated. Bytecode is not written there, so no stale .pyc can hide a mutant.
 
-    python bench/mutation.py --sample 40 --out bench/out/mutation.json
+Equivalent mutants (a change that cannot alter behaviour) are listed in `EQUIVALENT` with
+the reason a person judged them so; the score is stated both ways: killed / run, and
+killed / (run - equivalent).
+
+    python bench/mutation.py --sample 100 --seed 1 --out bench/out/mutation.json
+    python bench/mutation.py --rerun bench/out/mutation.json   # its survivors again, against today's tests
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import argparse
 import ast
 import io
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tokenize
 from dataclasses import asdict, dataclass
@@ -30,16 +39,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# which fast test files speak for which method file (run in this order, -x)
+# which fast test files speak for which method file (run in this order, -x: the most
+# focused and quickest first, so a killed mutant costs little)
+SURVIVORS = "tests/test_mutation_survivors.py"
+XMORE = [SURVIVORS, "tests/test_xmore_protocol.py", "tests/test_one_line_faults.py"]
 TESTS: dict[str, list[str]] = {
-    "methods/ensemble.py": ["tests/test_ensemble.py", "tests/test_authors_protocol.py::test_renormalising_the_mix_changes_no_ranking",
+    "methods/base.py": [SURVIVORS, "tests/test_seams.py", "tests/test_method_hooks.py"],
+    "methods/clip.py": [SURVIVORS, "tests/test_method_hooks.py"],
+    "methods/coder.py": ["tests/test_coder_faithful.py", SURVIVORS, "tests/test_coder.py", "tests/test_one_line_faults.py"],
+    "methods/ensemble.py": ["tests/test_ensemble.py", SURVIVORS,
+                            "tests/test_authors_protocol.py::test_renormalising_the_mix_changes_no_ranking",
                             "tests/test_xmore_protocol.py"],
-    "methods/xmore.py": ["tests/test_xmore_protocol.py", "tests/test_one_line_faults.py"],
-    "methods/retrieval.py": ["tests/test_xmore_protocol.py", "tests/test_one_line_faults.py"],
-    "methods/zeroshot.py": ["tests/test_ensemble.py", "tests/test_one_line_faults.py", "tests/test_xmore_protocol.py"],
-    "methods/tip_adapter.py": ["tests/test_coder.py", "tests/test_one_line_faults.py"],
-    "methods/coder.py": ["tests/test_coder.py", "tests/test_one_line_faults.py"],
+    "methods/protocols.py": [SURVIVORS, "tests/test_authors_protocol.py", "tests/test_xmore_protocol.py"],
+    "methods/reco.py": [SURVIVORS, "tests/test_reco.py"],
+    "methods/reco_model.py": [SURVIVORS, "tests/test_reco.py", "tests/test_reco_defaults.py"],
+    "methods/registry.py": [SURVIVORS, "tests/test_seams.py", "tests/test_method_hooks.py"],
+    "methods/retrieval.py": XMORE,
+    "methods/tip_adapter.py": [SURVIVORS, "tests/test_coder.py", "tests/test_one_line_faults.py"],
+    "methods/xmore.py": XMORE,
+    "methods/xmore_diagnostics.py": [SURVIVORS, "tests/test_method_hooks.py"],
+    "methods/zeroshot.py": ["tests/test_ensemble.py", *XMORE],
 }
+
+# mutants judged equivalent (no input can tell them from the original), with the reason:
+# (file, the line's code, column, old token, new token) -> why
+EQUIVALENT: dict[tuple[str, str, int, str, str], str] = {}
 
 OPS = {"+": "-", "-": "+", "*": "/", "/": "*", "<": "<=", ">": ">=", "<=": "<", ">=": ">", "==": "!=", "!=": "==",
        "//": "/", "**": "*"}
@@ -99,16 +123,60 @@ def apply(m: Mutant, text: str) -> str:
     return "".join(lines)
 
 
-def run_tests(tests: list[str], timeout: float) -> tuple[bool, float, str]:
+def key(m: dict | Mutant) -> tuple[str, str, int, str, str]:
+    d = m if isinstance(m, dict) else asdict(m)
+    return d["file"], d["source_line"], d["col"], d["old"], d["new"]
+
+
+def sandbox() -> tuple[Path, dict[str, str]]:
+    """A private copy of the tree (tracked and untracked files, nothing ignored) with an `xm`
+    package assembled from it on PYTHONPATH, and the environment the tests run in."""
+    where = Path(tempfile.mkdtemp(prefix="xm-mutation-"))
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    tree = where / "tree"
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file():
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, tree / rel)
+    # the package-dir mapping of pyproject.toml, rebuilt as links: xm = api/, xm.methods = methods/, ...
+    import tomllib
+
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    pkg = where / "pkg" / "xm"
+    pkg.mkdir(parents=True)
+    for entry in (tree / mapping["xm"]).iterdir():
+        (pkg / entry.name).symlink_to(entry)
+    for name, folder in mapping.items():
+        if name != "xm":
+            (pkg / name.split(".", 1)[1]).symlink_to(tree / folder)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(where / "pkg"), os.environ.get("PYTHONPATH")])),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    return where, env
+
+
+def run_tests(tests: list[str], cwd: Path, env: dict[str, str], timeout: float) -> tuple[bool, float, str]:
     """(killed, seconds, last line of pytest's output)."""
     t = time.perf_counter()
     try:
         p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
-                            "-p", "no:warnings", *tests], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+                            "-p", "no:warnings", *tests], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
         last = (p.stdout.strip().splitlines() or [""])[-1]
         return p.returncode != 0, time.perf_counter() - t, last
     except subprocess.TimeoutExpired:
         return True, time.perf_counter() - t, "timeout (a mutant that hangs is caught)"
+
+
+def summarise(results: list[dict], args: argparse.Namespace, enumerated: int, files: list[str]) -> dict:
+    killed = sum(r["killed"] for r in results)
+    equivalent = sum(1 for r in results if not r["killed"] and r.get("equivalent"))
+    real = len(results) - equivalent
+    return {"enumerated": enumerated, "run": len(results), "killed": killed, "equivalent": equivalent,
+            "score": killed / len(results) if results else None,
+            "score_non_equivalent": killed / real if real else None,
+            "seed": args.seed, "sample": args.sample, "rerun": str(args.rerun) if args.rerun else None,
+            "machine": f"{os.cpu_count()} cores, no GPU", "files": files,
+            "tests": {f: TESTS[f] for f in files}, "mutants": results}
 
 
 def main() -> None:
@@ -116,35 +184,53 @@ def main() -> None:
     ap.add_argument("--files", nargs="*", default=list(TESTS), help="method files to mutate")
     ap.add_argument("--sample", type=int, default=40, help="mutants drawn (seeded) from all enumerated")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rerun", type=Path, help="run only the survivors of this earlier result file")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "mutation.json")
     args = ap.parse_args()
+    unknown = sorted(set(args.files) - set(TESTS))
+    if unknown:
+        sys.exit(f"--files: {', '.join(unknown)} not in TESTS (which tests speak for them?)")
     everything = [m for f in args.files for m in mutants(f)]
-    chosen = everything if len(everything) <= args.sample else random.Random(args.seed).sample(everything, args.sample)
-    chosen.sort(key=lambda m: (m.file, m.line, m.col))
+    if args.rerun:
+        wanted = {key(r) for r in json.loads(args.rerun.read_text())["mutants"] if not r["killed"]}
+        chosen = sorted((m for m in everything if key(m) in wanted), key=lambda m: (m.file, m.line, m.col))
+        print(f"{len(wanted)} survivors in {args.rerun}; {len(chosen)} still enumerated (the others' lines changed)")
+    else:
+        chosen = everything if len(everything) <= args.sample else random.Random(args.seed).sample(everything, args.sample)
+    # (a sample stays in its drawn order: a run stopped early is still a random sample)
     print(f"{len(everything)} one-token mutants in {len(args.files)} files; running {len(chosen)} (seed {args.seed})", flush=True)
-    results = []
-    for n, m in enumerate(chosen, 1):
-        path = ROOT / m.file
-        original = path.read_text()
-        try:
-            path.write_text(apply(m, original))
-            killed, secs, last = run_tests(TESTS[m.file], args.timeout)
-        finally:
-            path.write_text(original)
-        results.append({**asdict(m), "killed": killed, "seconds": round(secs, 1), "pytest": last})
-        print(f"[{n}/{len(chosen)}] {'killed  ' if killed else 'SURVIVED'} {m.file}:{m.line} {m.old!r}->{m.new!r}  "
-              f"{m.source_line[:90]}  ({secs:.0f} s)", flush=True)
-    killed = sum(r["killed"] for r in results)
-    summary = {"enumerated": len(everything), "run": len(results), "killed": killed,
-               "score": killed / len(results) if results else None, "seed": args.seed, "files": args.files,
-               "tests": {f: TESTS[f] for f in args.files}, "mutants": results}
+    where, env = sandbox()
+    tree = where / "tree"
+    results: list[dict] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2))
-    print(f"mutation score {killed}/{len(results)} = {summary['score']:.1%}; survivors:" if results else "no mutants")
+    try:
+        for n, m in enumerate(chosen, 1):
+            path = tree / m.file
+            original = path.read_text()
+            try:
+                path.write_text(apply(m, original))
+                killed, secs, last = run_tests(TESTS[m.file], tree, env, args.timeout)
+            finally:
+                path.write_text(original)
+            results.append({**asdict(m), "killed": killed, "seconds": round(secs, 1), "pytest": last,
+                            **({"equivalent": EQUIVALENT[key(m)]} if key(m) in EQUIVALENT else {})})
+            print(f"[{n}/{len(chosen)}] {'killed  ' if killed else 'SURVIVED'} {m.file}:{m.line} {m.old!r}->{m.new!r}  "
+                  f"{m.source_line[:90]}  ({secs:.0f} s)", flush=True)
+            args.out.write_text(json.dumps(summarise(results, args, len(everything), args.files), indent=2))
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    summary = summarise(results, args, len(everything), args.files)
+    if not results:
+        print("no mutants")
+        return
+    real = summary["run"] - summary["equivalent"]
+    print(f"mutation score {summary['killed']}/{summary['run']} = {summary['score']:.1%} of all run; "
+          f"{summary['killed']}/{real} = {summary['score_non_equivalent']:.1%} of the non-equivalent; survivors:")
     for r in results:
         if not r["killed"]:
-            print(f"  {r['file']}:{r['line']} {r['old']!r}->{r['new']!r}  {r['source_line']}")
+            why = f"  [equivalent: {r['equivalent']}]" if r.get("equivalent") else ""
+            print(f"  {r['file']}:{r['line']} {r['old']!r}->{r['new']!r}  {r['source_line']}{why}")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,29 @@ def test_zero_shot_score_against_hand_computation(tmp_path) -> None:
     assert why["candidates"][0]["class"] == ("cat" if cat > dog else "dog") and why["texts"] == 6
 
 
+def test_explanation_table_names_each_candidate_once_beside_its_closest_texts(tmp_path) -> None:
+    """`xm classify --explain`'s table: per stage-1 candidate (best first), its texts by cosine
+    to the image (at most 5), the class and its score on the first text's row only."""
+    enc = FakeEncoder(HAND)
+    m = create("coder", FakeContext(enc, ["cat", "dog"]), texts_file=str(_hand_set(tmp_path)))
+    x = [0.5, 0.5, 0.5]
+    ev = m.evidence(Queries([x]))
+    [table] = m.explanation_view(m.explain(ev, 0))
+    own = {"cat": ["a photo of cat", "a photo of kitty", "cat which has whiskers", "cat which has fur"],
+           "dog": ["a photo of dog", "a dog similar to wolf."]}
+    kind = {"a photo of cat": ("name", "names"), "a photo of kitty": ("synonym", "wordnet"),
+            "cat which has whiskers": ("attribute", "descriptions"), "cat which has fur": ("attribute", "descriptions"),
+            "a photo of dog": ("name", "names"), "a dog similar to wolf.": ("analogous", "descriptions")}
+    scores = dict(zip(["cat", "dog"], ev["scores"][0]))
+    expected = []
+    for c in sorted(scores, key=lambda c: -scores[c]):
+        for j, t in enumerate(sorted(own[c], key=lambda t: -_cos(x, HAND[t]))):
+            expected.append((c if j == 0 else "", scores[c] if j == 0 else None, _cos(x, HAND[t]), *kind[t], t))
+    assert [r[:2] + r[3:] for r in table.rows] == [r[:2] + r[3:] for r in expected]
+    assert np.allclose([r[2] for r in table.rows], [r[2] for r in expected], atol=1e-5)
+    assert table.title == "candidates, closest texts (6 texts, 0 one-vs-one)"
+
+
 def test_rerank_against_hand_computation(tmp_path) -> None:
     """p1 - p2 under the threshold: the top candidates reordered by one-vs-one texts."""
     vec = {"a photo of a": [1, 0, 0, 0], "a photo of b": [0.98, 0.2, 0, 0], "a photo of c": [0, 0, 1, 0],

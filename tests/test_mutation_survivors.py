@@ -116,3 +116,227 @@ def test_support_labels_out_of_range_are_refused() -> None:
     for bad in ([0, 3], [-1, 1]):
         with pytest.raises(XMError, match="out of range 0..2"):
             one_hot(bad, 3)
+
+
+# ------------------------------------------------------------------ the method interface, registry and protocols
+
+class FakeEncoder:
+    """An encoder whose features are known in advance: the mean pixel of each image, per channel."""
+
+    spec, precision, dim = "fake", "fp32", 3
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    @staticmethod
+    def preprocess(image):
+        import torch
+
+        return torch.from_numpy(np.asarray(image, np.float32).mean(axis=(0, 1)))
+
+    def encode_pixels(self, pixels) -> np.ndarray:
+        self.batches.append(len(pixels))
+        return pixels.numpy().astype(np.float32)
+
+
+def test_queries_encode_every_image_once_in_batches_and_reuse_given_features() -> None:
+    from PIL import Image
+
+    from xm.methods.base import Queries
+
+    images = [Image.new("RGB", (4, 4), (10 * i, 20 + i, 30)) for i in range(5)]
+    enc = FakeEncoder()
+    q = Queries(images)
+    feats = q.features(enc, batch_size=2)  # type: ignore[arg-type]
+    assert enc.batches == [2, 2, 1]
+    np.testing.assert_array_equal(feats, [[10 * i, 20 + i, 30] for i in range(5)])
+    # features known already (a benchmark's cache) are used as given: no image is decoded or encoded
+    known = np.full((5, 3), 7.0, np.float32)
+    unreadable = Queries([None] * 5, features={Queries.feature_key(enc): known})
+    assert unreadable.features(enc) is known and enc.batches == [2, 2, 1]
+
+
+def test_stacked_evidence_is_the_batches_in_order() -> None:
+    from xm.methods.base import stack_evidence, take_rows
+
+    ev = stack_evidence([{"p": np.array([[1.0], [2.0]]), "ids": np.array([5, 6])}, {"p": np.array([[3.0]]), "ids": np.array([7])}])
+    assert ev["p"].tolist() == [[1.0], [2.0], [3.0]] and ev["ids"].tolist() == [5, 6, 7]
+    assert stack_evidence([]) == {}
+    assert take_rows(ev, np.array([2, 0]))["ids"].tolist() == [7, 5]
+
+
+def test_options_are_coerced_and_refused_in_one_line() -> None:
+    import pytest
+
+    from xm.errors import XMError
+    from xm.methods.base import Option
+
+    flag = Option("on", False, "a switch")
+    assert [flag.coerce("m", v) for v in ("yes", "off", "TRUE", "0", True)] == [True, False, True, False, True]
+    with pytest.raises(XMError, match="m option on: 'maybe' is not a bool"):
+        flag.coerce("m", "maybe")
+    text = Option("name", "", "free text")
+    assert text.coerce("m", "maybe") == "maybe" and text.coerce("m", 3) == "3"  # a str option takes any text
+    count = Option("k", 10, "a count", minimum=1)
+    assert count.coerce("m", 3.0) == 3 and count.coerce("m", "4") == 4
+    for bad, why in ((3.5, "is not an int"), ("x", "is not an int"), (0, "below its minimum 1")):
+        with pytest.raises(XMError, match=why):
+            count.coerce("m", bad)
+    mode = Option("mode", "a", "one of", ("a", "b"))
+    assert mode.coerce("m", "b") == "b" and mode.coerce("m", None) is None
+    with pytest.raises(XMError, match="'c'; choose from a, b"):
+        mode.coerce("m", "c")
+
+
+def test_a_method_declares_only_what_it_differs_in() -> None:
+    """A method that declares nothing needs a memory (and says so in one line without one),
+    needs no `xm train`, is not few-shot and not thread-safe; unknown options are refused."""
+    import pytest
+
+    from xm.errors import XMError
+    from xm.methods.base import Context, Method, Option
+
+    class Plain(Method):
+        name, summary = "plain", "a test toy"
+        options = (Option("a", 1, "an int"),)
+
+    ctx = Context(None, "m", ["x"], ["{}"])
+    plain = Plain(ctx, a="2")
+    assert plain.opts == {"a": 2} and not Plain.trains_for({}) and not Plain.few_shot and not Plain.thread_safe_evidence
+    with pytest.raises(XMError, match="method plain: needs an index"):
+        plain.check()
+    with pytest.raises(XMError, match="plain: unknown option.s. b, c; it takes a"):
+        Plain(ctx, b=1, c=2)
+
+
+def test_registry_lists_every_method_in_a_fresh_process_and_drops_foreign_options() -> None:
+    import subprocess
+    import sys
+
+    import pytest
+
+    from xm.errors import XMError
+    from xm.methods.base import Context, Method, Option
+    from xm.methods.registry import create, register, unregister
+
+    listed = subprocess.run([sys.executable, "-c", "from xm.methods.registry import variants; print(' '.join(variants()))"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert {"clip", "xmore", "xmore-minmax", "reco", "reco-mean", "coder", "tip-adapter"} <= set(listed)
+
+    class Toy(Method):
+        name, summary = "toy-opts", "a test toy"
+        options = (Option("a", 1, "an int"), Option("b", "x", "a str"))
+
+    register(Toy, {"toy-opts-2": ({"a": 2}, "a preset")})
+    try:
+        ctx = Context(None, "m", ["x"], ["{}"])
+        # a protocol's switches for all methods: the ones a method does not take are left out
+        assert create("toy-opts-2", ctx, strict=False, b="y", pool="dedupe").opts == {"a": 2, "b": "y"}
+        assert create("toy-opts-2", ctx, a=None).opts == {"a": 2, "b": "x"}  # None: the preset stands
+        with pytest.raises(XMError, match="unknown option.s. pool"):
+            create("toy-opts", ctx, pool="dedupe")
+    finally:
+        unregister("toy-opts")
+    with pytest.raises(XMError, match="method 'toy-opts-2': unknown"):
+        create("toy-opts-2", Context(None, "m", ["x"], ["{}"]))
+
+
+def test_protocols_are_named_and_an_unknown_one_is_refused() -> None:
+    import pytest
+
+    from xm.errors import XMError
+    from xm.methods.protocols import protocol
+
+    # the X-MoRe paper reports the mean over seeds 0-2 (the authors' scripts); xm's own runs use 1-3
+    assert protocol("authors")["seeds"] == [0, 1, 2] and protocol("xm")["seeds"] == [1, 2, 3]
+    assert protocol("authors")["method"]["skip_short"] and not protocol("xm")["method"]["skip_short"]
+    with pytest.raises(XMError, match="--protocol 'paper': choose from authors, xm"):
+        protocol("paper")
+
+
+# ------------------------------------------------------------------ X-MoRe's diagnostics (the paper's Tables 6 and 8)
+
+def test_modality_entropy_is_the_mean_entropy_of_each_modality() -> None:
+    from xm.methods.xmore_diagnostics import modality_entropy
+
+    p_img = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    p_txt = np.full((2, 3), 1 / 3)
+    got = modality_entropy(p_img, p_txt)
+    assert np.isclose(got["image"], np.log(2) / 2) and np.isclose(got["text"], np.log(3))
+
+
+def test_l1_weight_ratios_split_the_right_images_by_which_modality_was_right() -> None:
+    """Five images, class labels all 0; which modality's argmax is right and whether the
+    ensemble was right are set per image; the ratios are worked out by hand."""
+    from pytest import approx
+
+    from xm.methods.xmore_diagnostics import l1_weight_ratios
+
+    right, wrong = [0.9, 0.1], [0.2, 0.8]
+    p_img = np.array([right, wrong, right, right, wrong])
+    p_txt = np.array([wrong, right, right, right, wrong])
+    final = np.array([0, 0, 0, 1, 0])  # image 3 decided wrong: in no case
+    weights = np.array([[0.6, 0.2], [0.3, 0.6], [0.5, 0.5], [0.9, 0.1], [0.2, 0.0]])  # image 4: w_txt 0, ratio inf
+    out = l1_weight_ratios(p_img, p_txt, final, weights, np.zeros(5, int))
+    assert out["image right, text wrong"] == approx({"n": 1, "mean_ratio_img_over_txt": 3.0, "w_img": 0.6, "w_txt": 0.2})
+    assert out["text right, image wrong"] == approx({"n": 1, "mean_ratio_img_over_txt": 0.5, "w_img": 0.3, "w_txt": 0.6})
+    assert out["both right"] == approx({"n": 1, "mean_ratio_img_over_txt": 1.0, "w_img": 0.5, "w_txt": 0.5})
+    # right by the mix although both modalities were wrong; its infinite ratio is left out of the mean
+    assert out["neither right"] == {"n": 1, "mean_ratio_img_over_txt": None, "w_img": 0.2, "w_txt": 0.0}
+
+
+def test_reco_logit_scale_is_capped_at_clip_s_100_and_only_capped() -> None:
+    import math
+
+    import torch
+
+    from xm.methods.reco_model import build_model
+
+    model = build_model(8)
+    assert math.isclose(model.logit_scale.exp().item(), 1 / 0.07, rel_tol=1e-6)  # CLIP's initial temperature
+    model.clamp_()
+    assert math.isclose(model.logit_scale.exp().item(), 1 / 0.07, rel_tol=1e-6)  # below the cap: unchanged
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(250.0))
+    model.clamp_()
+    assert math.isclose(model.logit_scale.exp().item(), 100.0, rel_tol=1e-6)
+
+
+# ------------------------------------------------------------------ the adapters' (α, β) search
+
+def _window_case(axis: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Two classes, one support key each, three validation images of which all are right only
+    for α (or β) in (1.15, 1.25), a window between two points of the first 12-point grid over
+    0.01..100 (0.66, 1.52): image 0 (class 0) is right below 1.25, images 1-2 (class 1) above 1.15.
+    Their affinities are 0 to the class-0 key and 1 to the class-1 key, so the cache term is
+    [exp(-β), 1] and an image with zero-shot logits [z, 0] picks class 0 iff z + α exp(-β) > α."""
+    aff = np.array([[0.0, 1.0]] * 3)
+    if axis == "alpha":  # β = 1: class 0 iff α < z / (1 - 1/e)
+        z = np.array([1.25, 1.15, 1.15]) * (1 - np.exp(-1))
+    else:  # α = 1: class 0 iff β < -ln(1 - z)
+        z = 1 - np.exp(-np.array([1.25, 1.15, 1.15]))
+    return np.stack([z, np.zeros(3)], axis=1), aff, [0, 1, 1]
+
+
+def test_the_finer_grid_around_the_best_finds_a_window_the_first_grid_misses() -> None:
+    from xm.methods.tip_adapter import search_alpha_beta
+
+    for axis in ("alpha", "beta"):
+        zs, aff, labels = _window_case(axis)
+        ranges = {"alpha": (0.01, 100.0), "beta": (1.0, 1.0)} if axis == "alpha" else {"alpha": (1.0, 1.0), "beta": (0.01, 100.0)}
+        one = search_alpha_beta(zs, aff, np.eye(2), labels, ranges["alpha"], ranges["beta"], 12, 1, (0.01, 0.01))
+        assert one["val_accuracy"] == 2 / 3 and one[axis] > 1.25  # the first grid alone: only the points above the window
+        two = search_alpha_beta(zs, aff, np.eye(2), labels, ranges["alpha"], ranges["beta"], 12, 2, (0.01, 0.01))
+        assert two["val_accuracy"] == 1.0 and 1.15 < two[axis] < 1.25, two
+        assert two["evaluations"] == 1 + 2 * 12  # the start, then 12 points per round on the one free axis
+        other = "beta" if axis == "alpha" else "alpha"
+        assert two[other] == 1.0
+
+
+def test_the_start_point_stands_when_nothing_does_better() -> None:
+    """Ties keep the earlier point, and the start (clipped into the ranges) comes first."""
+    from xm.methods.tip_adapter import search_alpha_beta
+
+    zs = np.array([[5.0, 0.0], [0.0, 5.0]])  # the zero-shot term decides both images whatever the cache adds
+    out = search_alpha_beta(zs, np.full((2, 2), 0.5), np.eye(2), [0, 1], (0.01, 1.0), (0.5, 50.0), 4, 2, (0.3, 200.0))
+    assert (out["alpha"], out["beta"], out["val_accuracy"]) == (0.3, 50.0, 1.0)

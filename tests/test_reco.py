@@ -330,6 +330,52 @@ def test_method_interface_and_explain(memory, trained) -> None:
     assert len(x["class_prompts"]) == len(TEMPLATES) and x["class_prompts"][0]["retrieved"]
 
 
+def test_mean_fusion_evidence_worked_out_from_the_memory(memory) -> None:
+    """reco-mean's three distributions recomputed from the memory's own kNN and embeddings:
+    the image fused with its neighbours' TEXT embeddings, each class prompt with its
+    neighbours' IMAGE embeddings (then averaged over templates); id 0 is a neighbour like
+    any other. The decision's neighbour count and the explanation follow the evidence."""
+    index, queries, _ = memory
+    ctx = _ctx(index)
+    mem, n = ctx.memory, 6
+    spec = mem.roles["coarse"]
+    enc = ctx.encoder(spec)
+    reco = create("reco-mean", ctx, k=DUPS)
+    ev = reco.evidence(Queries(queries[:n]))
+    assert (ev["neighbours"] == 0).any()  # query 0's near-duplicates are the memory's first items
+
+    def fused(x: np.ndarray, modality: str, other: str) -> tuple[np.ndarray, np.ndarray]:
+        _, ids = mem.search(modality, x, DUPS, encoder=spec)
+        out = np.array([q.astype(np.float64) + mem.embeddings(spec, other).gather(row[row >= 0]).astype(np.float64).sum(0)
+                        for q, row in zip(x, ids)])
+        return out / np.linalg.norm(out, axis=1, keepdims=True), ids
+
+    def per_class(x: np.ndarray) -> np.ndarray:
+        w = x.reshape(len(CLASSES), len(TEMPLATES), -1).mean(axis=1)
+        return w / np.linalg.norm(w, axis=1, keepdims=True)
+
+    def softmax(z: np.ndarray) -> np.ndarray:
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    v = Queries(queries[:n]).features(enc).astype(np.float64)
+    v_ref, ids = fused(v, "image", "text")
+    prompts = enc.encode_texts([t.format(c) for c in CLASSES for t in TEMPLATES]).astype(np.float64)
+    t, t_ref = per_class(prompts), per_class(fused(prompts, "text", "image")[0])
+    s = enc.logit_scale
+    for mode, (x, w) in {"both": (v_ref, t_ref), "image": (v_ref, t), "text": (v, t_ref)}.items():
+        np.testing.assert_allclose(ev[f"p_{mode}"], softmax(s * x @ w.T), atol=1e-4, err_msg=mode)
+    assert not np.allclose(ev["p_both"], ev["p_text"], atol=1e-3)  # the image's own fusion shows
+    np.testing.assert_array_equal(ev["neighbours"], ids)
+    d = reco.decide(ev)
+    assert [i["neighbours"] for i in d.info] == (ids >= 0).sum(axis=1).tolist() == [DUPS] * n
+    for row in range(n):
+        x = reco.explain(ev, row)
+        pred = CLASSES[int(ev["p_both"][row].argmax())]
+        assert x["predicted"] == pred and [p["prompt"] for p in x["class_prompts"]] == [t.format(pred) for t in TEMPLATES]
+        assert [r["id"] for r in x["image_neighbours"]] == ids[row].tolist()
+
+
 def test_mode_auto_is_chosen_on_the_validation_split(memory, trained) -> None:
     """mode=auto (paper Table 4): the mode of best validation accuracy, recorded; labels of the
     validation split decide it, and without one the method says so in one line."""
