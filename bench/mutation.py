@@ -42,20 +42,22 @@ ROOT = Path(__file__).resolve().parent.parent
 # which fast test files speak for which method file (run in this order, -x: the most
 # focused and quickest first, so a killed mutant costs little)
 SURVIVORS = "tests/test_mutation_survivors.py"
-XMORE = [SURVIVORS, "tests/test_xmore_protocol.py", "tests/test_one_line_faults.py"]
+THREADS = "tests/test_method_hooks.py::test_thread_safety_is_declared_by_the_method"  # what each method declares
+XMORE = [SURVIVORS, THREADS, "tests/test_xmore_protocol.py", "tests/test_one_line_faults.py"]
 TESTS: dict[str, list[str]] = {
     "methods/base.py": [SURVIVORS, "tests/test_seams.py", "tests/test_method_hooks.py"],
     "methods/clip.py": [SURVIVORS, "tests/test_method_hooks.py"],
-    "methods/coder.py": ["tests/test_coder_faithful.py", SURVIVORS, "tests/test_coder.py", "tests/test_one_line_faults.py"],
+    "methods/coder.py": ["tests/test_coder_faithful.py", SURVIVORS, THREADS, "tests/test_coder.py",
+                         "tests/test_one_line_faults.py"],
     "methods/ensemble.py": ["tests/test_ensemble.py", SURVIVORS,
                             "tests/test_authors_protocol.py::test_renormalising_the_mix_changes_no_ranking",
                             "tests/test_xmore_protocol.py"],
     "methods/protocols.py": [SURVIVORS, "tests/test_authors_protocol.py", "tests/test_xmore_protocol.py"],
-    "methods/reco.py": [SURVIVORS, "tests/test_reco.py"],
+    "methods/reco.py": [SURVIVORS, THREADS, "tests/test_reco.py"],
     "methods/reco_model.py": [SURVIVORS, "tests/test_reco.py", "tests/test_reco_defaults.py"],
     "methods/registry.py": [SURVIVORS, "tests/test_seams.py", "tests/test_method_hooks.py"],
     "methods/retrieval.py": XMORE,
-    "methods/tip_adapter.py": [SURVIVORS, "tests/test_coder.py", "tests/test_one_line_faults.py"],
+    "methods/tip_adapter.py": [SURVIVORS, THREADS, "tests/test_coder.py", "tests/test_one_line_faults.py"],
     "methods/xmore.py": XMORE,
     "methods/xmore_diagnostics.py": [SURVIVORS, "tests/test_method_hooks.py"],
     "methods/zeroshot.py": ["tests/test_ensemble.py", *XMORE],

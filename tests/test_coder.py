@@ -295,6 +295,10 @@ def test_support_augmentation_is_seeded(splits) -> None:
     assert np.allclose(a, again) and not np.allclose(a, b) and not np.allclose(a, plain)
     assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
     assert np.allclose(plain, enc.encode_images([e.load() for e in train]), atol=1e-5)
+    # the mean of augmented views stays near the plain view (crops of the same image), batching changes nothing
+    assert (np.sum(a * plain, axis=1) > 0.9).all()
+    tip_adapter._FEATURES.clear()
+    assert np.allclose(support_features(enc, train, 2, seed=5, batch_size=2), a, atol=1e-5)
 
 
 def test_adapter_needs_fit_and_keys_its_state(splits) -> None:
@@ -309,6 +313,17 @@ def test_adapter_needs_fit_and_keys_its_state(splits) -> None:
     m.fit(Support(train=train, val=[], shots=4, seed=3))
     assert len({before, k1, m.evidence_key()}) == 3
     assert get("coder-adapter").method.few_shot and get("tip-adapter").method.few_shot and not get("coder").method.few_shot
+
+
+def test_a_search_range_may_be_one_point_and_a_reversed_one_is_refused(splits) -> None:
+    """alpha_min = alpha_max fixes α (the grid is that one point); a low end above the high end
+    is refused in one line."""
+    train, val, _ = splits
+    m = create("tip-adapter", _ctx(), augment_passes=0, grid=3, search_rounds=2, alpha_min=2.5, alpha_max=2.5)
+    chosen = m.fit(Support(train=train, val=val, shots=4, seed=1))
+    assert chosen["alpha"] == 2.5 and chosen["evaluations"] == 1 + 2 * 3
+    with pytest.raises(XMError, match=r"tip-adapter: a search range's low end exceeds its high end \(alpha 2.5..2.4"):
+        create("tip-adapter", _ctx(), alpha_min=2.5, alpha_max=2.4)
 
 
 # ------------------------------------------------------------------ text sources

@@ -6,6 +6,7 @@ suite let through (bench/mutation.py), and more of them below."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from xm.methods.retrieval import CaptionEmbeddings, Retriever, Timings
 
@@ -68,6 +69,16 @@ def test_no_second_search_when_refetch_adds_nothing() -> None:
     assert [r.neighbours for r in out] == [100, 128]
 
 
+def test_id_0_counts_as_a_neighbour_when_deciding_who_is_short() -> None:
+    """Query 0's K neighbours are ids 0..127: it has K, so nobody is asked again."""
+    back = ShortBack()
+    back.available = {200: (128, 128), 1000: (500, 300)}
+    enc = type("Enc", (), {"spec": "fine"})()
+    r = Retriever(back, enc, enc, k_coarse=128, k_fine=16, overfetch=200, refetch=1000)  # type: ignore[arg-type]
+    out = r.retrieve(np.array([[0, 0, 0, 0], [1, 0, 0, 0]], np.float32), np.ones((2, D), np.float32) / 2)
+    assert back.calls == [(2, 200)] and [x.neighbours for x in out] == [128, 128]
+
+
 def test_on_the_fly_captions_are_announced_once(capsys) -> None:
     back = ShortBack()
     back.captions = lambda ids: [f"caption {i}" for i in ids]  # type: ignore[attr-defined]
@@ -81,19 +92,27 @@ def test_on_the_fly_captions_are_announced_once(capsys) -> None:
 
 # ------------------------------------------------------------------ X-MoRe and the adapters' survivors
 
-def test_caption_votes_use_every_valid_id_and_uniform_when_none(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """test_classify_e2e's memory: query images, their near-duplicates captioned with their class."""
+    from test_classify_e2e import build_memory
+
+    return build_memory(tmp_path_factory.mktemp("survivors"))
+
+
+def test_caption_votes_use_every_valid_id_and_uniform_when_none(built) -> None:
     """Id 0 is a caption like any other (only -1 is padding); an image the memory returns no
     caption for gets the uniform text distribution, whatever the classes."""
     from PIL import Image
 
     from conftest import TINY
-    from test_classify_e2e import CLASSES, DUPS, TEMPLATES, build_memory
+    from test_classify_e2e import CLASSES, DUPS, TEMPLATES
     from xm.memories import open_index
     from xm.memories.filtered import FilteredMemory
     from xm.methods.base import Context, Queries
     from xm.methods.registry import create
 
-    index, queries, _ = build_memory(tmp_path)
+    index, queries, _ = built
     memory = open_index(index)
     xmore = create("xmore", Context(memory, TINY, CLASSES, TEMPLATES), k_coarse=DUPS, k_fine=2)
     logits = xmore.caption_logits(np.array([0, 5, -1]))
@@ -104,6 +123,58 @@ def test_caption_votes_use_every_valid_id_and_uniform_when_none(tmp_path) -> Non
     ev = bare.evidence(Queries([Image.open(q).convert("RGB") for q in queries[:2]]))
     assert (ev["ids"] == -1).all() and (ev["neighbours"] == 0).all()
     assert np.allclose(ev["p_txt"], 1 / len(CLASSES)) and np.allclose(ev["p_txt_logits"], 1 / len(CLASSES))
+
+
+def test_xmore_decision_info_and_explanation_follow_the_evidence(built) -> None:
+    """What `xm classify --explain` shows of a decision: each image's mix weights (and those
+    normalised), the captions used (id 0 among them), the kept captions with their own votes."""
+    from conftest import TINY
+    from test_classify_e2e import CLASSES, DUPS, TEMPLATES
+    from xm.memories import open_index
+    from xm.methods.base import Context
+    from xm.methods.registry import create
+
+    index, _, _ = built
+    xmore = create("xmore", Context(open_index(index), TINY, CLASSES, TEMPLATES), k_coarse=DUPS, k_fine=3, skip_short=False)
+    rng = np.random.default_rng(0)
+    p_img, p_txt = rng.dirichlet(np.ones(len(CLASSES)), 3), rng.dirichlet(np.ones(len(CLASSES)), 3)
+    ids = np.array([[0, 5, -1], [7, -1, -1], [-1, -1, -1]])
+    ev = {"p_img": p_img, "p_txt": p_txt, "p_txt_logits": p_txt, "ids": ids, "fine_sims": np.array([[0.9, 0.8, np.nan]] * 3),
+          "neighbours": np.array([DUPS] * 3), "pool": np.array([4, 2, 0])}
+    d = xmore.decide(ev)
+    assert [i["captions_used"] for i in d.info] == [2, 1, 0] and [i["pool"] for i in d.info] == [4, 2, 0]
+    for row, info in enumerate(d.info):
+        w = info["weights"]
+        assert info["weights_normalised"] == pytest.approx({"img": w["img"] / (w["img"] + w["txt"]),
+                                                             "txt": w["txt"] / (w["img"] + w["txt"])})
+        mix = w["img"] * p_img[row] + w["txt"] * p_txt[row]
+        np.testing.assert_allclose(d.probs[row], mix / mix.sum())
+    x = xmore.explain(ev, 0)["captions"]
+    assert [c["id"] for c in x] == [0, 5] and [c["caption"] for c in x] == xmore.ctx.memory.captions([0, 5])
+    votes = xmore.caption_logits(np.array([0, 5]))
+    assert [c["vote"] for c in x] == [CLASSES[int(v.argmax())] for v in votes]
+
+
+def test_search_memory_is_the_exact_nearest_items_with_their_rows(built) -> None:
+    """`xm search`: the k memory items nearest the query image under the coarse encoder (brute
+    force over the stored embeddings here), each with its caption."""
+    from PIL import Image
+
+    from xm.encoders import load_encoder
+    from xm.memories import open_index
+    from xm.methods.retrieval import search_memory
+
+    index, queries, _ = built
+    memory = open_index(index)
+    spec = memory.roles["coarse"]
+    got = search_memory(memory, image=queries[1], k=4)
+    query = load_encoder(spec).encode_images([Image.open(queries[1]).convert("RGB")])[0]
+    sims = memory.embeddings(spec, "image").gather(np.arange(memory.count)).astype(np.float32) @ query
+    ids = [r["id"] for r in got]
+    assert len(set(ids)) == 4 and np.allclose([r["similarity"] for r in got], sims[ids], atol=2e-3)
+    others = np.delete(sims, ids)  # nothing left out is nearer (up to the stored float16's rounding)
+    assert sims[ids].min() >= others.max() - 2e-3
+    assert [r["caption"] for r in got] == memory.captions(ids)
 
 
 def test_support_labels_out_of_range_are_refused() -> None:
@@ -340,3 +411,23 @@ def test_the_start_point_stands_when_nothing_does_better() -> None:
     zs = np.array([[5.0, 0.0], [0.0, 5.0]])  # the zero-shot term decides both images whatever the cache adds
     out = search_alpha_beta(zs, np.full((2, 2), 0.5), np.eye(2), [0, 1], (0.01, 1.0), (0.5, 50.0), 4, 2, (0.3, 200.0))
     assert (out["alpha"], out["beta"], out["val_accuracy"]) == (0.3, 50.0, 1.0)
+
+
+def test_zero_shot_clip_needs_no_memory_and_is_the_softmax_of_scaled_cosines() -> None:
+    from conftest import TINY, make_image
+    from xm.methods.base import Context, Queries
+    from xm.methods.registry import create
+
+    classes, templates = ["cat", "dog", "tram"], ["a photo of a {}.", "{} in the wild"]
+    ctx = Context(None, TINY, classes, templates)
+    clip = create("clip", ctx)
+    clip.check()  # no index, and none needed
+    images = [make_image(i) for i in range(4)]
+    d = clip.decide(clip.evidence(Queries(images)))
+    enc = ctx.encoder(TINY)
+    prompts = enc.encode_texts([t.format(c) for c in classes for t in templates]).astype(np.float64)
+    w = prompts.reshape(3, 2, -1).mean(axis=1)
+    logits = enc.logit_scale * enc.encode_images(images).astype(np.float64) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(d.probs, e / e.sum(axis=1, keepdims=True), atol=1e-5)
+    assert np.array_equal(d.components["p_img"], d.probs) and len(d.info) == 4
