@@ -135,15 +135,18 @@ def test_xmore_decision_info_and_explanation_follow_the_evidence(built) -> None:
     from xm.methods.registry import create
 
     index, _, _ = built
-    xmore = create("xmore", Context(open_index(index), TINY, CLASSES, TEMPLATES), k_coarse=DUPS, k_fine=3, skip_short=False)
-    rng = np.random.default_rng(0)
-    p_img, p_txt = rng.dirichlet(np.ones(len(CLASSES)), 3), rng.dirichlet(np.ones(len(CLASSES)), 3)
+    two = CLASSES[:2]  # two classes: a uniform distribution's confidence is exactly 0
+    xmore = create("xmore", Context(open_index(index), TINY, two, TEMPLATES), k_coarse=DUPS, k_fine=3, skip_short=False)
+    p_img, p_txt = np.array([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5]]), np.array([[0.4, 0.6], [0.1, 0.9], [0.5, 0.5]])
+    # image 2: no confidence in either modality, both weights 0: the equal mix
     ids = np.array([[0, 5, -1], [7, -1, -1], [-1, -1, -1]])
     ev = {"p_img": p_img, "p_txt": p_txt, "p_txt_logits": p_txt, "ids": ids, "fine_sims": np.array([[0.9, 0.8, np.nan]] * 3),
           "neighbours": np.array([DUPS] * 3), "pool": np.array([4, 2, 0])}
     d = xmore.decide(ev)
     assert [i["captions_used"] for i in d.info] == [2, 1, 0] and [i["pool"] for i in d.info] == [4, 2, 0]
-    for row, info in enumerate(d.info):
+    assert d.info[2]["weights"] == {"img": 0.0, "txt": 0.0} and d.info[2]["weights_normalised"] == {"img": 0.5, "txt": 0.5}
+    np.testing.assert_allclose(d.probs[2], [0.5, 0.5])
+    for row, info in enumerate(d.info[:2]):
         w = info["weights"]
         assert info["weights_normalised"] == pytest.approx({"img": w["img"] / (w["img"] + w["txt"]),
                                                              "txt": w["txt"] / (w["img"] + w["txt"])})
@@ -152,7 +155,7 @@ def test_xmore_decision_info_and_explanation_follow_the_evidence(built) -> None:
     x = xmore.explain(ev, 0)["captions"]
     assert [c["id"] for c in x] == [0, 5] and [c["caption"] for c in x] == xmore.ctx.memory.captions([0, 5])
     votes = xmore.caption_logits(np.array([0, 5]))
-    assert [c["vote"] for c in x] == [CLASSES[int(v.argmax())] for v in votes]
+    assert [c["vote"] for c in x] == [two[int(v.argmax())] for v in votes]
 
 
 def test_search_memory_is_the_exact_nearest_items_with_their_rows(built) -> None:
@@ -184,6 +187,7 @@ def test_support_labels_out_of_range_are_refused() -> None:
     from xm.methods.tip_adapter import one_hot
 
     assert one_hot([0, 2, 1], 3).tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0]]
+    assert one_hot([], 3).shape == (0, 3)
     for bad in ([0, 3], [-1, 1]):
         with pytest.raises(XMError, match="out of range 0..2"):
             one_hot(bad, 3)
@@ -431,3 +435,17 @@ def test_zero_shot_clip_needs_no_memory_and_is_the_softmax_of_scaled_cosines() -
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     np.testing.assert_allclose(d.probs, e / e.sum(axis=1, keepdims=True), atol=1e-5)
     assert np.array_equal(d.components["p_img"], d.probs) and len(d.info) == 4
+
+
+def test_coder_rerank_threshold_given_or_the_authors_per_dataset() -> None:
+    import pytest
+
+    from xm.errors import XMError
+    from xm.methods.coder import threshold_for
+
+    assert threshold_for("coder-rerank", 0.0, None) == 0.0 and threshold_for("coder-rerank", 1.0, "eurosat") == 1.0
+    assert threshold_for("coder-rerank", -1.0, "EuroSAT") == 0.3 and threshold_for("coder-rerank", -1.0, "Oxford Pets") == 0.1
+    with pytest.raises(XMError, match="threshold: 1.5; a p1 - p2 margin lies in 0..1"):
+        threshold_for("coder-rerank", 1.5, None)
+    with pytest.raises(XMError, match="no rerank threshold for this run"):
+        threshold_for("coder-rerank", -1.0, None)
