@@ -65,7 +65,21 @@ TESTS: dict[str, list[str]] = {
 
 # mutants judged equivalent (no input can tell them from the original), with the reason:
 # (file, the line's code, column, old token, new token) -> why
-EQUIVALENT: dict[tuple[str, str, int, str, str], str] = {}
+EQUIVALENT: dict[tuple[str, str, int, str, str], str] = {
+    ("methods/reco.py", 'if int(meta.get("dim", -1)) != self.encoder.dim:', 32, "1", "2"):
+        "the default only stands in for a missing width: -1 and -2 both differ from every encoder's width, "
+        "and the message prints meta.get('dim') itself",
+    ("methods/reco_model.py", "a, _ = self.attn(h[:, :1], h, h, key_padding_mask=ignore, need_weights=False)", 79,
+     "False", "True"):
+        "need_weights only adds the attention weights to what is returned, and they are discarded (`a, _ =`); "
+        "the attention output is the same",
+    ("methods/reco_model.py", "total /= (1 + valid.sum(axis=1))[:, None]", 24, "sum", "mean"):
+        "each row is divided by a positive number and then normalised to unit length on the next line: "
+        "the divisor cancels",
+    ("methods/tip_adapter.py",
+     '"val_feature_seconds": round(_FEATURE_SECONDS.get(vkey, time.perf_counter() - t1), 3)})', 103, "-", "+"):
+        "the default of .get is never used: support_features has just recorded the seconds under this very key",
+}
 
 OPS = {"+": "-", "-": "+", "*": "/", "/": "*", "<": "<=", ">": ">=", "<=": "<", ">=": ">", "==": "!=", "!=": "==",
        "//": "/", "**": "*"}

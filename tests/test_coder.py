@@ -151,6 +151,14 @@ def test_rerank_against_hand_computation(tmp_path) -> None:
     assert np.allclose(create("coder-rerank", ctx, texts_file=str(path), threshold=0.0).decide(ev).probs, p1[None])
 
 
+def test_one_class_is_certain(tmp_path) -> None:
+    """A single class (the API takes any list of names): probability 1, margin 1 (no runner-up)."""
+    path = _write_set(tmp_path / "one.json", ["cat"], {"cat": [Text("a photo of cat", "name", "names")]})
+    m = create("coder", FakeContext(FakeEncoder(HAND), ["cat"]), texts_file=str(path))
+    d = m.decide(m.evidence(Queries([[0.5, 0.5, 0.5], [0, 1, 0]])))
+    assert d.probs.tolist() == [[1.0], [1.0]] and [i["margin"] for i in d.info] == [1.0, 1.0]
+
+
 def test_rerank_threshold_table_and_flag(tmp_path) -> None:
     path = _hand_set(tmp_path)
     enc = FakeEncoder({**HAND, "cat unlike dog": [1, 0, 0], "dog unlike cat": [0, 1, 0]})
@@ -299,6 +307,23 @@ def test_support_augmentation_is_seeded(splits) -> None:
     assert (np.sum(a * plain, axis=1) > 0.9).all()
     tip_adapter._FEATURES.clear()
     assert np.allclose(support_features(enc, train, 2, seed=5, batch_size=2), a, atol=1e-5)
+
+
+def test_fit_reports_the_feature_seconds_recorded_with_the_features(splits) -> None:
+    """Features are computed once per (encoder, images, passes, seed) and shared: a fit reports
+    what computing them cost when they were computed, a second fit the same figures."""
+    from xm.methods import tip_adapter
+
+    train, val, _ = splits
+    m = create("tip-adapter", _ctx(), augment_passes=0, grid=3, search_rounds=1)
+    first = m.fit(Support(train=train, val=val, shots=4, seed=1))
+    spec = str(m.encoder.spec)
+    recorded = tip_adapter._FEATURE_SECONDS
+    assert first["val_feature_seconds"] == round(recorded[(spec, tuple(e.key for e in val), 0, 0)], 3)
+    assert first["support_feature_seconds"] == round(recorded[(spec, tuple(e.key for e in train), 0, 1)], 3)
+    again = m.fit(Support(train=train, val=val, shots=4, seed=1))
+    assert (again["val_feature_seconds"], again["support_feature_seconds"]) == (first["val_feature_seconds"],
+                                                                              first["support_feature_seconds"])
 
 
 def test_adapter_needs_fit_and_keys_its_state(splits) -> None:

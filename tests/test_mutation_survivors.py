@@ -408,6 +408,17 @@ def test_the_finer_grid_around_the_best_finds_a_window_the_first_grid_misses() -
         assert two[other] == 1.0
 
 
+def test_with_two_grid_points_one_step_is_the_whole_range() -> None:
+    """Each finer grid spans one step of the previous grid either side of the best: with 2
+    points per axis a step is the whole range, so the second round tries the ends again and
+    never the α = 8 that alone gets every image right here."""
+    from xm.methods.tip_adapter import search_alpha_beta
+
+    zs = np.stack([np.array([10.0, 6.0, 6.0]) * (1 - np.exp(-1)), np.zeros(3)], axis=1)  # all right for α in (6, 10)
+    out = search_alpha_beta(zs, np.array([[0.0, 1.0]] * 3), np.eye(2), [0, 1, 1], (1.0, 16.0), (1.0, 1.0), 2, 2, (1.0, 1.0))
+    assert (out["alpha"], out["val_accuracy"], out["evaluations"]) == (16.0, 2 / 3, 5)
+
+
 def test_the_start_point_stands_when_nothing_does_better() -> None:
     """Ties keep the earlier point, and the start (clipped into the ranges) comes first."""
     from xm.methods.tip_adapter import search_alpha_beta
