@@ -195,6 +195,22 @@ def summarise(results: list[dict], args: argparse.Namespace, enumerated: int, fi
             "tests": {f: TESTS[f] for f in files}, "mutants": results}
 
 
+def merged(earlier: list[dict], rerun: list[dict]) -> list[dict]:
+    """The earlier run's mutants, each survivor replaced by its re-run (killed ones stay killed:
+    tests were only added), equivalence judged by today's `EQUIVALENT`."""
+    if not earlier:
+        return rerun
+    again = {key(r): r for r in rerun}
+    out = []
+    for r in earlier:
+        r = {**again.get(key(r), r)}
+        r.pop("equivalent", None)
+        if not r["killed"] and key(r) in EQUIVALENT:
+            r["equivalent"] = EQUIVALENT[key(r)]
+        out.append(r)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", nargs="*", default=list(TESTS), help="method files to mutate")
@@ -208,8 +224,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"--files: {', '.join(unknown)} not in TESTS (which tests speak for them?)")
     everything = [m for f in args.files for m in mutants(f)]
+    earlier: list[dict] = []
     if args.rerun:
-        wanted = {key(r) for r in json.loads(args.rerun.read_text())["mutants"] if not r["killed"]}
+        before = json.loads(args.rerun.read_text())
+        earlier, args.seed, args.sample = before["mutants"], before["seed"], before["sample"]
+        wanted = {key(r) for r in earlier if not r["killed"]}
         chosen = sorted((m for m in everything if key(m) in wanted), key=lambda m: (m.file, m.line, m.col))
         print(f"{len(wanted)} survivors in {args.rerun}; {len(chosen)} still enumerated (the others' lines changed)")
     else:
@@ -233,9 +252,10 @@ def main() -> None:
                             **({"equivalent": EQUIVALENT[key(m)]} if key(m) in EQUIVALENT else {})})
             print(f"[{n}/{len(chosen)}] {'killed  ' if killed else 'SURVIVED'} {m.file}:{m.line} {m.old!r}->{m.new!r}  "
                   f"{m.source_line[:90]}  ({secs:.0f} s)", flush=True)
-            args.out.write_text(json.dumps(summarise(results, args, len(everything), args.files), indent=2))
+            args.out.write_text(json.dumps(summarise(merged(earlier, results), args, len(everything), args.files), indent=2))
     finally:
         shutil.rmtree(where, ignore_errors=True)
+    results = merged(earlier, results)
     summary = summarise(results, args, len(everything), args.files)
     if not results:
         print("no mutants")
