@@ -69,6 +69,14 @@ EQUIVALENT: dict[tuple[str, str, int, str, str], str] = {
     ("methods/reco.py", 'if int(meta.get("dim", -1)) != self.encoder.dim:', 32, "1", "2"):
         "the default only stands in for a missing width: -1 and -2 both differ from every encoder's width, "
         "and the message prints meta.get('dim') itself",
+    ("methods/reco.py", "emb = other.gather(np.where(valid, ids, 0).ravel()).reshape(len(ids), k, -1)", 82, "1", "2"):
+        "numpy (1.26, pinned) takes any negative size as the one to infer: reshape(..., -2) is reshape(..., -1)",
+    ("methods/reco.py", "self.prompt_ids, self.prompt_sims, self.prompt_texts = ids.reshape(c, m, -1), "
+                        "sims.reshape(c, m, -1), texts", 82, "1", "2"):
+        "numpy (1.26, pinned) takes any negative size as the one to infer: reshape(..., -2) is reshape(..., -1)",
+    ("methods/reco.py", "self.prompt_ids, self.prompt_sims, self.prompt_texts = ids.reshape(c, m, -1), "
+                        "sims.reshape(c, m, -1), texts", 106, "1", "2"):
+        "numpy (1.26, pinned) takes any negative size as the one to infer: reshape(..., -2) is reshape(..., -1)",
     ("methods/reco_model.py", "a, _ = self.attn(h[:, :1], h, h, key_padding_mask=ignore, need_weights=False)", 79,
      "False", "True"):
         "need_weights only adds the attention weights to what is returned, and they are discarded (`a, _ =`); "

@@ -168,6 +168,30 @@ def test_xmore_decision_info_and_explanation_follow_the_evidence(built) -> None:
     assert [c["vote"] for c in x] == [two[int(v.argmax())] for v in votes]
 
 
+def test_direct_retrieval_reranks_by_fine_similarity_and_indirect_keeps_the_coarse_order(built) -> None:
+    """xmore keeps the pool's captions of highest fine similarity, best first; xmore-indirect
+    (Table 3's ablation) the first ones in coarse order, whatever their fine similarity."""
+    from PIL import Image
+
+    from conftest import TINY
+    from test_classify_e2e import CLASSES, TEMPLATES
+    from xm.memories import open_index
+    from xm.methods.base import Context, Queries
+    from xm.methods.registry import create
+
+    index, queries, _ = built
+    ctx = Context(open_index(index), TINY, CLASSES, TEMPLATES)
+    images = [Image.open(q).convert("RGB") for q in queries[:8]]
+    kept = {}
+    for name in ("xmore", "xmore-indirect"):
+        m = create(name, ctx, k_coarse=8, k_fine=4, skip_short=False)
+        kept[name] = m.evidence(Queries(images))["fine_sims"]
+    descending = [bool(np.all(np.diff(row) <= 0)) for row in kept["xmore"]]
+    assert all(descending)
+    assert not all(np.all(np.diff(row) <= 0) for row in kept["xmore-indirect"])  # the coarse order is another one
+    assert (kept["xmore"][:, 0] >= kept["xmore-indirect"].max(axis=1) - 1e-6).all()
+
+
 def test_search_memory_is_the_exact_nearest_items_with_their_rows(built) -> None:
     """`xm search`: the k memory items nearest the query image under the coarse encoder (brute
     force over the stored embeddings here), each with its caption."""
@@ -188,6 +212,23 @@ def test_search_memory_is_the_exact_nearest_items_with_their_rows(built) -> None
     others = np.delete(sims, ids)  # nothing left out is nearer (up to the stored float16's rounding)
     assert sims[ids].min() >= others.max() - 2e-3
     assert [r["caption"] for r in got] == memory.captions(ids)
+
+
+
+def test_search_memory_under_an_added_indexed_encoder(built, tmp_path) -> None:
+    """`xm search --encoder` with an encoder indexed besides the roles (--encoder SPEC=index-image):
+    it is checked as such (its weights), not as the coarse role, and it searches its own index."""
+    from conftest import TINY_ROLES, TINY_WIDE
+    from xm.methods.retrieval import search_memory
+    from xm.pipeline import BuildConfig, build_index
+
+    index, queries, _ = built
+    build_index(BuildConfig(source=str(index.parent / "memory"), out=tmp_path / "idx", **TINY_ROLES,
+                            encoders=[f"{TINY_WIDE}=image,index-image"]))
+    got = search_memory(tmp_path / "idx", image=queries[2], k=3, encoder=TINY_WIDE)
+    coarse = search_memory(tmp_path / "idx", image=queries[2], k=3)
+    assert len(got) == 3 and all(r["similarity"] > 0.9 for r in got)
+    assert [r["similarity"] for r in got] != [r["similarity"] for r in coarse]  # another encoder's space
 
 
 def test_support_labels_out_of_range_are_refused() -> None:
