@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--files", nargs="*", default=list(TESTS), help="method files to mutate")
     ap.add_argument("--sample", type=int, default=40, help="mutants drawn (seeded) from all enumerated")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rerun", type=Path, help="run only the survivors of this earlier result file")
+    ap.add_argument("--rerun", type=Path, help="run only the survivors (not judged equivalent) of this earlier result file")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "mutation.json")
     args = ap.parse_args()
@@ -236,7 +236,7 @@ def main() -> None:
     if args.rerun:
         before = json.loads(args.rerun.read_text())
         earlier, args.seed, args.sample = before["mutants"], before["seed"], before["sample"]
-        wanted = {key(r) for r in earlier if not r["killed"]}
+        wanted = {key(r) for r in earlier if not r["killed"] and key(r) not in EQUIVALENT}  # those judged stay as they are
         chosen = sorted((m for m in everything if key(m) in wanted), key=lambda m: (m.file, m.line, m.col))
         print(f"{len(wanted)} survivors in {args.rerun}; {len(chosen)} still enumerated (the others' lines changed)")
     else:
