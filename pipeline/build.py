@@ -23,6 +23,7 @@ import numpy as np
 
 from xm.encoders import availability_problems
 from xm.errors import XMError
+from xm.indexes import object_store
 from xm.indexes.layout import FILE_MODE, Layout, write_json
 from xm.indexes.manifest import write_manifest
 from xm.indexes.records import BuildStats, EncoderEntry, IndexEntry, Manifest, PartEntry, Roles, ShardEntry, SourceEntry
@@ -35,7 +36,16 @@ from xm.pipeline.multi_device import describe_spread, embed_on_devices, spread
 from xm.pipeline.pins import pin_params
 from xm.pipeline.runners.base import Runner
 from xm.pipeline.sources.base import OPENAI_LOGIT_SCALE, Source
-from xm.pipeline.tasks import create_hash_file, embed_task, hasher_for, load_plan_encoders, store_task
+from xm.pipeline.tasks import (
+    create_hash_file,
+    embed_task,
+    hasher_for,
+    load_plan_encoders,
+    part_hashes_file,
+    read_part_hashes,
+    store_task,
+    write_hash_rows,
+)
 
 
 @dataclass
@@ -110,6 +120,8 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
                            device=cfg.target.describe() if runner.in_process else
                            "each task: the GPU Spark gives it (spark.task.resource.gpu.amount), else its CPU")
     encoders_needed = "embed" in cfg.stages or "manifest" in cfg.stages
+    # where the parts are: here, or only in the bucket when the tasks write there themselves
+    files_at = staging.StoredFiles(layout, cfg.bucket)
 
     def timed(stage: str, fn: Callable[[], Any]) -> Any:
         if stage not in cfg.stages:
@@ -118,6 +130,7 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         t0 = time.perf_counter()
         result = fn()
         push()  # --out on object storage: this stage's files are there before the next stage starts
+        files_at.refresh()
         summary.stage_seconds[stage] = round(time.perf_counter() - t0, 3)
         return result
 
@@ -199,13 +212,13 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         compress.run_stage(layout, codecs, [(m["part"], m["rows"]) for m in done], progress, runner)))
 
     def store() -> None:
-        if _store_stage(layout, coarse_slug, done, runner, progress):
+        if _store_stage(layout, coarse_slug, done, runner, progress, files_at):
             summary.skipped.append("store: current")
 
     timed("store", store)
 
     def manifest() -> None:
-        written = _write_manifest(cfg, layout, kind, done, encoders, plan, summary, codecs, hasher_for(runner))
+        written = _write_manifest(cfg, layout, kind, done, encoders, plan, summary, codecs, hasher_for(runner), files_at)
         summary.manifest_id = written.id
         compress.drop_superseded(layout, written)  # float16 parts of compressed roles: only once no manifest lists them
 
@@ -214,24 +227,32 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
     return summary
 
 
-def _store_stage(layout: Layout, slug: str, done: list[dict[str, Any]], runner: Runner, progress: Progress) -> bool:
+def _store_stage(layout: Layout, slug: str, done: list[dict[str, Any]], runner: Runner, progress: Progress,
+                 files_at: staging.StoredFiles | None = None) -> bool:
     """Write the caption store of the embedded parts `done` (one task per part) and its hash file;
     True if it was current already."""
+    files_at = files_at or staging.StoredFiles(layout, None)
     record = {"parts": [[m["part"], m["rows"]] for m in done]}
-    if _store_is_current(layout, record):
+    if _store_is_current(layout, record, files_at):
         return True
     firsts = np.concatenate([[0], np.cumsum([m["rows"] for m in done])]).astype(int)
     # every task writes its rows of the hash file in place (no driver collect); renamed when all are in
     building = layout.caption_hash.with_name(f".{layout.caption_hash.name}.building")
     create_hash_file(building, int(firsts[-1]))
-    jobs = [{"out": str(layout.root), "slug": slug, "part": m["part"], "first": int(first), "hashes": str(building)}
-            for m, first in zip(done, firsts)]
+    # tasks writing to the bucket have no shared file: each leaves its part's hashes there (hashes: None)
+    jobs = [{"out": str(layout.root), "slug": slug, "part": m["part"], "first": int(first),
+             "hashes": None if files_at.bucket else str(building)} for m, first in zip(done, firsts)]
     rows = runner.map(store_task, jobs, "xm store", on_done=progress("store", len(jobs)))
+    if files_at.bucket is not None:  # streamed into place here (8 bytes an item), never a Spark result
+        for m, first in zip(done, firsts):
+            write_hash_rows(building, int(first), read_part_hashes(files_at.bucket, layout, m["part"]))
     if sum(rows) != int(firsts[-1]):
         raise XMError(f"{layout.rel(layout.store)}: the store tasks wrote {sum(rows)} rows, {int(firsts[-1])} are embedded")
     os.chmod(building, FILE_MODE)
     os.replace(building, layout.caption_hash)
     write_json(_store_record(layout), record)
+    if files_at.bucket is not None:
+        object_store.remove(files_at.bucket, layout.rel(part_hashes_file(layout, "x").parent), "--out")
     return False
 
 
@@ -239,12 +260,12 @@ def _store_record(layout: Layout) -> Path:
     return layout.work / "done" / "store.json"
 
 
-def _store_is_current(layout: Layout, record: dict[str, Any]) -> bool:
+def _store_is_current(layout: Layout, record: dict[str, Any], files_at: staging.StoredFiles) -> bool:
     """The store was written for exactly these parts and every file of it is still there."""
     path = _store_record(layout)
     if not path.is_file() or json.loads(path.read_text()) != record or not layout.caption_hash.is_file():
         return False
-    return all(layout.store_part(name).is_file() for name, _ in record["parts"])
+    return all(files_at.exists(layout.store_part(name)) for name, _ in record["parts"])
 
 
 def _preflight(cfg: BuildConfig, source: Source, plan: dict[str, tuple[str, ...]]) -> None:
@@ -295,7 +316,9 @@ def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[I
 
 def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict], encoders: dict,
                     plan: dict[str, tuple[str, ...]], summary: BuildSummary, codecs: dict[str, dict[str, str]],
-                    hasher: Callable[[list[Path]], list[str]] | None = None) -> Manifest:
+                    hasher: Callable[[list[Path]], list[str]] | None = None,
+                    files_at: staging.StoredFiles | None = None) -> Manifest:
+    files_at = files_at or staging.StoredFiles(layout, None)
     files = []
     enc_entries = {}
     first = next(iter(plan))
@@ -303,7 +326,7 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
         slug = slug_of(spec)
         embedded: list[str] = [m for m in ("image", "text") if m in parts]
         # precomputed caption arrays are unit-norm already and bring no norms
-        norms = ["text"] if "text" in parts and all(layout.norm_file(slug, "text", m["part"]).is_file() for m in done) else []
+        norms = ["text"] if "text" in parts and all(files_at.exists(layout.norm_file(slug, "text", m["part"])) for m in done) else []
         enc_entry = (encoder_entry(encoders[spec], embedded, norms) if spec in encoders else
                      unloaded_encoder_entry(layout, spec, embedded, norms, [m["part"] for m in done],
                                             OPENAI_LOGIT_SCALE))
@@ -322,7 +345,7 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
         files += shard_files
     files += [layout.store_part(m["part"]) for m in done] + [layout.caption_hash]
     for f in files:
-        if not f.is_file():
+        if not files_at.exists(f):
             raise XMError(f"{f}: missing; run the stage that writes it (see --stages)")
     manifest = Manifest(
         count=summary.count,
@@ -334,4 +357,4 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
         stats=BuildStats(failures=summary.failures, selected=summary.selected,
                          empty_captions=sum(m.get("empty_captions", 0) for m in done)),
     )
-    return write_manifest(layout, manifest, files, hasher=hasher, keep_if_same=True)
+    return write_manifest(layout, manifest, files, hasher=hasher, keep_if_same=True, stat=files_at.stat)

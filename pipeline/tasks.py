@@ -10,6 +10,7 @@ either finds the marker and returns it, or redoes the part into identical files.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 import xm.encoders
 from xm.encoders.device import Device
 from xm.errors import XMError
-from xm.indexes.layout import Layout, sha256_file
+from xm.indexes.layout import Layout, atomic_path, sha256_file
 from xm.indexes.store import write_store_part
 from xm.pipeline.config import BuildConfig
 from xm.pipeline.embed import embed_part, read_marker
@@ -109,8 +110,24 @@ def store_task(job: dict[str, Any]) -> int:
     layout = Layout(job["out"])
     meta = pq.read_table(layout.metadata_file(job["slug"], job["part"]))
     hashes = write_store_part(meta, int(job["first"]), layout.store_part(job["part"]))
-    write_hash_rows(Path(job["hashes"]), int(job["first"]), hashes)
+    if job["hashes"] is None:  # no file shared with the driver (tasks writing to object storage): beside the part
+        with atomic_path(part_hashes_file(layout, job["part"])) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(hashes, dtype="<i8"))
+    else:
+        write_hash_rows(Path(job["hashes"]), int(job["first"]), hashes)
     return len(hashes)
+
+
+def part_hashes_file(layout: Layout, part: str) -> Path:
+    """One part's caption hashes, where a store task that shares no file with the driver leaves them."""
+    return layout.work / "store-hashes" / f"{part}.npy"
+
+
+def read_part_hashes(bucket: str, layout: Layout, part: str) -> np.ndarray:
+    """On the driver: a part's caption hashes as its store task left them in the bucket."""
+    from xm.indexes import object_store
+
+    return np.load(io.BytesIO(object_store.read_bytes(bucket, layout.rel(part_hashes_file(layout, part)), "--out")))
 
 
 def create_hash_file(path: Path, count: int) -> None:

@@ -27,6 +27,9 @@ class RunnerOptions(Protocol):
     @property
     def spark_ui(self) -> bool: ...
 
+    @property
+    def bucket(self) -> str | None: ...
+
 
 class Runner:
     """One build's runner, open from `open` until `close`."""
