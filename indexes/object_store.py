@@ -290,6 +290,20 @@ def stats(url: str, flag: str, under: str = "") -> dict[str, tuple[int, int]]:
     return out
 
 
+def sha256_of(url: str, flag: str = "--out") -> str:
+    """sha256 of the file at `url`, streamed (never stored here)."""
+    import fsspec
+
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(url, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except Exception as exc:
+        raise _fail(flag, url, exc) from exc
+    return digest.hexdigest()
+
+
 def read_bytes(url: str, rel: str, flag: str) -> bytes:
     """One (small) file under `url`."""
     fs, path = filesystem(url, flag)

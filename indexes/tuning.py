@@ -109,6 +109,14 @@ def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, int]:
     return shape, dtype, f.tell()
 
 
+def npy_shape(location: str | Path) -> tuple[int, ...]:
+    """The shape of the .npy at `location` (a path or an fsspec URL), from its header alone."""
+    import fsspec
+
+    with fsspec.open(str(location), "rb") as fh:
+        return tuple(int(n) for n in _npy_header(fh)[0])
+
+
 def sample_queries(files: Sequence[str | Path], n: int, seed: int = 0) -> np.ndarray:
     """`n` rows drawn evenly over embedding parts (.npy; local paths or fsspec URLs, read by row
     offset, so a part in a bucket is not downloaded whole), float32, finite only."""

@@ -41,7 +41,7 @@ from xm.pipeline.tasks import (
     embed_task,
     hasher_for,
     load_plan_encoders,
-    part_hashes_file,
+    part_hashes_dir,
     read_part_hashes,
     store_task,
     write_hash_rows,
@@ -243,16 +243,16 @@ def _store_stage(layout: Layout, slug: str, done: list[dict[str, Any]], runner: 
     jobs = [{"out": str(layout.root), "slug": slug, "part": m["part"], "first": int(first),
              "hashes": None if files_at.bucket else str(building)} for m, first in zip(done, firsts)]
     rows = runner.map(store_task, jobs, "xm store", on_done=progress("store", len(jobs)))
+    if sum(rows) != int(firsts[-1]):
+        raise XMError(f"{layout.rel(layout.store)}: the store tasks wrote {sum(rows)} rows, {int(firsts[-1])} are embedded")
     if files_at.bucket is not None:  # streamed into place here (8 bytes an item), never a Spark result
         for m, first in zip(done, firsts):
             write_hash_rows(building, int(first), read_part_hashes(files_at.bucket, layout, m["part"]))
-    if sum(rows) != int(firsts[-1]):
-        raise XMError(f"{layout.rel(layout.store)}: the store tasks wrote {sum(rows)} rows, {int(firsts[-1])} are embedded")
     os.chmod(building, FILE_MODE)
     os.replace(building, layout.caption_hash)
     write_json(_store_record(layout), record)
     if files_at.bucket is not None:
-        object_store.remove(files_at.bucket, layout.rel(part_hashes_file(layout, "x").parent), "--out")
+        object_store.remove(files_at.bucket, layout.rel(part_hashes_dir(layout)), "--out")
     return False
 
 
@@ -329,7 +329,7 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
         norms = ["text"] if "text" in parts and all(files_at.exists(layout.norm_file(slug, "text", m["part"])) for m in done) else []
         enc_entry = (encoder_entry(encoders[spec], embedded, norms) if spec in encoders else
                      unloaded_encoder_entry(layout, spec, embedded, norms, [m["part"] for m in done],
-                                            OPENAI_LOGIT_SCALE))
+                                            OPENAI_LOGIT_SCALE, files_at))
         coded = compress.finished_codecs(layout, spec, slug, codecs.get(spec, {}), [m["part"] for m in done])
         # which source array is which; codes + codec instead of float16 parts (pipeline/compress.py)
         enc_entries[spec] = replace(enc_entry, precomputed=cfg.kind.precomputed(cfg, spec, embedded),

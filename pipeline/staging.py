@@ -100,6 +100,10 @@ class StoredFiles:
     def exists(self, path: Path) -> bool:
         return path.is_file() if self.bucket is None else self.layout.rel(path) in self._remote()
 
+    def readable(self, path: Path) -> str:
+        """Where the driver reads a file of the build: here, or its URL in the bucket."""
+        return str(path) if self.bucket is None else f"{self.bucket}/{self.layout.rel(path)}"
+
     def stat(self, path: Path) -> tuple[int, int]:
         if self.bucket is None:
             st = path.stat()

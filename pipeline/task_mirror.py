@@ -66,8 +66,8 @@ def reads(fn: Callable[[Any], Any], job: Any, layout: Layout) -> list[str]:
         from xm.pipeline.index_training import trained_dir
 
         return [layout.rel(trained_dir(layout, job["slug"], job["modality"])) + "/"]
-    if name == "hash_task":
-        return [layout.rel(Path(p)) for p in job]
+    if name == "hash_task":  # it streams the files from the bucket (`Runner.readable`)
+        return []
     raise ValueError(f"{name}: no list of what it reads; it cannot run without a shared --out")
 
 

@@ -118,9 +118,13 @@ def store_task(job: dict[str, Any]) -> int:
     return len(hashes)
 
 
+def part_hashes_dir(layout: Layout) -> Path:
+    """Where store tasks that share no file with the driver leave their parts' caption hashes."""
+    return layout.work / "store-hashes"
+
+
 def part_hashes_file(layout: Layout, part: str) -> Path:
-    """One part's caption hashes, where a store task that shares no file with the driver leaves them."""
-    return layout.work / "store-hashes" / f"{part}.npy"
+    return part_hashes_dir(layout) / f"{part}.npy"
 
 
 def read_part_hashes(bucket: str, layout: Layout, part: str) -> np.ndarray:
@@ -154,8 +158,10 @@ def write_hash_rows(path: Path, first: int, hashes: np.ndarray) -> None:
 # ---------------------------------------------------------------- manifest checksums
 
 def hash_task(paths: list[str]) -> list[str]:
-    """sha256 of each file."""
-    return [sha256_file(Path(p)) for p in paths]
+    """sha256 of each file (a path, or a URL where the tasks wrote the files to object storage)."""
+    from xm.indexes import object_store
+
+    return [object_store.sha256_of(p) if object_store.is_remote(p) else sha256_file(Path(p)) for p in paths]
 
 
 def hasher_for(runner: Runner, chunks: int = 64) -> Callable[[list[Path]], list[str]]:
@@ -165,11 +171,11 @@ def hasher_for(runner: Runner, chunks: int = 64) -> Callable[[list[Path]], list[
         if not paths:
             return []
         n = max(1, min(chunks, len(paths) // 8))  # a task per few files at least: tasks cost ~0.1 s each
-        groups = [[str(p) for p in paths[i::n]] for i in range(n)]
+        groups = [[runner.readable(p) for p in paths[i::n]] for i in range(n)]
         results = runner.map(hash_task, groups, "xm manifest checksums")
         out: dict[str, str] = {}
         for group, digests in zip(groups, results):
             out.update(zip(group, digests))
-        return [out[str(p)] for p in paths]
+        return [out[runner.readable(p)] for p in paths]
 
     return hashes

@@ -229,7 +229,10 @@ def test_spark_tasks_write_to_the_bucket_with_no_shared_folder(s3, tmp_path, mon
     held = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     assert held and not [p for p in held if p.startswith(PART_FILES)], held
     assert "_work/done/embed/00001.json" in held and any(p.startswith("index/") and p.endswith(".index") for p in held), held
-    assert not list(executors.iterdir())  # every task's folder removed
+    # every task's private folder is removed but the killed attempt's (os._exit runs no cleanup; a
+    # container's scratch goes with it), which holds that part, done there, its push cut short
+    left = [p for p in executors.glob("xm-task-*") if p.is_dir()]
+    assert len(left) == 1 and (left[0] / "_work/done/embed/00001.json").is_file(), left
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     stored = {p.split(f"{BUCKET}/spark-mem/", 1)[1] for p in fs.find(f"{BUCKET}/spark-mem")}
     for part in ("00000", "00001", "00002"):
@@ -238,3 +241,23 @@ def test_spark_tasks_write_to_the_bucket_with_no_shared_folder(s3, tmp_path, mon
                 or "/.build-" in p], stored
     assert _content(open_index(tmp_path / "local")) == _content(open_memory(url))
     assert here  # the driver's folder was used (state only)
+
+
+def test_preflight_names_an_executor_that_cannot_reach_the_bucket(s3, tmp_path, monkeypatch) -> None:
+    """Tasks that write to the bucket need no shared --out, but every executor must reach the
+    bucket with its own environment: the real probe, run here, against a good and a bad bucket."""
+    from xm.pipeline import spark as spark_mod
+
+    class Context:
+        defaultParallelism = 2
+
+    class Session:
+        sparkContext = Context()
+
+    def here(spark, fn, jobs, description, on_done=None):
+        return [fn(job) for job in jobs]
+
+    monkeypatch.setattr(spark_mod, "run_tasks", here)
+    assert spark_mod.preflight(Session(), tmp_path / "driver", f"s3://{BUCKET}/reachable") == 2
+    with pytest.raises(XMError, match=r"^executor on .*: --out s3://no-such-bucket/m: not found .*spark\.executorEnv"):
+        spark_mod.preflight(Session(), tmp_path / "driver", "s3://no-such-bucket/m")

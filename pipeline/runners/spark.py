@@ -59,6 +59,12 @@ class SparkRunner(Runner):
         object_store.pull(self.bucket, Path(self.root), "--out", only=STATE)  # the markers the tasks wrote there
         return results
 
+    def readable(self, path: Path) -> str:
+        # tasks writing to the bucket: every file of the build is there (pushed after each stage)
+        if self.bucket is None or self.root is None:
+            return str(path)
+        return f"{self.bucket}/{Path(path).relative_to(self.root).as_posix()}"
+
     def close(self) -> None:
         if self._stack is not None:
             self._stack.close()
