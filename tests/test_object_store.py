@@ -241,6 +241,15 @@ def test_spark_tasks_write_to_the_bucket_with_no_shared_folder(s3, tmp_path, mon
                 or "/.build-" in p], stored
     assert _content(open_index(tmp_path / "local")) == _content(open_memory(url))
     assert here  # the driver's folder was used (state only)
+    # a new driver (its own empty staging folder, as after a lost one) resumes from what the bucket
+    # holds: nothing redone, not one object rewritten
+    before = {p: fs.info(p)["ETag"] for p in fs.find(f"{BUCKET}/spark-mem") if not p.endswith("last_build.json")}
+    again = build_index(BuildConfig(source=str(src), out=Path(url), shard_size=2, stage_dir=str(tmp_path / "new-driver"),
+                                    distributor="pyspark", spark_master="local[2]", spark_conf=env[:-1], **TINY_ROLES))
+    assert "embed: 3 part(s) already done" in again.skipped and "store: current" in again.skipped, again.skipped
+    assert again.manifest_id == remote.manifest_id
+    fs.invalidate_cache()
+    assert {p: fs.info(p)["ETag"] for p in fs.find(f"{BUCKET}/spark-mem") if not p.endswith("last_build.json")} == before
 
 
 def test_preflight_names_an_executor_that_cannot_reach_the_bucket(s3, tmp_path, monkeypatch) -> None:
