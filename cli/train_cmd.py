@@ -59,8 +59,8 @@ def train_reco_cmd(
     where = parse_device(device, "train reco")
     hidden = None
     if decontaminate_against:
-        from xm.evaluation.decontaminate import Decontamination, hidden_for_training, splits_named
         from xm.encoders.precision import Precision
+        from xm.evaluation.decontaminate import Decontamination, hidden_for_training, splits_named
         from xm.evaluation.runner import default_cache_dir
         from xm.memories import open_index
 

@@ -346,6 +346,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
             "evidence_seconds": evidence.seconds.get(name, 0.0),
             "evidence_cached": evidence.cache_hits.get(name, False),
             "evidence_key": m.evidence_key(),
+            **({"decontamination": d} if (d := m.decontamination()) else {}),
             **(extra or {}),
         }
         if not diagnostics:  # the first method that has any (labels reach it after its decisions)

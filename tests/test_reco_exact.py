@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
 from xm.encoders.device import CPU
 from xm.errors import XMError
 from xm.memories.base import Memory
