@@ -208,7 +208,7 @@ def test_reco_training_hides_the_test_near_duplicates(planted_index, tmp_path, n
     assert set(hidden.memory.tolist()) == planted == set(hidden.pairs.tolist())
     assert hidden.datasets[0]["dataset"] == "imagefolder" and hidden.datasets[0]["hidden"] == len(planted)
     summary = _train(root / "idx", tmp_path / "clean", hidden, neighbours)
-    plain = _train(root / "idx", tmp_path / "plain", None, neighbours)
+    _train(root / "idx", tmp_path / "plain", None, neighbours)
     assert summary.pairs_hidden == summary.memory_hidden == len(planted) and summary.neighbours == neighbours
     ids = sorted(planted)
     for m in ("image", "text"):
@@ -235,9 +235,10 @@ def test_benchmark_says_whether_recos_checkpoint_was_decontaminated(planted_inde
     _train(root / "idx", tmp_path / "clean", hidden)
     _train(root / "idx", tmp_path / "plain")
 
-    def run(checkpoint: str, setting: Decontamination = Decontamination()) -> dict:
+    def run(checkpoint: str, setting: Decontamination | None = None) -> dict:
         cfg = BenchmarkConfig(dataset="imagefolder", data_dir=data, index=root / "idx", model=TINY, methods=["reco"], protocol="xm",
-                              seeds=[0], options={"checkpoint": checkpoint, "k": 4}, decontaminate=setting, cache_dir=tmp_path / "c")
+                              seeds=[0], options={"checkpoint": checkpoint, "k": 4}, decontaminate=setting or Decontamination(),
+                              cache_dir=tmp_path / "c")
         return run_benchmark(cfg, ds, memory)["methods"]["reco"]["decontamination"]
 
     clean, plain = run(str(tmp_path / "clean")), run(str(tmp_path / "plain"))

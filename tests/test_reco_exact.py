@@ -255,3 +255,34 @@ def test_hidden_items_leave_the_tables_and_nothing_else_changes(search: str, tmp
         np.testing.assert_array_equal(t[keep], _brute(m, m, modality, k, rule, hidden_ids)[keep])
     meta = json.loads((tmp_path / "h" / "neighbours.json").read_text())
     assert meta["hidden"]["memory_ids"] == hidden_ids.tolist() and meta["key"]["hidden"]
+
+
+def test_out_of_memory_halves_the_chunk(tmp_path, monkeypatch) -> None:
+    """A device out of memory on a chunk of pairs: the chunk is searched in halves, same tables;
+    a single pair that does not fit is one line naming --neighbours index."""
+    import xm.training.reco as reco
+
+    m = _memory()
+    rule = NeighbourRule(0.95)
+    real = reco.exact_neighbours_for
+    sizes = []
+
+    def small_device(*args, **kw):
+        rows = args[4]
+        sizes.append(len(rows))
+        if len(rows) > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(reco, "exact_neighbours_for", small_device)
+    tables = build_tables(m, m, SPEC, 5, rule, tmp_path / "t", chunk=100, search="exact")
+    assert max(s for s in sizes if s <= 16) == 13 and 100 in sizes  # 100 -> 50 -> 25 -> 12, 13
+    for modality in ("image", "text"):
+        np.testing.assert_array_equal(tables[modality], _brute(m, m, modality, 5, rule))
+
+    def no_device(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(reco, "exact_neighbours_for", no_device)
+    with pytest.raises(XMError, match=r"^cpu: out of memory searching one pair .* use --neighbours index or another --device$"):
+        build_tables(m, m, SPEC, 5, rule, tmp_path / "u", chunk=100, search="exact")

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xm.encoders.device import CPU, Device, out_of_memory
+from xm.encoders.device import CPU, Device, is_out_of_memory, out_of_memory
 from xm.errors import XMError
 from xm.indexes.records import EncoderEntry
 from xm.memories.filtered import FilteredMemory
@@ -289,6 +289,24 @@ def exact_neighbours_for(memory: Any, pairs: Any, spec: str, modality: str, rows
     return ids
 
 
+def _exact_in_halves(memory: Any, pairs: Any, spec: str, modality: str, rows: np.ndarray, k: int, rule: NeighbourRule,
+                     blocks: DeviceBlocks, image_blocks: DeviceBlocks | None, hidden: np.ndarray | None) -> np.ndarray:
+    """`exact_neighbours_for`, its rows split in halves while the device runs out of memory
+    (the similarities of a chunk of pairs against a block take chunk x block floats): the same
+    answer, in smaller steps; one line where a single pair does not fit."""
+    try:
+        return exact_neighbours_for(memory, pairs, spec, modality, rows, k, rule, blocks, image_blocks, hidden)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or len(rows) == 1:
+            if is_out_of_memory(exc):
+                raise XMError(f"{blocks.device.torch}: out of memory searching one pair against a block of "
+                              f"{blocks.rows} memory rows; use --neighbours index or another --device") from exc
+            raise
+    half = len(rows) // 2
+    return np.concatenate([_exact_in_halves(memory, pairs, spec, modality, part, k, rule, blocks, image_blocks, hidden)
+                           for part in (rows[:half], rows[half:])])
+
+
 def build_tables(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule, folder: Path,
                  progress: Progress = _no_progress, chunk: int = 2048, search: str = "index",
                  device: Device | None = None, hidden: Hidden | None = None) -> dict[str, np.ndarray]:
@@ -357,8 +375,7 @@ def build_tables(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule
             out = np.full((hi - lo, k), -1, np.int64)
             if len(rows):
                 if blocks is not None:
-                    with out_of_memory(device.torch, "the chunk of pairs"):
-                        found = exact_neighbours_for(memory, pairs, spec, m, rows, k, rule, blocks, image_blocks, hide_memory)
+                    found = _exact_in_halves(memory, pairs, spec, m, rows, k, rule, blocks, image_blocks, hide_memory)
                 else:
                     found = neighbours_for(searched, pairs, spec, m, rows, k, rule)
                 out[rows - lo] = found
