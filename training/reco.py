@@ -597,9 +597,9 @@ def train_reco(cfg: TrainConfig, progress: Progress = _no_progress,
     rule = NeighbourRule(cfg.dup_threshold, cfg.exclude_same_caption)
     hidden = cfg.hidden
     if hidden is not None:
-        for ids, where in ((hidden.memory, memory), (hidden.pairs, pairs)):
-            if len(ids) and (int(np.min(ids)) < 0 or int(np.max(ids)) >= where.count):
-                raise XMError(f"{where.root}: hidden ids must lie in 0..{where.count - 1}")
+        for ids, holder in ((hidden.memory, memory), (hidden.pairs, pairs)):
+            if len(ids) and (int(np.min(ids)) < 0 or int(np.max(ids)) >= holder.count):
+                raise XMError(f"{holder.root}: hidden ids must lie in 0..{holder.count - 1}")
     # the pairs trained on: all but those hidden as near-duplicates of test images
     train_rows = np.setdiff1d(np.arange(pairs.count), hidden.pairs if hidden is not None else [])
     n = len(train_rows)
