@@ -298,3 +298,19 @@ def test_coder_memory_captions_of_hidden_items_are_dropped(planted_index, tmp_pa
     (tmp_path / "other.json").write_text(__import__("json").dumps(other))
     warned = create("coder", ctx, texts_file=str(tmp_path / "other.json")).decontamination()
     assert "cannot be checked" in warned["line"] and "optimistic" in warned["warning"]
+
+
+def test_checkpoints_trained_before_these_options_stay_valid(planted_index, tmp_path) -> None:
+    """A checkpoint whose key predates `--neighbours` and decontamination (index tables, nothing
+    hidden) is still the finished run of the same settings; exact tables are other settings."""
+    import json
+
+    root, data, memory, planted = planted_index
+    _train(root / "idx", tmp_path / "old", None, "index")
+    meta_file = tmp_path / "old" / "reco.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["train_key"]["neighbours"], meta["train_key"]["hidden"]
+    meta_file.write_text(json.dumps(meta))
+    assert _train(root / "idx", tmp_path / "old", None, "auto").already_done  # auto on the CPU: the index
+    with pytest.raises(XMError, match=r"neighbours='index' \(now 'exact'\)"):
+        _train(root / "idx", tmp_path / "old", None, "exact")

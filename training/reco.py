@@ -236,17 +236,44 @@ def neighbours_for(memory: Any, pairs: Any, spec: str, modality: str, rows: np.n
     return out
 
 
-def exact_neighbours_for(memory: Any, pairs: Any, spec: str, modality: str, rows: np.ndarray, k: int,
-                         rule: NeighbourRule, blocks: DeviceBlocks, image_blocks: DeviceBlocks | None = None,
-                         hidden: np.ndarray | None = None) -> np.ndarray:
-    """Table rows for training pairs `rows`: the first k allowed neighbours by an exact search of
-    every stored `modality` embedding on the blocks' device (`training/exact_knn.py`). The rule
-    is applied inside the search, so no row comes out short while the memory has k allowed
-    items; ties are ordered by id. `image_blocks`: the memory's image embeddings, for the
-    near-duplicate check of the text->text table; `hidden`: memory ids never returned."""
-    import torch
+@dataclass
+class ExactMemory:
+    """The memory as the exact search of one table reads it, on the device, made once per table
+    (not per chunk of pairs): its `modality` embeddings in blocks, its image embeddings for the
+    text table's near-duplicate check, the hidden items as a mask and the caption hashes."""
 
-    where = blocks.device.torch
+    blocks: DeviceBlocks
+    image_blocks: DeviceBlocks | None = None
+    hidden: torch.Tensor | None = None  # bool (count,): never returned
+    hashes: torch.Tensor | None = None  # int64 (count,): with exclude_same_caption
+
+    @classmethod
+    def of(cls, memory: Any, spec: str, modality: str, rule: NeighbourRule, device: Device,
+           hidden: np.ndarray | None, image_blocks: DeviceBlocks | None = None) -> ExactMemory:
+        where = device.torch
+        blocks = DeviceBlocks(memory.embeddings(spec, modality), memory.count, device)
+        if modality == "image":
+            image_blocks = blocks
+        elif rule.dup_threshold <= 1 and image_blocks is None:
+            image_blocks = DeviceBlocks(memory.embeddings(spec, "image"), memory.count, device)
+        mask = None
+        if hidden is not None and len(hidden):
+            m = np.zeros(memory.count, bool)
+            m[hidden] = True
+            mask = torch.from_numpy(m).to(where)
+        hashes = None
+        if rule.exclude_same_caption:
+            hashes = torch.from_numpy(np.asarray(memory.caption_hashes[np.arange(memory.count)], np.int64)).to(where)
+        return cls(blocks, image_blocks if rule.dup_threshold <= 1 else None, mask, hashes)
+
+
+def exact_neighbours_for(memory: Any, pairs: Any, spec: str, modality: str, rows: np.ndarray, k: int,
+                         rule: NeighbourRule, exact: ExactMemory) -> np.ndarray:
+    """Table rows for training pairs `rows`: the first k allowed neighbours by an exact search of
+    every stored `modality` embedding on the device (`training/exact_knn.py`). The rule and the
+    hidden items are applied inside the search, so no row comes out short while the memory has
+    k allowed items; ties are ordered by id."""
+    where = exact.blocks.device.torch
     same_index = pairs.items_id == memory.items_id
     queries = pairs.embeddings(spec, modality).gather(rows)
     check_dups = rule.dup_threshold <= 1
@@ -254,15 +281,9 @@ def exact_neighbours_for(memory: Any, pairs: Any, spec: str, modality: str, rows
     if check_dups and modality == "text":
         pair_img = torch.from_numpy(pairs.embeddings(spec, "image").gather(rows)).to(where)
     own = torch.from_numpy(np.asarray(rows, np.int64)).to(where)[:, None]
-    pair_hash = mem_hash = None
-    if rule.exclude_same_caption:
+    pair_hash = None
+    if exact.hashes is not None:
         pair_hash = torch.from_numpy(np.asarray(pairs.caption_hashes[rows], np.int64)).to(where)[:, None]
-        mem_hash = np.asarray(memory.caption_hashes[np.arange(memory.count)], np.int64)
-    mask = None
-    if hidden is not None and len(hidden):
-        m = np.zeros(memory.count, bool)
-        m[hidden] = True
-        mask = torch.from_numpy(m).to(where)
 
     def exclude(lo: int, hi: int, sims: torch.Tensor) -> torch.Tensor | None:
         bad: torch.Tensor | None = None
@@ -277,33 +298,33 @@ def exact_neighbours_for(memory: Any, pairs: Any, spec: str, modality: str, rows
             if modality == "image":
                 add(sims >= rule.dup_threshold)  # the query is the pair's image: sims are the image cosines
             else:
-                assert image_blocks is not None and pair_img is not None
-                add((pair_img @ image_blocks.block(lo).T) >= rule.dup_threshold)
-        if mem_hash is not None and pair_hash is not None:
-            add(torch.from_numpy(mem_hash[lo:hi]).to(where)[None, :] == pair_hash)
-        if mask is not None:
-            add(mask[lo:hi][None, :].expand(len(sims), -1))
+                assert exact.image_blocks is not None and pair_img is not None
+                add((pair_img @ exact.image_blocks.block(lo).T) >= rule.dup_threshold)
+        if exact.hashes is not None and pair_hash is not None:
+            add(exact.hashes[lo:hi][None, :] == pair_hash)
+        if exact.hidden is not None:
+            add(exact.hidden[lo:hi][None, :].expand(len(sims), -1))
         return bad
 
-    _, ids = exact_knn(queries, blocks, k, exclude)
+    _, ids = exact_knn(queries, exact.blocks, k, exclude)
     return ids
 
 
 def _exact_in_halves(memory: Any, pairs: Any, spec: str, modality: str, rows: np.ndarray, k: int, rule: NeighbourRule,
-                     blocks: DeviceBlocks, image_blocks: DeviceBlocks | None, hidden: np.ndarray | None) -> np.ndarray:
+                     exact: ExactMemory) -> np.ndarray:
     """`exact_neighbours_for`, its rows split in halves while the device runs out of memory
     (the similarities of a chunk of pairs against a block take chunk x block floats): the same
     answer, in smaller steps; one line where a single pair does not fit."""
     try:
-        return exact_neighbours_for(memory, pairs, spec, modality, rows, k, rule, blocks, image_blocks, hidden)
+        return exact_neighbours_for(memory, pairs, spec, modality, rows, k, rule, exact)
     except Exception as exc:
         if not is_out_of_memory(exc) or len(rows) == 1:
             if is_out_of_memory(exc):
-                raise XMError(f"{blocks.device.torch}: out of memory searching one pair against a block of "
-                              f"{blocks.rows} memory rows; use --neighbours index or another --device") from exc
+                raise XMError(f"{exact.blocks.device.torch}: out of memory searching one pair against a block of "
+                              f"{exact.blocks.rows} memory rows; use --neighbours index or another --device") from exc
             raise
     half = len(rows) // 2
-    return np.concatenate([_exact_in_halves(memory, pairs, spec, modality, part, k, rule, blocks, image_blocks, hidden)
+    return np.concatenate([_exact_in_halves(memory, pairs, spec, modality, part, k, rule, exact)
                            for part in (rows[:half], rows[half:])])
 
 
@@ -360,13 +381,10 @@ def build_tables(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule
             table = np.lib.format.open_memmap(partial, mode="w+", dtype=np.int64, shape=(n, k))
             table[:] = -1
         tick(start)
-        blocks = None
+        exact = None
         if search == "exact" and start < n:
-            blocks = DeviceBlocks(memory.embeddings(spec, m), memory.count, device)
-            if m == "image":
-                image_blocks = blocks
-            elif rule.dup_threshold <= 1 and image_blocks is None:
-                image_blocks = DeviceBlocks(memory.embeddings(spec, "image"), memory.count, device)
+            exact = ExactMemory.of(memory, spec, m, rule, device, hide_memory, image_blocks)
+            image_blocks = exact.image_blocks  # the text table's check reads the image blocks kept on the device
         for lo in range(start, n, chunk):
             t0 = time.perf_counter()
             hi = min(n, lo + chunk)
@@ -374,8 +392,8 @@ def build_tables(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule
             rows = rows[~hide_pairs[rows]]  # a hidden pair's row stays -1: nothing is searched for it
             out = np.full((hi - lo, k), -1, np.int64)
             if len(rows):
-                if blocks is not None:
-                    found = _exact_in_halves(memory, pairs, spec, m, rows, k, rule, blocks, image_blocks, hide_memory)
+                if exact is not None:
+                    found = _exact_in_halves(memory, pairs, spec, m, rows, k, rule, exact)
                 else:
                     found = neighbours_for(searched, pairs, spec, m, rows, k, rule)
                 out[rows - lo] = found
@@ -386,9 +404,7 @@ def build_tables(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule
             write_json(meta_file, meta)
             tick(hi - lo)
         del table
-        blocks = None
-        if rule.dup_threshold > 1:
-            image_blocks = None  # only the text table's near-duplicate check reads them again
+        exact = None
         os.replace(partial, final)
         meta["complete"][m] = True
         write_json(meta_file, meta)
