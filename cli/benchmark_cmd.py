@@ -81,7 +81,8 @@ def benchmark_cmd(
         run_suite_command(published, index, model, limit, _ints("--seeds", seeds) if seeds else None,
                           method_options(opt, k_coarse=k_coarse, k_fine=k_fine, descriptions=descriptions,
                                          texts_file=texts_file, checkpoint=reco_checkpoint),
-                          batch_size, inference_precision, cache_dir, out, as_json, device=where)
+                          batch_size, inference_precision, cache_dir, out, as_json, device=where,
+                          decontaminate=decontamination)
         return
     if dataset is None:
         from xm.errors import XMError
