@@ -36,6 +36,7 @@ from xm.pipeline.multi_device import describe_spread, embed_on_devices, spread
 from xm.pipeline.pins import pin_params
 from xm.pipeline.runners.base import Runner
 from xm.pipeline.sources.base import OPENAI_LOGIT_SCALE, Source
+from xm.pipeline.task_mirror import embed_reads
 from xm.pipeline.tasks import (
     create_hash_file,
     embed_task,
@@ -168,7 +169,8 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
                 embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=images, on_captions=captions,
                            num_workers=cfg.workers())
         else:
-            jobs = [{"config": cfg.to_dict(), "part": p.name} for p in todo]
+            jobs = [{"config": cfg.to_dict(), "part": p.name,
+                     "reads": embed_reads(layout, p.name, source.task_inputs(cfg, layout, p.name))} for p in todo]
             runner.map(embed_task, jobs, "xm embed", on_done=progress(f"embed ({len(jobs)} parts as {runner.tasks})", len(jobs)))
 
     timed("embed", embed)
@@ -241,7 +243,8 @@ def _store_stage(layout: Layout, slug: str, done: list[dict[str, Any]], runner: 
     create_hash_file(building, int(firsts[-1]))
     # tasks writing to the bucket have no shared file: each leaves its part's hashes there (hashes: None)
     jobs = [{"out": str(layout.root), "slug": slug, "part": m["part"], "first": int(first),
-             "hashes": None if files_at.bucket else str(building)} for m, first in zip(done, firsts)]
+             "hashes": None if files_at.bucket else str(building), "reads": [layout.rel(layout.metadata_file(slug, m["part"]))]}
+            for m, first in zip(done, firsts)]
     rows = runner.map(store_task, jobs, "xm store", on_done=progress("store", len(jobs)))
     if sum(rows) != int(firsts[-1]):
         raise XMError(f"{layout.rel(layout.store)}: the store tasks wrote {sum(rows)} rows, {int(firsts[-1])} are embedded")

@@ -123,7 +123,8 @@ def train_all(cfg: BuildConfig, layout: Layout, todo: Sequence[tuple[str, str, s
                 on_done(1)
             continue
         jobs.append({"out": str(layout.root), "slug": slug, "modality": modality, "emb_dir": emb_dir,
-                     "distributor": cfg.distributor, "record": record})
+                     "distributor": cfg.distributor, "record": record,
+                     "reads": [layout.rel(trained_dir(layout, slug, modality)) + "/"]})  # a task writing to the bucket pulls it
     results = run(train_task, jobs, f"xm index training ({len(jobs)} at once)", on_done) if jobs else []
     out.update({(j["slug"], j["modality"]): r for j, r in zip(jobs, results)})
     return out

@@ -30,6 +30,7 @@ from typing import Any
 
 from xm.indexes import object_store
 from xm.indexes.layout import Layout
+from xm.pipeline.faults import kill_point
 
 # what the driver pulls after each job of tasks: the markers and the kept trained indexes (small)
 STATE = ("_work/done/", "_work/autofaiss-trained/")
@@ -51,24 +52,16 @@ def _moved(value: Any, old: str, new: str) -> Any:
     return value
 
 
-def reads(fn: Callable[[Any], Any], job: Any, layout: Layout) -> list[str]:
-    """What task `fn` reads under --out for `job` (relative paths; a trailing "/": a folder)."""
-    from xm.pipeline.config import BuildConfig
+def reads(job: Any) -> list[str]:
+    """What a task reads under --out (relative paths; a trailing "/": a folder), as its job says
+    (`"reads"`, set where the job is made: the embed, store and training jobs); a job that says
+    nothing reads nothing there (the checksum tasks stream their files, `Runner.readable`)."""
+    return list(job.get("reads", [])) if isinstance(job, dict) else []
 
-    name = fn.__name__
-    if name == "embed_task":
-        cfg, part = BuildConfig.from_dict(job["config"]), job["part"]
-        return [layout.rel(layout.done_marker("embed", part)), layout.rel(layout.checkpoint_dir("embed", part)) + "/",
-                *(cfg.kind.task_inputs(cfg, layout, part) or [])]
-    if name == "store_task":
-        return [layout.rel(layout.metadata_file(job["slug"], job["part"]))]
-    if name == "train_task":
-        from xm.pipeline.index_training import trained_dir
 
-        return [layout.rel(trained_dir(layout, job["slug"], job["modality"])) + "/"]
-    if name == "hash_task":  # it streams the files from the bucket (`Runner.readable`)
-        return []
-    raise ValueError(f"{name}: no list of what it reads; it cannot run without a shared --out")
+def embed_reads(layout: Layout, part: str, inputs: list[str] | None) -> list[str]:
+    """An embed task's: its part's marker (done already?) and checkpoint, and the source's `inputs`."""
+    return [layout.rel(layout.done_marker("embed", part)), layout.rel(layout.checkpoint_dir("embed", part)) + "/", *(inputs or [])]
 
 
 @dataclass(frozen=True)
@@ -81,11 +74,9 @@ class InBucket:
     root: str
 
     def __call__(self, job: Any) -> Any:
-        from xm.pipeline.tasks import kill_point
-
         folder = Path(tempfile.mkdtemp(prefix="xm-task-"))
         try:
-            object_store.pull(self.url, folder, "--out", only=reads(self.fn, job, Layout(self.root)))
+            object_store.pull(self.url, folder, "--out", only=reads(job))
             result = self.fn(_moved(job, self.root, str(folder)))
             part = job.get("part", "") if isinstance(job, dict) else ""
             object_store.push(folder, self.url, "--out", skip=_NOT_PUSHED, deletions=True,

@@ -24,6 +24,7 @@ from xm.encoders.device import Device
 from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, sha256_file
 from xm.indexes.store import write_store_part
+from xm.pipeline import faults
 from xm.pipeline.config import BuildConfig
 from xm.pipeline.embed import embed_part, read_marker
 from xm.pipeline.runners.base import Runner
@@ -42,31 +43,7 @@ def load_plan_encoders(cfg: BuildConfig, plan: dict[str, tuple[str, ...]], quiet
 
 # ---------------------------------------------------------------- fault injection
 
-def kill_point(stage: str, part: str) -> Callable[[int], None]:
-    """Tests: XM_KILL_TASK_ONCE=FILE, where FILE holds '<stage> <part>', kills the process that
-    runs that part mid-way (after some of its files are in place, before its marker), once:
-    the file is removed first, so the retried task completes."""
-    token = os.environ.get("XM_KILL_TASK_ONCE")
-    if not token or not os.path.isfile(token):
-        return lambda n: None
-    try:
-        wanted = Path(token).read_text().split()
-    except OSError:
-        return lambda n: None
-    if wanted != [stage, part]:
-        return lambda n: None
-    seen = [0]
-
-    def tick(n: int) -> None:
-        seen[0] += 1
-        if seen[0] == 2:  # the second caption batch: the first encoder's caption file is written
-            try:
-                os.unlink(token)
-            except FileNotFoundError:
-                return  # another attempt took the kill already
-            os._exit(137)
-
-    return tick
+kill_point = faults.kill_point  # where a test kills a task part-way (pipeline/faults.py)
 
 
 # ---------------------------------------------------------------- embed

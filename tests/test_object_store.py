@@ -134,7 +134,7 @@ _KILLED_PUSH = """
 import sys
 from pathlib import Path
 from xm.indexes import object_store
-from xm.pipeline.tasks import kill_point
+from xm.pipeline.faults import kill_point
 object_store.push(Path(sys.argv[1]), sys.argv[2], "--out", on_file=kill_point("push", "00001"))
 """
 
