@@ -352,7 +352,7 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
             raise XMError(f"{f}: missing; run the stage that writes it (see --stages)")
     manifest = Manifest(
         count=summary.count,
-        source=SourceEntry(kind=kind, source=cfg.source, limit=cfg.limit, parts=cfg.parts, shard_size=cfg.shard_size),
+        source=SourceEntry(kind=kind, source=cfg.source_given or cfg.source, limit=cfg.limit, parts=cfg.parts, shard_size=cfg.shard_size),
         roles=Roles(coarse=cfg.coarse, fine=cfg.fine, inference=list(cfg.inference)),
         encoders=enc_entries,
         parts=[PartEntry(name=m["part"], rows=m["rows"]) for m in done],

@@ -43,7 +43,10 @@ class AddSummary:
 def _image_rows(cfg: BuildConfig, layout: Layout, manifest: Manifest, part: str) -> list[Any]:
     """The part's samples from the recorded source, in the stored rows' order."""
     src = manifest.source
-    build = BuildConfig(source=src.source, out=layout.root, source_kind=src.kind, limit=src.limit, parts=src.parts,
+    source = src.source
+    if object_store.is_remote(source):  # the manifest names the source as given: its local copy, fetched again if gone
+        source = object_store.fetch_input(source, staging.base(cfg), "--source (recorded in the manifest)")
+    build = BuildConfig(source=source, out=layout.root, source_kind=src.kind, limit=src.limit, parts=src.parts,
                         shard_size=src.shard_size)  # None: the part sizes the build pinned under _work/
     if not build.kind.has_images:
         raise XMError(f"{layout.root}: built from precomputed embeddings; there are no images to embed under another encoder")

@@ -42,6 +42,7 @@ def stage(cfg: BuildConfig) -> tuple[str | None, Callable[[], int]]:
     on_driver_only = any(object_store.is_remote(object_store.unmangled(v)) for v in (cfg.source, cfg.metadata_root, cfg.embeddings_root) if v)
     source = object_store.unmangled(cfg.source)
     if object_store.is_remote(source):
+        cfg.source_given = source
         cfg.source = object_store.fetch_input(source, base_dir, "--source")
     elif object_store.protocol_of(source) == "file":
         cfg.source = object_store.local_path(source)

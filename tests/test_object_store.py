@@ -100,7 +100,13 @@ def test_build_to_s3_equals_local_build_and_opens_from_s3(s3, tmp_path, monkeypa
     assert "store: current" in again.skipped and again.manifest_id == remote.manifest_id
     fs.invalidate_cache()
     assert {p: fs.info(p)["ETag"] for p in fs.find(f"{BUCKET}/mem") if not p.endswith("last_build.json")} == before
-    # --add-encoder on the memory in the bucket: extended there, and a new open sees it
+    # the manifest names the source as given, not this machine's copy of it
+    assert open_memory(f"s3://{BUCKET}/mem").manifest.source.source == f"s3://{BUCKET}/pairs"
+    # --add-encoder on the memory in the bucket: extended there, and a new open sees it; the images are
+    # re-read from the recorded source, fetched again (this machine's copies are gone)
+    import shutil
+
+    shutil.rmtree(tmp_path / "home" / "cache")
     added = add_encoder(f"s3://{BUCKET}/mem", f"{TINY_WIDE}=image")
     assert added.out == f"s3://{BUCKET}/mem" and not (tmp_path / "s3:").exists()
     assert "image" in open_memory(f"s3://{BUCKET}/mem").manifest.encoders[TINY_WIDE].embedded
