@@ -5,12 +5,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from xm.errors import XMError
 from xm.indexes.embeddings import EmbeddingMatrix
 from xm.indexes.layout import STORE_ROW_GROUP
-from xm.indexes.shards import ShardedIndex, shard_bounds, write_shards
-from xm.errors import XMError
 from xm.indexes.open_files import OpenFiles
 from xm.indexes.records import STORE_SHARDS, Manifest
+from xm.indexes.shards import ShardedIndex, shard_bounds, write_shards
 from xm.indexes.store import PartsStore, ShardStore, shard_ranges, write_store_part, write_store_shard
 
 
