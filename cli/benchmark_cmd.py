@@ -81,7 +81,8 @@ def benchmark_cmd(
         run_suite_command(published, index, model, limit, _ints("--seeds", seeds) if seeds else None,
                           method_options(opt, k_coarse=k_coarse, k_fine=k_fine, descriptions=descriptions,
                                          texts_file=texts_file, checkpoint=reco_checkpoint),
-                          batch_size, inference_precision, cache_dir, out, as_json, device=where)
+                          batch_size, inference_precision, cache_dir, out, as_json, device=where,
+                          decontaminate=decontamination)
         return
     if dataset is None:
         from xm.errors import XMError
@@ -149,6 +150,12 @@ def show_benchmark(result: dict) -> None:
                       f"({cosine}; {d['by_phash_only']} by pHash of {d['phash_checked']} local memory images)", markup=False)
     elif d:
         console.print(f"not decontaminated ({d['why']})", markup=False)
+    for name, r in result["methods"].items():  # state built before the run (RECO's checkpoint, CODER's text set)
+        said = r.get("decontamination") or {}
+        if said.get("line"):
+            console.print(f"{name}: {said['line']}", markup=False)
+        if said.get("warning"):
+            err_console.print(safe_text(f"warning: {name}: {said['warning']}"))
     t = result["timing"]
     console.print(f"{t['seconds']:.1f} s in all on {t.get('device', 'cpu')}; evidence cache {t['cache_dir']}", markup=False)
     if result["images_failed"]:

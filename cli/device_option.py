@@ -21,5 +21,5 @@ def parse_device(text: str, command: str, several: bool = False) -> Device:
     if not several:
         device.single(f"xm {command}")
     # said when the first encoder loads, not now: an option refused after this one stays one line
-    announce_when_used(f"xm {command}: device {device.describe()}")
+    announce_when_used(lambda: f"xm {command}: device {device.describe()}")
     return device

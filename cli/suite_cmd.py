@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Any
 from xm.cli.output import console, err_console, print_json, progress_bars, table
 
 if TYPE_CHECKING:
+    from xm.evaluation.decontaminate import Decontamination
     from xm.evaluation.suites import Suite
 
 
 def run_suite_command(suite: Suite, index: Path | None, model: str | None, limit: int | None, seeds: list[int] | None,
                       options: dict[str, Any], batch_size: int, precision: str, cache_dir: Path | None,
-                      out: Path | None, as_json: bool, device: Any = None) -> None:
+                      out: Path | None, as_json: bool, device: Any = None,
+                      decontaminate: Decontamination | None = None) -> None:
     from xm.evaluation.suites import SuiteConfig, missing_line, run_suite, table_rows, write_suite
     from xm.indexes import home
     from xm.memories import open_index
@@ -24,6 +26,8 @@ def run_suite_command(suite: Suite, index: Path | None, model: str | None, limit
     memory = open_index(index) if index is not None else None
     cfg = SuiteConfig(index=index, model=model, limit=limit, seeds=seeds, options=options, batch_size=batch_size,
                       precision=precision, cache_dir=cache_dir, device=device)
+    if decontaminate is not None:
+        cfg.decontaminate = decontaminate
     with progress_bars() as make:
         result = run_suite(suite, cfg, memory, progress=make)
     paths = write_suite(result, out or Path(f"xm-suite-{suite.name}"))

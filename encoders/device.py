@@ -14,7 +14,7 @@ import contextlib
 import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +102,8 @@ class Device:
 
     def checked(self, flag: str = "--device") -> Device:
         """This device if torch can use it here, else one line (never a fall-back to the CPU)."""
+        if self.kind == "cpu":
+            return self  # always usable: no need to import torch to know
         import torch
 
         if self.kind == "cuda":
@@ -160,7 +162,23 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
+# Device nodes without one of which no CUDA (or ROCm) device can be open on Linux: NVIDIA's
+# driver, AMD's kernel driver, WSL2's GPU paravirtualisation.
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def _no_gpu_possible() -> bool:
+    """True where no GPU can be seen, known without importing torch (2-3 s): Linux with none of
+    `_GPU_NODES`. `auto` then resolves to the CPU at once, so an option refused after it stays a
+    fast one-line error; anywhere else torch is asked."""
+    import os
+
+    return sys.platform.startswith("linux") and not any(os.path.exists(n) for n in _GPU_NODES)
+
+
 def _resolve_auto() -> Device:
+    if _no_gpu_possible():
+        return Device("cpu", (), "auto")
     import torch
 
     if torch.cuda.is_available():
@@ -172,13 +190,14 @@ def _resolve_auto() -> Device:
 
 CPU = Device("cpu", (), "cpu")
 
-_announcement: list[str] = []  # the command's "what runs where" line, until the first encoder loads
+_announcement: list[Callable[[], str]] = []  # the command's "what runs where" line, until the first encoder loads
 _announcement_lock = threading.Lock()
 
 
-def announce_when_used(line: str) -> None:
-    """Say `line` (a command's device, once) on stderr when the first encoder is loaded: work has
-    begun then, every option is validated, so a bad option elsewhere stays one line."""
+def announce_when_used(line: Callable[[], str]) -> None:
+    """Say `line()` (a command's device, once) on stderr when the first encoder is loaded: work has
+    begun then, every option is validated, so a bad option elsewhere stays one line (and made
+    then, the line costs no torch import to a command that stops before)."""
     with _announcement_lock:
         _announcement[:] = [line]
 
@@ -188,5 +207,4 @@ def announce() -> None:
     with _announcement_lock:
         lines, _announcement[:] = list(_announcement), []
     for line in lines:
-        print(line, file=sys.stderr, flush=True)
-DEFAULT_DEVICE = "auto"  # the flag's default text; resolved by `Device.parse`
+        print(line(), file=sys.stderr, flush=True)

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from xm.errors import XMError
 from xm.evaluation.datasets import load_dataset
+from xm.evaluation.decontaminate import Decontamination
 from xm.evaluation.runner import BenchmarkConfig, run_benchmark
 from xm.indexes.home import find_dataset
 from xm.indexes.layout import atomic_path
@@ -128,6 +129,7 @@ class SuiteConfig:
     precision: str = "fp32"
     cache_dir: Path | None = None
     device: Any = None  # a Device or its text (None: auto), parsed by run_benchmark
+    decontaminate: Decontamination = field(default_factory=Decontamination)  # per dataset, as `xm benchmark`
 
 
 def _runnable(methods: list[str], memory: Memory | None) -> tuple[list[str], dict[str, str]]:
@@ -169,11 +171,12 @@ def run_suite(suite: Suite, cfg: SuiteConfig, memory: Memory | None,
         base = BenchmarkConfig(dataset=col.dataset, data_dir=found[col.label], index=cfg.index, model=model,
                                methods=methods, protocol=suite.protocol, seeds=cfg.seeds, templates=suite.templates,
                                limit=cfg.limit, options=dict(cfg.options or {}), batch_size=cfg.batch_size,
-                               precision=cfg.precision, device=cfg.device)
+                               precision=cfg.precision, device=cfg.device, decontaminate=cfg.decontaminate)
         if cfg.cache_dir is not None:
             base.cache_dir = cfg.cache_dir
         results: dict[str, Any] = {}
         images = 0
+        run: dict[str, Any] = {}
         try:
             run = run_benchmark(base, ds, memory, progress)
             results, images = run["methods"], run["images_evaluated"]
@@ -197,6 +200,7 @@ def run_suite(suite: Suite, cfg: SuiteConfig, memory: Memory | None,
         for name, r in results.items():
             xm.setdefault(name, {})[col.label] = 100.0 * r["metrics"]["acc1"]
         runs[col.label] = {"dataset": col.dataset, "images": images, "split_source": ds.split_source,
+                           "decontamination": {k: v for k, v in (run.get("decontamination") or {}).items() if k != "hidden_ids"},
                            "methods": {n: {"acc1": r["metrics"]["acc1"], "std": r["std"]["acc1"], "fit": r.get("fit")}
                                        for n, r in results.items()}}
     rows = []
@@ -215,6 +219,11 @@ def run_suite(suite: Suite, cfg: SuiteConfig, memory: Memory | None,
                      f"say nothing about the methods' published accuracy")
     if cfg.limit:
         notes.append(f"at most {cfg.limit} test images per dataset (--limit): not the paper's test sets")
+    hidden = {label: r["decontamination"] for label, r in runs.items() if r["decontamination"]}
+    if hidden:
+        notes.append("decontamination (test near-duplicates hidden from the memory for the run): " + "; ".join(
+            f"{label} {d['hidden']} hidden" if d.get("enabled") else f"{label} off ({d.get('why')})"
+            for label, d in hidden.items()))
     return {"suite": suite.name, "title": suite.title, "source": suite.source, "metric": suite.metric,
             "protocol": suite.protocol, "model": model, "compared_with": group.model,
             "index_manifest_id": getattr(memory, "id", None),

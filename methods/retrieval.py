@@ -16,7 +16,9 @@ The switches of the authors' protocol and xm's own (see `methods/protocols.py`):
 from __future__ import annotations
 
 import sys
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,16 @@ class Timings:
 
 class CaptionEmbeddings:
     """Caption embeddings under one encoder: precomputed in the index, or computed once and
-    cached (an encoder the index has none for, or captions encoded with a prefix)."""
+    cached (an encoder the index has none for, or captions encoded with a prefix).
+
+    The computed ones are shared by every method of the process that asks for the same
+    encoder object, memory items and prefix (a benchmark's xmore variants encode each
+    caption once, and the "computing them on the fly" line is said once)."""
+
+    # encoder object -> (memory items, prefix) -> id -> embedding; an encoder that is dropped
+    # takes its captions with it
+    _shared: weakref.WeakKeyDictionary[Encoder, dict[tuple[str, str], dict[int, np.ndarray]]] = weakref.WeakKeyDictionary()
+    _shared_lock = threading.Lock()
 
     def __init__(self, memory: Memory, encoder: Encoder, prefix: str = "") -> None:
         self.memory = memory
@@ -63,8 +74,14 @@ class CaptionEmbeddings:
         if memory.has_embeddings(str(encoder.spec), "text"):
             memory.check_encoder(encoder, "inference")
         if not self.precomputed:
-            why = f"captions prefixed with {prefix!r}" if prefix else f"no caption embeddings for {encoder.spec}"
-            print(f"xm: {memory.root}: {why}; computing them on the fly (cached)", file=sys.stderr)
+            with self._shared_lock:
+                per_encoder = self._shared.setdefault(encoder, {})
+                key = (memory.items_id, prefix)
+                first = key not in per_encoder
+                self._cache = per_encoder.setdefault(key, {})
+            if first:
+                why = f"captions prefixed with {prefix!r}" if prefix else f"no caption embeddings for {encoder.spec}"
+                print(f"xm: {memory.root}: {why}; computing them on the fly (cached)", file=sys.stderr)
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         if self.precomputed:

@@ -18,6 +18,7 @@ class ShortBack:
 
     count = 5000
     root = "back"
+    items_id = "back-items"
     caption_hashes = np.arange(5000)
     available = {200: (100, 128), 1000: (500, 300)}
 
@@ -77,6 +78,15 @@ def test_on_the_fly_captions_are_announced_once(capsys) -> None:
     prefixed = CaptionEmbeddings(back, enc, "a_photo_of_a ")  # type: ignore[arg-type]
     assert "captions prefixed with 'a_photo_of_a '" in capsys.readouterr().err
     assert prefixed.gather(np.array([3, 3])).shape == (2, D)
+    # a second method of the run with the same encoder and prefix: said once, encoded once
+    encoded: list[str] = []
+    enc.encode_texts = lambda t: (encoded.extend(t), np.ones((len(t), D)))[1]  # type: ignore[attr-defined]
+    again = CaptionEmbeddings(back, enc, "a_photo_of_a ")  # type: ignore[arg-type]
+    assert capsys.readouterr().err == ""
+    assert again.gather(np.array([3, 4])).shape == (2, D) and encoded == ["a_photo_of_a caption 4"]
+    other = CaptionEmbeddings(back, enc, "another ")  # type: ignore[arg-type]
+    assert "captions prefixed with 'another '" in capsys.readouterr().err and other.gather(np.array([3])).shape == (1, D)
+    assert encoded[-1] == "another caption 3"
 
 
 # ------------------------------------------------------------------ X-MoRe and the adapters' survivors

@@ -127,3 +127,39 @@ def test_cli_suite(xm_data, tmp_path) -> None:
     assert "LAION-400M (paper)" in out.stdout and (tmp_path / "o" / "reco-table5.md").is_file()
     bad = subprocess.run([sys.executable, "-m", "xm.cli", "benchmark", "--suite", "table9"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown; choose from" in bad.stderr
+
+
+def test_suite_decontaminates_each_dataset_and_takes_the_flags(xm_data, tmp_path) -> None:
+    """`--suite` hides the memory's copies of each dataset's test images as `xm benchmark` does
+    (default on: the memory is larger than the test set), reports the count per dataset, and
+    `--no-decontaminate` reaches it."""
+    import shutil
+
+    from conftest import TINY_ROLES
+    from xm.pipeline import BuildConfig, build_index
+
+    mdir = tmp_path / "memory"
+    mdir.mkdir()
+    tests = sorted((xm_data / "eurosat").glob("*/*_0.jpg"))[:4]  # *_0 is in the test split
+    for i, t in enumerate(tests):
+        shutil.copy(t, mdir / f"copy{i}.jpg")
+    for j in range(30):
+        make_image(9000 + j, size=64).save(mdir / f"z{j:02d}.jpg")
+    for f in mdir.iterdir():
+        f.with_suffix(".txt").write_text(f"a photo {f.stem}")
+    build_index(BuildConfig(source=str(mdir), out=tmp_path / "idx", **TINY_ROLES))
+    env = {"XM_DATA": str(xm_data), "XM_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "XM_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+    def suite(*flags: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "xm.cli", "benchmark", "--suite", "coder-zeroshot", "--index", str(tmp_path / "idx"),
+                              "--model", TINY, "--seeds", "0", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o"),
+                              "--json", *flags], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    on, off = suite(), suite("--no-decontaminate")
+    d = on["datasets"]["EuroSAT"]["decontamination"]
+    assert d["enabled"] and d["hidden"] == 4 and "more items" in d["why"]  # the four copies, nothing else
+    assert any("EuroSAT 4 hidden" in n for n in on["notes"])
+    assert off["datasets"]["EuroSAT"]["decontamination"] == {"enabled": False, "why": "--no-decontaminate"}
