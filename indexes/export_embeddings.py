@@ -62,10 +62,10 @@ def export_embeddings(index: str | Path, out: str | Path, encoders: list[str] | 
                     EmbeddingMatrix([src])  # one line naming the file if it is missing or not an array
                     _copy(src, dest)
         first = 0
-        for part in manifest.parts:
-            rows = store.table(first, first + part.rows).drop_columns(["id"])
-            first += part.rows
-            with atomic_path(folder / "metadata" / f"metadata_{part.name}.parquet") as tmp:
+        for record in manifest.parts:
+            rows = store.table(first, first + record.rows).drop_columns(["id"])
+            first += record.rows
+            with atomic_path(folder / "metadata" / f"metadata_{record.name}.parquet") as tmp:
                 pq.write_table(rows, tmp)
         written["encoders"][spec] = {"folder": str(folder), "modalities": modalities,
                                      "decoded": sorted(m for m in modalities if entry.codecs.get(m))}
