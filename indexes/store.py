@@ -76,7 +76,11 @@ def write_store_shard(pieces: Sequence[pa.Table], first_id: int, target: Path) -
     part and typed in another takes the type (`promote_options`)."""
     # one contiguous table written in batches of SHARD_BATCH rows: parts of a few rows would
     # otherwise make as many record batches, each a little metadata read when the shard opens
-    table = store_rows(pa.concat_tables(pieces, promote_options="default"), first_id).combine_chunks()
+    table = store_rows(pa.concat_tables(pieces, promote_options="default"), first_id)
+    try:
+        table = table.combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowCapacityError):
+        pass  # a column of over 2 GB of text (hostile rows): written in the parts' chunks as they are
     with atomic_path(target) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table, max_chunksize=SHARD_BATCH)
