@@ -26,7 +26,19 @@ from xm.errors import XMError
 from xm.indexes import object_store
 from xm.indexes.layout import FILE_MODE, Layout, write_json
 from xm.indexes.manifest import write_manifest
-from xm.indexes.records import BuildStats, EncoderEntry, IndexEntry, Manifest, PartEntry, Roles, ShardEntry, SourceEntry
+from xm.indexes.records import (
+    STORE_SHARDS,
+    BuildStats,
+    EncoderEntry,
+    IndexEntry,
+    Manifest,
+    PartEntry,
+    Roles,
+    ShardEntry,
+    SourceEntry,
+    StoreEntry,
+)
+from xm.indexes.store import SHARD_ROWS, shard_ranges
 from xm.pipeline import compress, index_training, staging
 from xm.pipeline.config import STAGES, BuildConfig
 from xm.pipeline.download import download
@@ -44,6 +56,7 @@ from xm.pipeline.tasks import (
     load_plan_encoders,
     part_hashes_dir,
     read_part_hashes,
+    shard_name,
     store_task,
     write_hash_rows,
 )
@@ -223,6 +236,7 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         written = _write_manifest(cfg, layout, kind, done, encoders, plan, summary, codecs, hasher_for(runner), files_at)
         summary.manifest_id = written.id
         compress.drop_superseded(layout, written)  # float16 parts of compressed roles: only once no manifest lists them
+        _drop_superseded_rows(layout, written)
 
     timed("manifest", manifest)
     write_json(layout.work / "last_build.json", summary.__dict__)
@@ -230,33 +244,61 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
 
 
 def _store_stage(layout: Layout, slug: str, done: list[dict[str, Any]], runner: Runner, progress: Progress,
-                 files_at: staging.StoredFiles | None = None) -> bool:
-    """Write the caption store of the embedded parts `done` (one task per part) and its hash file;
-    True if it was current already."""
+                 files_at: staging.StoredFiles | None = None, shard_rows: int = SHARD_ROWS) -> bool:
+    """Write the caption store of the embedded parts `done` (one task per shard of `shard_rows`
+    ids, each reading the rows of the parts it spans) and its hash file; True if it was current
+    already."""
     files_at = files_at or staging.StoredFiles(layout, None)
-    record = {"parts": [[m["part"], m["rows"]] for m in done]}
+    record = {"parts": [[m["part"], m["rows"]] for m in done], "shard_rows": shard_rows}
     if _store_is_current(layout, record, files_at):
         return True
     firsts = np.concatenate([[0], np.cumsum([m["rows"] for m in done])]).astype(int)
+    count = int(firsts[-1])
     # every task writes its rows of the hash file in place (no driver collect); renamed when all are in
     building = layout.caption_hash.with_name(f".{layout.caption_hash.name}.building")
-    create_hash_file(building, int(firsts[-1]))
-    # tasks writing to the bucket have no shared file: each leaves its part's hashes there (hashes: None)
-    jobs = [{"out": str(layout.root), "slug": slug, "part": m["part"], "first": int(first),
-             "hashes": None if files_at.bucket else str(building), "reads": [layout.rel(layout.metadata_file(slug, m["part"]))]}
-            for m, first in zip(done, firsts)]
+    create_hash_file(building, count)
+    spans = [[m["part"], int(first), int(m["rows"])] for m, first in zip(done, firsts)]
+    jobs: list[dict[str, Any]] = []
+    ranges = shard_ranges(count, shard_rows)
+    for i, (start, stop) in enumerate(ranges):
+        spanned = [sp for sp in spans if sp[1] < stop and sp[1] + sp[2] > start]
+        # tasks writing to the bucket have no shared file: each leaves its shard's hashes there (hashes: None)
+        jobs.append({"out": str(layout.root), "slug": slug, "shard": i, "first": start, "stop": stop,
+                     "hashes": None if files_at.bucket else str(building), "parts": spanned,
+                     "reads": [layout.rel(f) for name, _, _ in spanned
+                               for f in (layout.part_rows(name), layout.metadata_file(slug, name))]})
     rows = runner.map(store_task, jobs, "xm store", on_done=progress("store", len(jobs)))
-    if sum(rows) != int(firsts[-1]):
-        raise XMError(f"{layout.rel(layout.store)}: the store tasks wrote {sum(rows)} rows, {int(firsts[-1])} are embedded")
+    if sum(rows) != count:
+        raise XMError(f"{layout.rel(layout.store)}: the store tasks wrote {sum(rows)} rows, {count} are embedded")
     if files_at.bucket is not None:  # streamed into place here (8 bytes an item), never a Spark result
-        for m, first in zip(done, firsts):
-            write_hash_rows(building, int(first), read_part_hashes(files_at.bucket, layout, m["part"]))
+        for i, (start, _) in enumerate(ranges):
+            write_hash_rows(building, start, read_part_hashes(files_at.bucket, layout, shard_name(i)))
     os.chmod(building, FILE_MODE)
     os.replace(building, layout.caption_hash)
     write_json(_store_record(layout), record)
     if files_at.bucket is not None:
         object_store.remove(files_at.bucket, layout.rel(part_hashes_dir(layout)), "--out")
     return False
+
+
+def _drop_superseded_rows(layout: Layout, written: Manifest) -> None:
+    """Once a manifest lists the store shards, the rows' copies a build begun before them left
+    (the Parquet store parts, the first encoder's metadata/ parts) go: captions and URLs are kept
+    once in the memory. metadata/ parts move to `_work/rows/`, the store stage's input, rather
+    than go, so a later store rewrite still finds every part's rows."""
+    if written.store is None:
+        return
+    for part in written.parts:
+        layout.store_part(part.name).unlink(missing_ok=True)
+        for entry in written.encoders.values():
+            legacy = layout.metadata_file(entry.slug, part.name)
+            if legacy.is_file():
+                rows = layout.part_rows(part.name)
+                rows.parent.mkdir(parents=True, exist_ok=True)
+                if rows.is_file():
+                    legacy.unlink()
+                else:
+                    os.replace(legacy, rows)
 
 
 def _store_record(layout: Layout) -> Path:
@@ -268,7 +310,8 @@ def _store_is_current(layout: Layout, record: dict[str, Any], files_at: staging.
     path = _store_record(layout)
     if not path.is_file() or json.loads(path.read_text()) != record or not layout.caption_hash.is_file():
         return False
-    return all(files_at.exists(layout.store_part(name)) for name, _ in record["parts"])
+    count = sum(rows for _, rows in record["parts"])
+    return all(files_at.exists(layout.store_shard(i)) for i in range(len(shard_ranges(count, record["shard_rows"]))))
 
 
 def _preflight(cfg: BuildConfig, source: Source, plan: dict[str, tuple[str, ...]]) -> None:
@@ -324,7 +367,6 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
     files_at = files_at or staging.StoredFiles(layout, None)
     files = []
     enc_entries = {}
-    first = next(iter(plan))
     for spec, parts in plan.items():
         slug = slug_of(spec)
         embedded: list[str] = [m for m in ("image", "text") if m in parts]
@@ -340,13 +382,12 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
         for modality in embedded:
             files += compress.embedding_files(layout, slug, modality, [m["part"] for m in done], coded.get(modality))
         files += [layout.norm_file(slug, "text", m["part"]) for m in done] if norms else []
-    files += [layout.metadata_file(slug_of(first), m["part"]) for m in done]
     indexes = []
     for spec, modality in _indexed(plan):
         entry, shard_files = index_entry(layout, spec, modality, summary.count)
         indexes.append(entry)
         files += shard_files
-    files += [layout.store_part(m["part"]) for m in done] + [layout.caption_hash]
+    files += [layout.store_shard(i) for i in range(len(shard_ranges(summary.count, SHARD_ROWS)))] + [layout.caption_hash]
     for f in files:
         if not files_at.exists(f):
             raise XMError(f"{f}: missing; run the stage that writes it (see --stages)")
@@ -359,5 +400,6 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
         indexes=indexes,
         stats=BuildStats(failures=summary.failures, selected=summary.selected,
                          empty_captions=sum(m.get("empty_captions", 0) for m in done)),
+        store=StoreEntry(format=STORE_SHARDS, shard_rows=SHARD_ROWS),
     )
     return write_manifest(layout, manifest, files, hasher=hasher, keep_if_same=True, stat=files_at.stat)

@@ -100,7 +100,8 @@ def embed_part(
     on_captions: Callable[[int], None] = lambda n: None,
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Embed one part as `plan` says (the first encoder also writes the metadata); return its
+    """Embed one part as `plan` says (and write its rows, `Layout.part_rows`: the store stage's
+    input); return its
     marker (rows kept, failures by reason). What the part brings precomputed is copied, the
     rest computed with `encoders` (which need not hold an encoder with nothing to compute),
     on the device each encoder is on. `num_workers` processes decode and preprocess
@@ -191,7 +192,7 @@ def embed_part(
                         checkpoint.texts_written(spec)
             if spec in images:
                 _save_npy(layout.emb_file(slug_of(spec), "image", part.name), images[spec])
-        with atomic_path(layout.metadata_file(slug_of(first), part.name)) as tmp:
+        with atomic_path(layout.part_rows(part.name)) as tmp:
             pq.write_table(_metadata_table(kept), tmp)
     write_json(layout.done_marker("embed", part.name), marker)
     if checkpoint is not None:

@@ -35,7 +35,7 @@ from xm.pipeline.faults import kill_point
 # what the driver pulls after each job of tasks: the markers and the kept trained indexes (small)
 STATE = ("_work/done/", "_work/autofaiss-trained/")
 # what the driver never pulls (the tasks' part files); it reads their listing instead
-PART_FILES = ("embeddings/", "store/part-", "_work/checkpoint/", "_work/store-hashes/", "_work/autofaiss/",
+PART_FILES = ("embeddings/", "store/part-", "store/rows-", "_work/rows/", "_work/checkpoint/", "_work/store-hashes/", "_work/autofaiss/",
               "_work/download/", "_work/laion/")
 # inputs a task fetched for itself (LAION's embedding parts): never pushed
 _NOT_PUSHED = ("_work/laion/",)

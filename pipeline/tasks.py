@@ -23,7 +23,7 @@ import xm.encoders
 from xm.encoders.device import Device
 from xm.errors import XMError
 from xm.indexes.layout import Layout, atomic_path, sha256_file
-from xm.indexes.store import write_store_part
+from xm.indexes.store import write_store_shard
 from xm.pipeline import faults
 from xm.pipeline.config import BuildConfig
 from xm.pipeline.embed import embed_part, read_marker
@@ -80,24 +80,42 @@ def embed_task(job: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- store
 
 def store_task(job: dict[str, Any]) -> int:
-    """Write one caption-store part and its rows of the caption-hash file being built (job:
-    {"out", "slug", "part", "first", "hashes": that file}); return its row count. Nothing but the
+    """Write one caption-store shard and its rows of the caption-hash file being built (job:
+    {"out", "slug", "shard", "first", "stop", "parts": [[name, first id, rows], ...] of the parts
+    overlapping ids first..stop-1, "hashes": that file}); return its row count. Nothing but the
     count goes back to the driver: the hashes of 400M items are 3.2 GB, past Spark's default
     1 GB result limit (spark.driver.maxResultSize)."""
     layout = Layout(job["out"])
-    meta = pq.read_table(layout.metadata_file(job["slug"], job["part"]))
-    hashes = write_store_part(meta, int(job["first"]), layout.store_part(job["part"]))
-    if job["hashes"] is None:  # no file shared with the driver (tasks writing to object storage): beside the part
-        with atomic_path(part_hashes_file(layout, job["part"])) as tmp, open(tmp, "wb") as f:
+    first, stop = int(job["first"]), int(job["stop"])
+    pieces = []
+    for name, part_first, rows in job["parts"]:
+        if not rows:
+            continue
+        source = layout.part_rows(name)
+        if not source.is_file():  # a build folder begun before the store shards: the first encoder's metadata/
+            source = layout.metadata_file(job["slug"], name)
+        table = pq.read_table(source)
+        if table.num_rows != rows:
+            raise XMError(f"{source}: {table.num_rows} rows, its embed marker says {rows}")
+        lo = max(first, part_first) - part_first
+        pieces.append(table.slice(lo, min(stop, part_first + rows) - part_first - lo))
+    hashes = write_store_shard(pieces, first, layout.store_shard(int(job["shard"])))
+    if job["hashes"] is None:  # no file shared with the driver (tasks writing to object storage): beside the shard
+        with atomic_path(part_hashes_file(layout, shard_name(int(job["shard"])))) as tmp, open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(hashes, dtype="<i8"))
     else:
-        write_hash_rows(Path(job["hashes"]), int(job["first"]), hashes)
+        write_hash_rows(Path(job["hashes"]), first, hashes)
     return len(hashes)
 
 
 def part_hashes_dir(layout: Layout) -> Path:
     """Where store tasks that share no file with the driver leave their parts' caption hashes."""
     return layout.work / "store-hashes"
+
+
+def shard_name(shard: int) -> str:
+    """The name a store shard's hashes are left under in the bucket (`part_hashes_file`)."""
+    return f"shard-{shard}"
 
 
 def part_hashes_file(layout: Layout, part: str) -> Path:
