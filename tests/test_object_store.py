@@ -242,7 +242,8 @@ def test_spark_tasks_write_to_the_bucket_with_no_shared_folder(s3, tmp_path, mon
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     stored = {p.split(f"{BUCKET}/spark-mem/", 1)[1] for p in fs.find(f"{BUCKET}/spark-mem")}
     for part in ("00000", "00001", "00002"):
-        assert {f"store/part-{part}.parquet", f"_work/done/embed/{part}.json"} <= stored
+        assert {f"_work/rows/rows_{part}.parquet", f"_work/done/embed/{part}.json"} <= stored
+    assert any(p.startswith("store/rows-") and p.endswith(".arrow") for p in stored), stored  # the store shard, written by its task
     assert not [p for p in stored if p.endswith(".tmp") or p.startswith(("_work/store-hashes/", "_work/autofaiss/"))
                 or "/.build-" in p], stored
     assert _content(open_index(tmp_path / "local")) == _content(open_memory(url))
