@@ -60,7 +60,7 @@ def synthetic_index(root: Path, n: int, part_rows: int = 25_000,
                     norm_path = layout.norm_file(slug, "text", name)
                     norm_path.parent.mkdir(parents=True, exist_ok=True)
                     np.save(norm_path, norms.astype(np.float32))
-        meta = layout.metadata_file(EncoderSpec.parse(coarse).slug, name)
+        meta = layout.part_rows(name)  # the embed stage's rows of the part
         meta.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"image_path": [f"{lo + j}" for j in range(m)],
                                  "caption": [f"synthetic caption {lo + j}" for j in range(m)],

@@ -162,7 +162,7 @@ def base_index(root: Path, n: int, max_index_memory: str = "1G") -> Path:
                           (layout.norm_file(slug, "text", name), norms[lo:hi].astype(np.float32))):
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, arr)
-        meta = layout.metadata_file(slug, name)
+        meta = layout.part_rows(name)  # the embed stage's rows of the part
         meta.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"image_path": [str(i) for i in range(lo, hi)], "caption": caps[lo:hi],
                                  "url": [None] * (hi - lo), "source_id": [str(i) for i in range(lo, hi)]}), meta)

@@ -150,6 +150,12 @@ def show_benchmark(result: dict) -> None:
                       f"({cosine}; {d['by_phash_only']} by pHash of {d['phash_checked']} local memory images)", markup=False)
     elif d:
         console.print(f"not decontaminated ({d['why']})", markup=False)
+    for name, r in result["methods"].items():  # state built before the run (RECO's checkpoint, CODER's text set)
+        said = r.get("decontamination") or {}
+        if said.get("line"):
+            console.print(f"{name}: {said['line']}", markup=False)
+        if said.get("warning"):
+            err_console.print(safe_text(f"warning: {name}: {said['warning']}"))
     t = result["timing"]
     console.print(f"{t['seconds']:.1f} s in all on {t.get('device', 'cpu')}; evidence cache {t['cache_dir']}", markup=False)
     if result["images_failed"]:

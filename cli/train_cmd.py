@@ -10,6 +10,7 @@ import typer
 from xm.cli.app import app
 from xm.cli.device_option import DEVICE_HELP, parse_device
 from xm.cli.output import console, err_console, print_json, table
+from xm.training.neighbours_option import NEIGHBOURS_HELP
 
 train_app = typer.Typer(help="Train the state a method needs (RECO's fusion model).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
@@ -34,6 +35,13 @@ def train_reco_cmd(
     restart: bool = typer.Option(False, "--restart", help="replace a checkpoint trained with other settings"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " (CUDA trains under bf16 autocast, fp16 with loss scaling where bf16 is missing)"),
+    neighbours: str = typer.Option("auto", "--neighbours", help=NEIGHBOURS_HELP + "; recorded in neighbours.json and reco.json"),
+    decontaminate_against: list[str] = typer.Option([], "--decontaminate-against", metavar="DATASET[=FOLDER]",
+                                                    help="hide the near-duplicates of this dataset's test images (found as "
+                                                         "`xm benchmark --decontaminate` finds them) from the neighbour tables "
+                                                         "and the training pairs; repeatable; recorded in the checkpoint"),
+    decontaminate_threshold: float = typer.Option(0.95, "--decontaminate-threshold", help="coarse-encoder cosine at or above which a memory image is a near-duplicate (as xm benchmark's)"),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="where the near-duplicates found are cached (default: xm benchmark's)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Train RECO's two fusion transformers (CLIP frozen; only precomputed embeddings are read).
@@ -44,15 +52,29 @@ def train_reco_cmd(
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from xm.training.neighbours_option import Neighbours
     from xm.training.reco import TrainConfig, train_reco
 
+    search = Neighbours.parse(neighbours)  # parsed once, before any work
     where = parse_device(device, "train reco")
+    hidden = None
+    if decontaminate_against:
+        from xm.encoders.precision import Precision
+        from xm.evaluation.decontaminate import Decontamination, hidden_for_training, splits_named
+        from xm.evaluation.runner import default_cache_dir
+        from xm.memories import open_index
+
+        settings = Decontamination(enabled=True, threshold=decontaminate_threshold)
+        tests = splits_named(decontaminate_against)
+        memory = open_index(index)
+        hidden = hidden_for_training(memory, open_index(pairs) if pairs else None, tests, settings, Precision.parse("fp32"),
+                                     cache_dir or default_cache_dir())
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(index=index, encoder=encoder, k=k, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, pairs=pairs, out=out, seed=seed, dup_threshold=dup_threshold,
                       exclude_same_caption=exclude_same_caption, heads=heads, mlp_ratio=mlp_ratio, restart=restart,
-                      device=where)
+                      device=where, neighbours=search, hidden=hidden)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("[cyan]{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=err_console, transient=False) as prog:
@@ -84,6 +106,11 @@ def train_reco_cmd(
     if summary.pairs_per_s:
         rows.append(("training speed", f"{summary.pairs_per_s:,.0f} pairs/s"))
     rows.append(("device", summary.device))
+    rows.append(("neighbour tables", "exact kNN on the device" if summary.neighbours == "exact" else "the memory's kNN index"))
+    if hidden is not None:
+        against = ", ".join(sorted({str(d["dataset"]) for d in hidden.datasets}))
+        rows.append(("decontaminated against", f"{against}: {summary.memory_hidden} memory item(s) out of the tables, "
+                                               f"{summary.pairs_hidden} training pair(s) left out"))
     rows += [(f"neighbour table {m}", f"{s:.1f} s") for m, s in summary.table_seconds.items()]
     rows += [(f"pairs short of k ({m})", n) for m, n in summary.short_rows.items() if n]
     rows.append(("peak RSS", f"{summary.peak_rss_mb:,.0f} MB"))

@@ -38,7 +38,7 @@ import numpy as np
 from xm.encoders.loader import EncoderSpec
 from xm.encoders.precision import Precision
 from xm.errors import XMError
-from xm.evaluation.datasets import Item
+from xm.evaluation.datasets import DatasetSplit, Item
 from xm.indexes.layout import atomic_path
 from xm.memories import Memory
 from xm.memories.filtered import FilteredMemory
@@ -170,6 +170,15 @@ def decontaminate(memory: Memory | None, settings: Decontamination, items: Seque
         why = "--decontaminate" if enabled else "--no-decontaminate"
     if not enabled:
         return memory, {"enabled": False, "why": why}
+    found, report = near_duplicates(memory, settings, items, precision, cache_dir, batch_size)
+    return (FilteredMemory(memory, found.hidden) if len(found.hidden) else memory), {"enabled": True, "why": why, **report}
+
+
+def near_duplicates(memory: Memory, settings: Decontamination, items: Sequence[Item], precision: Precision,
+                    cache_dir: Path, batch_size: int = 32) -> tuple[Found, dict[str, Any]]:
+    """The memory's near-duplicates of the test images `items` (cached) and what the report says
+    of them: the one implementation behind `xm benchmark --decontaminate` and
+    `xm train reco --decontaminate-against`."""
     encoder = str(memory.roles.get("coarse") or "")
     if not encoder or not memory.has_index(encoder, "image"):
         raise XMError(f"--decontaminate: {memory.root} has no image index under a coarse encoder to find near-duplicates with "
@@ -199,10 +208,57 @@ def decontaminate(memory: Memory | None, settings: Decontamination, items: Seque
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps({"hidden": found.hidden.tolist(), "by_cosine": found.by_cosine,
                                        "by_phash_only": found.by_phash_only, "phash_checked": found.phash_checked}))
-    report = {"enabled": True, "why": why, "encoder": encoder,
+    report = {"encoder": encoder,
               "threshold": settings.threshold if use_cosine else None,
               "cosine": "applied" if use_cosine else f"skipped: {encoder} has random weights, its cosine measures no similarity",
               "probe_k": settings.probe_k, "phash_k": settings.phash_k, "hidden": int(len(found.hidden)),
               "by_cosine": found.by_cosine, "by_phash_only": found.by_phash_only, "phash_checked": found.phash_checked,
               "hidden_ids": found.hidden[:50].tolist()}
-    return (FilteredMemory(memory, found.hidden) if len(found.hidden) else memory), report
+    return found, report
+
+
+def against_datasets(memory: Memory, tests: Sequence[DatasetSplit], settings: Decontamination, precision: Precision,
+                     cache_dir: Path, batch_size: int = 32) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The memory ids that are near-duplicates of any image of the test splits `tests` (the
+    union, sorted) and one record per split (dataset, split, images, how many found): what
+    `xm train reco --decontaminate-against` hides from RECO's tables and training pairs."""
+    hidden: list[np.ndarray] = [np.zeros(0, np.int64)]
+    records = []
+    for ds in tests:
+        found, report = near_duplicates(memory, settings, ds.items, precision, cache_dir, batch_size)
+        hidden.append(found.hidden)
+        records.append({"dataset": ds.dataset, "split": ds.split, "images": len(ds.items), "memory": memory.id,
+                        **{k: v for k, v in report.items() if k != "hidden_ids"}})
+    return np.unique(np.concatenate(hidden)).astype(np.int64), records
+
+
+def splits_named(values: Sequence[str], flag: str = "--decontaminate-against") -> list[DatasetSplit]:
+    """The test splits `values` name, each `DATASET` (found as `xm benchmark` finds it: $XM_DATA/<dataset>,
+    then $XM_HOME/data/<dataset>) or `DATASET=FOLDER`; one line for a name or folder that is not there."""
+    from xm.evaluation.datasets import load_dataset
+    from xm.indexes import home
+
+    out = []
+    for value in values:
+        name, _, folder = str(value).partition("=")
+        name = name.strip()
+        if not name:
+            raise XMError(f"{flag} {value!r}: expected DATASET or DATASET=FOLDER")
+        data_dir = home.find_dataset(name, Path(folder) if folder else None)
+        out.append(load_dataset(name, data_dir, "test"))
+    return out
+
+
+def hidden_for_training(memory: Memory, pairs: Memory | None, tests: Sequence[DatasetSplit], settings: Decontamination,
+                        precision: Precision, cache_dir: Path) -> Any:
+    """What `xm train reco --decontaminate-against` hides (`xm.training.reco.Hidden`): the memory's
+    near-duplicates of the test images, from its tables; the training pairs' own (the same ids
+    when the pairs are the memory's), from training."""
+    from xm.training.reco import Hidden
+
+    memory_ids, records = against_datasets(memory, tests, settings, precision, cache_dir)
+    pair_ids = memory_ids
+    if pairs is not None and pairs.items_id != memory.items_id:
+        pair_ids, pair_records = against_datasets(pairs, tests, settings, precision, cache_dir)
+        records += [{**r, "of": "training pairs"} for r in pair_records]
+    return Hidden(memory_ids, pair_ids, tuple(records))

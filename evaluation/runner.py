@@ -68,7 +68,12 @@ class BenchmarkConfig:
     # test near-duplicates hidden from the memory for the run (default: when it outnumbers the test set)
     decontaminate: Decontamination = field(default_factory=Decontamination)
     device: Device | str | None = None  # where encoders and methods run (None: auto), parsed by run_benchmark
-    cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xm" / "benchmark")
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+
+
+def default_cache_dir() -> Path:
+    """The benchmark's evidence cache (also where `xm train reco --decontaminate-against` keeps what it found)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xm" / "benchmark"
 
 
 def resolve_templates(ds: DatasetSplit, templates: str) -> list[str]:
@@ -341,6 +346,7 @@ def run_benchmark(cfg: BenchmarkConfig, ds: DatasetSplit, memory: Memory | None,
             "evidence_seconds": evidence.seconds.get(name, 0.0),
             "evidence_cached": evidence.cache_hits.get(name, False),
             "evidence_key": m.evidence_key(),
+            **({"decontamination": d} if (d := m.decontamination()) else {}),
             **(extra or {}),
         }
         if not diagnostics:  # the first method that has any (labels reach it after its decisions)

@@ -3,7 +3,8 @@ embedding-reader (and so autofaiss and clip-retrieval's tools) reads, whatever t
 
     OUT/<encoder-slug>/img_emb/img_emb_<part>.npy        float16, unit rows (the image embeddings)
     OUT/<encoder-slug>/text_emb/text_emb_<part>.npy      float16, unit rows (the caption embeddings)
-    OUT/<encoder-slug>/metadata/metadata_<part>.parquet  the part's rows (image_path, caption, url, ...)
+    OUT/<encoder-slug>/metadata/metadata_<part>.parquet  the part's rows (caption, url, image_path, ...),
+                                                         written from the caption store (their one owner)
 
 one folder per encoder (or those asked for), part files row-aligned and named as the index names
 its parts (zero-padded, so their sorted order, the order embedding-reader reads them in, is the
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from xm.errors import XMError
 from xm.indexes.embeddings import CodedEmbeddingMatrix, EmbeddingMatrix
 from xm.indexes.layout import Layout, atomic_path
 from xm.indexes.manifest import read_manifest
+from xm.indexes.store import open_store
 
 KINDS = {"image": "img_emb", "text": "text_emb"}
 
@@ -40,9 +43,7 @@ def export_embeddings(index: str | Path, out: str | Path, encoders: list[str] | 
     if target.exists() and any(target.iterdir()) and not force:
         raise XMError(f"{target}: not empty; choose a new folder or pass --force")
     parts = [p.name for p in manifest.parts]
-    meta_slug = next((e.slug for e in manifest.encoders.values() if parts and layout.metadata_file(e.slug, parts[0]).is_file()), None)
-    if meta_slug is None:
-        raise XMError(f"{layout.root}: no metadata parts under embeddings/*/metadata/; the index is incomplete")
+    store = open_store(layout, manifest)
     written: dict[str, Any] = {"index": str(layout.root), "out": str(target), "count": manifest.count, "parts": len(parts),
                                "encoders": {}}
     for spec in chosen:
@@ -60,8 +61,12 @@ def export_embeddings(index: str | Path, out: str | Path, encoders: list[str] | 
                     src = layout.emb_file(entry.slug, modality, part)
                     EmbeddingMatrix([src])  # one line naming the file if it is missing or not an array
                     _copy(src, dest)
-        for part in parts:
-            _copy(layout.metadata_file(meta_slug, part), folder / "metadata" / f"metadata_{part}.parquet")
+        first = 0
+        for record in manifest.parts:
+            rows = store.table(first, first + record.rows).drop_columns(["id"])
+            first += record.rows
+            with atomic_path(folder / "metadata" / f"metadata_{record.name}.parquet") as tmp:
+                pq.write_table(rows, tmp)
         written["encoders"][spec] = {"folder": str(folder), "modalities": modalities,
                                      "decoded": sorted(m for m in modalities if entry.codecs.get(m))}
     return written

@@ -15,15 +15,24 @@
                                              `embeddings.CodedEmbeddingMatrix` (sa_decode). The
                                              manifest's encoder entry says `"codecs": {"text": ...}`;
                                              (img_code/ likewise for images; norms stay float32)
-          metadata/metadata_<part>.parquet   (first encoder only: image_path, caption, url, ...)
+          metadata/metadata_<part>.parquet   (memories built before the store shards only: first
+                                             encoder, image_path, caption, url, ...; now the rows
+                                             are in the store alone)
       index/<encoder-slug>/<modality>/shard-<i>.index   FAISS shards, global ids
       index/<encoder-slug>/<modality>/build.json        autofaiss' choice and the shard id ranges
-      store/part-<part>.parquet              caption store, small row groups
+      store/rows-<i>.arrow                   the caption store (the one owner of captions, URLs and
+                                             the source's columns): Arrow IPC, uncompressed, ids
+                                             i·R .. (i+1)·R-1 for the manifest's `store.shard_rows` R
+                                             (`indexes/store.py`), memory-mapped by id
+      store/part-<part>.parquet              the caption store of memories built before (no `store`
+                                             in the manifest): Parquet, small row groups
       store/caption_hash.npy                 int64 hash of each caption, by global id
       _work/                                 resumable stage state (select, download, markers;
                                              done/compress-<slug>-<modality>/: the codec's record
                                              and one marker per coded part; checkpoint/embed/<part>/:
-                                             a part's embeddings so far, `pipeline/checkpoint.py`)
+                                             a part's embeddings so far, `pipeline/checkpoint.py`;
+                                             rows/rows_<part>.parquet: a part's rows as the embed
+                                             stage wrote them, the store stage's input)
 
 The manifest declares, per encoder, which modalities are embedded and which are indexed.
 Format 1 (index/<modality>/, coarse encoder only, no norms) is still read: see
@@ -129,6 +138,11 @@ class Layout:
     def metadata_file(self, slug: str, part: str) -> Path:
         return self.embeddings(slug) / "metadata" / f"metadata_{part}.parquet"
 
+    def part_rows(self, part: str) -> Path:
+        """A part's rows (image_path, caption, url, the source's columns) as the embed stage wrote
+        them: build state that the store stage turns into the memory's store shards."""
+        return self.work / "rows" / f"rows_{part}.parquet"
+
     def index_dir(self, slug: str, modality: str) -> Path:
         return self.root / "index" / slug / modality
 
@@ -144,6 +158,9 @@ class Layout:
 
     def store_part(self, part: str) -> Path:
         return self.store / f"part-{part}.parquet"
+
+    def store_shard(self, i: int) -> Path:
+        return self.store / f"rows-{i:0{PART_DIGITS}d}.arrow"
 
     @property
     def caption_hash(self) -> Path:

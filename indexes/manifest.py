@@ -61,29 +61,38 @@ def _sha256_files(paths: list[Path]) -> list[str]:
     return [sha256_file(p) for p in paths]
 
 
+Stat = Callable[[Path], tuple[int, int]]
+
+
+def _local_stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 def file_entries(layout: Layout, paths: list[Path], known: Mapping[str, FileEntry] | None = None,
-                 hasher: Hasher | None = None) -> dict[str, FileEntry]:
+                 hasher: Hasher | None = None, stat: Stat | None = None) -> dict[str, FileEntry]:
     """Size and sha256 of each file; `known` entries (an earlier manifest's) are reused for
     files whose size and modification time are unchanged since that manifest was written.
-    `hasher` checksums the rest (here by default; a distributed build spreads it over tasks)."""
+    `hasher` checksums the rest (here by default; a distributed build spreads it over tasks);
+    `stat` gives (bytes, mtime_ns) (here by default; the bucket's listing for files only it holds)."""
     known = dict(known.items()) if known else {}  # a files table read once, not looked up per file
     out: dict[str, FileEntry] = {}
-    todo: list[tuple[str, Path, os.stat_result]] = []
+    todo: list[tuple[str, Path, tuple[int, int]]] = []
     for p in sorted(set(paths)):
-        rel, st = layout.rel(p), p.stat()
+        rel, st = layout.rel(p), (stat or _local_stat)(p)
         prior = known.get(rel)
-        if prior and prior.bytes == st.st_size and prior.mtime_ns == st.st_mtime_ns:
+        if prior and prior.bytes == st[0] and prior.mtime_ns == st[1]:
             out[rel] = prior
         else:
             todo.append((rel, p, st))
     for (rel, _, st), digest in zip(todo, (hasher or _sha256_files)([p for _, p, _ in todo])):
-        out[rel] = FileEntry(bytes=st.st_size, sha256=digest, mtime_ns=st.st_mtime_ns)
+        out[rel] = FileEntry(bytes=st[0], sha256=digest, mtime_ns=st[1])
     return dict(sorted(out.items()))
 
 
 def write_manifest(layout: Layout, manifest: Manifest, files: list[Path],
                    known: Mapping[str, FileEntry] | None = None, hasher: Hasher | None = None,
-                   keep_if_same: bool = False) -> Manifest:
+                   keep_if_same: bool = False, stat: Stat | None = None) -> Manifest:
     """The one writer of manifest.json: `manifest` (what an author built: count ... stats)
     stamped with the format, the files' sizes and checksums, the id, the time and the
     package versions, written last and atomically. With `keep_if_same`, an existing manifest
@@ -92,7 +101,7 @@ def write_manifest(layout: Layout, manifest: Manifest, files: list[Path],
     before = _read_existing(layout) if keep_if_same or known is None else None
     if known is None and before is not None:
         known = before.files
-    entries = file_entries(layout, files, known, hasher)
+    entries = file_entries(layout, files, known, hasher, stat)
     stamped = replace(
         manifest,
         format=FORMAT,

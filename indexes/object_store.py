@@ -19,7 +19,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,14 @@ _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _PACKAGES = {"s3": "s3fs (pip install 'xm-retrieval[s3]')", "s3a": "s3fs (pip install 'xm-retrieval[s3]')",
              "gs": "gcsfs", "gcs": "gcsfs", "hdfs": "pyarrow with libhdfs", "abfs": "adlfs", "az": "adlfs"}
 MANIFEST = "manifest.json"
+# a part is done when its marker exists: markers are written after every other file
+MARKERS = "_work/done/"
+# whole-object writes: an object is visible only once its upload completed (S3's PutObject and
+# CompleteMultipartUpload, GCS's uploads, Azure's block-list commit), never part-written, and S3
+# reads are strongly consistent after a write (since December 2020), so the final key is written
+# directly. Elsewhere (HDFS, a mounted folder) a file is visible while it is written: a temporary
+# name in the same folder first, then a rename.
+_WHOLE_OBJECT_PUT = {"s3", "s3a", "gs", "gcs", "abfs", "az", "memory"}
 
 
 def protocol_of(location: str | Path) -> str | None:
@@ -141,12 +150,33 @@ def _stamp(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def pull(url: str, folder: Path, flag: str, must_exist: bool = False, skip: tuple[str, ...] = ()) -> int:
+def _only(fs: Any, path: str, flag: str, url: str, only: Iterable[str]) -> dict[str, tuple[int, str]]:
+    """The listing of just `only` (relative keys; a trailing "/" names a folder): what one task
+    reads, without listing the whole location."""
+    out: dict[str, tuple[int, str]] = {}
+    for rel in only:
+        if rel.endswith("/"):
+            out.update({f"{rel}{k}": v for k, v in _listing(fs, f"{path}/{rel.rstrip('/')}", flag, url, False).items()})
+            continue
+        try:
+            info = fs.info(f"{path}/{rel}")
+        except FileNotFoundError:
+            continue
+        except Exception as exc:
+            raise _fail(flag, url, exc) from exc
+        if info.get("type", "file") == "file":
+            out[rel] = (int(info.get("size") or 0), _signature(info))
+    return out
+
+
+def pull(url: str, folder: Path, flag: str, must_exist: bool = False, skip: tuple[str, ...] = (),
+         only: Iterable[str] | None = None) -> int:
     """Copy what is under `url` into `folder`: every file that changed there since this folder
-    last saw it (or that is missing or changed here); `skip`: relative path prefixes left out.
-    Returns the number of files copied. The bucket must exist; `must_exist`: and something under `url`."""
+    last saw it (or that is missing or changed here); `skip`: relative path prefixes left out;
+    `only`: just these keys (a trailing "/": a folder). Returns the number of files copied. The
+    bucket must exist; `must_exist`: and something under `url`."""
     fs, path = filesystem(url, flag)
-    remote = _listing(fs, path, flag, url, must_exist)
+    remote = _listing(fs, path, flag, url, must_exist) if only is None else _only(fs, path, flag, url, only)
     folder.mkdir(parents=True, exist_ok=True)
     record = _read_record(folder)
     copied = 0
@@ -175,30 +205,122 @@ def pull(url: str, folder: Path, flag: str, must_exist: bool = False, skip: tupl
 
 def _local_files(folder: Path) -> Iterable[Path]:
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and not p.is_symlink() and not p.name.endswith((".tmp", ".pull")):
+        if p.is_file() and not p.is_symlink() and not p.name.endswith((".tmp", ".pull", ".building")):  # whole files only
             yield p
 
 
-def push(folder: Path, url: str, flag: str) -> int:
+def put_whole(fs: Any, local: str, remote: str, protocol: str | None) -> None:
+    """Write `local` to `remote` so that no reader ever sees it part-written (`_WHOLE_OBJECT_PUT`):
+    object storage's own upload, elsewhere a temporary name in the same folder and a rename."""
+    if protocol in _WHOLE_OBJECT_PUT:
+        fs.put_file(local, remote)
+        return
+    parent, _, name = remote.rpartition("/")
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+    fs.put_file(local, tmp)
+    try:
+        if fs.exists(remote):  # HDFS renames onto no existing file; the marker, written later, says done
+            fs.rm(remote)
+        fs.mv(tmp, remote)
+    except BaseException:
+        fs.rm(tmp)
+        raise
+
+
+def _push_order(rel: str) -> int:
+    """Data files first, then markers, then the manifest: what says "done" comes after what it says is there."""
+    return 2 if rel == MANIFEST else 1 if rel.startswith(MARKERS) else 0
+
+
+def push(folder: Path, url: str, flag: str, skip: tuple[str, ...] = (), deletions: bool = False,
+         on_file: Callable[[int], None] | None = None) -> int:
     """Copy to `url` every file of `folder` changed since the last push or pull (size or mtime),
-    `manifest.json` last; returns the number of files copied."""
+    each whole (`put_whole`), data files first, `_work/done/` markers next, `manifest.json` last;
+    `skip`: relative prefixes never pushed; `deletions`: files pulled or pushed from here and
+    removed since are removed there too (after everything else). `on_file(1)` after each file.
+    Returns the number of files copied."""
     fs, path = filesystem(url, flag)
+    protocol = protocol_of(url)
     record = _read_record(folder)
-    todo = [p for p in _local_files(folder) if record.get(p.relative_to(folder).as_posix(), {}).get("local") != _stamp(p)]
-    todo.sort(key=lambda p: p.relative_to(folder).as_posix() == MANIFEST)  # the manifest last
+    todo = [p for p in _local_files(folder) if record.get(p.relative_to(folder).as_posix(), {}).get("local") != _stamp(p)
+            and not (skip and p.relative_to(folder).as_posix().startswith(skip))]
+    todo.sort(key=lambda p: _push_order(p.relative_to(folder).as_posix()))
+    gone = [rel for rel in record if deletions and not (folder / rel).is_file()]
     try:
         for i, p in enumerate(todo, 1):
             rel = p.relative_to(folder).as_posix()
             try:
-                fs.put_file(str(p), f"{path}/{rel}")
+                put_whole(fs, str(p), f"{path}/{rel}", protocol)
             except Exception as exc:
                 raise _fail(flag, url, exc) from exc
             record[rel] = {"local": _stamp(p), "remote": None}
+            if on_file is not None:
+                on_file(1)
             if i % 256 == 0:  # a killed push resumes about where it stopped
                 _write_record(folder, record)
+        for rel in gone:
+            try:
+                fs.rm(f"{path}/{rel}")
+            except FileNotFoundError:
+                pass
+            except Exception as exc:
+                raise _fail(flag, url, exc) from exc
+            record.pop(rel, None)
     finally:
         _write_record(folder, record)
     return len(todo)
+
+
+def stats(url: str, flag: str, under: str = "") -> dict[str, tuple[int, int]]:
+    """{relative path: (bytes, modification time in ns)} of every file under `url`/`under`: what
+    the manifest records of files only the bucket holds (written there by the tasks)."""
+    fs, path = filesystem(url, flag)
+    root = f"{path}/{under.strip('/')}" if under.strip("/") else path
+    try:
+        found = fs.find(root, detail=True, refresh=True) if fs.exists(root) else {}
+    except Exception as exc:
+        raise _fail(flag, url, exc) from exc
+    out = {}
+    for name, info in found.items():
+        if info.get("type", "file") != "file":
+            continue
+        when = info.get("LastModified") or info.get("last_modified") or info.get("mtime") or 0
+        ns = int(when.timestamp() * 1e9) if hasattr(when, "timestamp") else int(float(when) * 1e9)
+        out[name[len(path):].lstrip("/")] = (int(info.get("size") or 0), ns)
+    return out
+
+
+def sha256_of(url: str, flag: str = "--out") -> str:
+    """sha256 of the file at `url`, streamed (never stored here)."""
+    import fsspec
+
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(url, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except Exception as exc:
+        raise _fail(flag, url, exc) from exc
+    return digest.hexdigest()
+
+
+def read_bytes(url: str, rel: str, flag: str) -> bytes:
+    """One (small) file under `url`."""
+    fs, path = filesystem(url, flag)
+    try:
+        return fs.cat_file(f"{path}/{rel}")
+    except Exception as exc:
+        raise _fail(flag, url, exc) from exc
+
+
+def remove(url: str, rel: str, flag: str) -> None:
+    """Remove a file or folder under `url` (a temporary one); absent is fine."""
+    fs, path = filesystem(url, flag)
+    try:
+        if fs.exists(f"{path}/{rel}"):
+            fs.rm(f"{path}/{rel}", recursive=True)
+    except Exception as exc:
+        raise _fail(flag, url, exc) from exc
 
 
 def check_writable(url: str, flag: str) -> None:
@@ -237,3 +359,18 @@ def fetch_input(url: str, base: Path, flag: str) -> str:
         return str(target)
     pull(url, folder, flag, must_exist=True)
     return str(folder)
+
+
+def get_folder(url: str, rel: str, dest: Path, flag: str) -> list[Path]:
+    """Copy the files under `url`/`rel` (a temporary folder of results) into `dest`, flat; their paths."""
+    fs, path = filesystem(url, flag)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    try:
+        for name in sorted(fs.find(f"{path}/{rel.strip('/')}", refresh=True)):
+            target = dest / name.rsplit("/", 1)[-1]
+            fs.get_file(name, str(target))
+            out.append(target)
+    except Exception as exc:
+        raise _fail(flag, url, exc) from exc
+    return out

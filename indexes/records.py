@@ -261,6 +261,33 @@ class PartEntry:
         return {"name": self.name, "rows": self.rows}
 
 
+# the caption store's layouts: Arrow IPC shards of `shard_rows` ids; a manifest without a
+# `store` entry has the Parquet part files of earlier memories (`indexes/store.py`)
+STORE_SHARDS = "xm-store/2"
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """How the caption store is laid out: `format` (STORE_SHARDS) and the ids per shard file."""
+
+    format: str
+    shard_rows: int
+
+    @classmethod
+    def from_json(cls, f: _Fields) -> StoreEntry:
+        fmt = f.get("format", _is_str, _STR)
+        if fmt != STORE_SHARDS:
+            raise XMError(f"{f.file}: field {f.at('format')} is {fmt!r}; this xm reads caption stores of format "
+                          f"{STORE_SHARDS} (or none recorded): upgrade xm")
+        rows = f.get("shard_rows", _is_int, _INT)
+        if rows < 1:
+            f.wrong("shard_rows", rows, "a positive integer")
+        return cls(format=fmt, shard_rows=rows)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.format, "shard_rows": self.shard_rows}
+
+
 @dataclass(frozen=True)
 class BuildStats:
     """What the build met: failures by reason, items selected, empty captions."""
@@ -434,6 +461,7 @@ class Manifest:
     # a dict, or a large manifest's files table read lazily (`FilesTable`)
     files: Mapping[str, FileEntry] = field(default_factory=dict)
     format_read: str | None = None
+    store: StoreEntry | None = None  # None: the Parquet part files of memories built before the store shards
 
     @staticmethod
     def table_refs(data: Any, file: str = "manifest.json") -> dict[str, TableRef]:
@@ -457,7 +485,8 @@ class Manifest:
                    indexes=[IndexEntry.from_json(e) for e in f.elements("indexes")],
                    stats=BuildStats.from_json(f.obj("stats")), versions=f.get("versions", _map_of(_is_str), _STR_MAP),
                    files={rel: FileEntry.from_json(e) for rel, e in f.items("files")},
-                   format_read=f.optional("format_read", _is_str, _STR, None))
+                   format_read=f.optional("format_read", _is_str, _STR, None),
+                   store=StoreEntry.from_json(f.obj("store")) if "store" in f.data else None)
 
     @classmethod
     def from_v1_json(cls, data: Any, file: str = "manifest.json") -> Manifest:
@@ -484,6 +513,8 @@ class Manifest:
             "stats": self.stats.to_json(), "versions": dict(self.versions),
             "files": tables["files"].to_json() if "files" in tables else {rel: e.to_json() for rel, e in self.files.items()},
         }
+        if self.store is not None:  # absent in memories built before the store shards
+            out["store"] = self.store.to_json()
         if self.format_read is not None:  # only in memory: a file never says it
             out["format_read"] = self.format_read
         return out

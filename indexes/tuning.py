@@ -101,23 +101,52 @@ def nprobe_ladder(nlist: int) -> list[int]:
     return sorted(values)
 
 
-def sample_queries(files: Sequence[Path], n: int, seed: int = 0) -> np.ndarray:
-    """`n` rows drawn evenly over embedding parts (memory-mapped .npy), float32, finite only."""
-    counts = [int(np.load(f, mmap_mode="r").shape[0]) for f in files]
+def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the first row) of an open .npy file."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype, f.tell()
+
+
+def npy_shape(location: str | Path) -> tuple[int, ...]:
+    """The shape of the .npy at `location` (a path or an fsspec URL), from its header alone."""
+    import fsspec
+
+    with fsspec.open(str(location), "rb") as fh:
+        return tuple(int(n) for n in _npy_header(fh)[0])
+
+
+def sample_queries(files: Sequence[str | Path], n: int, seed: int = 0) -> np.ndarray:
+    """`n` rows drawn evenly over embedding parts (.npy; local paths or fsspec URLs, read by row
+    offset, so a part in a bucket is not downloaded whole), float32, finite only."""
+    import fsspec
+
+    heads = []
+    for f in files:
+        with fsspec.open(str(f), "rb") as fh:
+            heads.append(_npy_header(fh))
+    counts = [int(shape[0]) for shape, _, _ in heads]
     total = sum(counts)
     if not total:
-        raise XMError(f"{Path(files[0]).parent if files else '?'}: no embeddings to tune the index on")
+        raise XMError(f"{str(files[0]).rsplit('/', 1)[0] if files else '?'}: no embeddings to tune the index on")
     ids = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
     out, start = [], 0
-    for f, c in zip(files, counts):
+    for f, c, (shape, dtype, offset) in zip(files, counts, heads):
         mine = ids[(ids >= start) & (ids < start + c)] - start
         if len(mine):
-            out.append(np.asarray(np.load(f, mmap_mode="r")[mine], dtype=np.float32))
+            row = int(np.prod(shape[1:])) * dtype.itemsize
+            with fsspec.open(str(f), "rb") as fh:
+                rows = []
+                for i in mine:
+                    fh.seek(offset + int(i) * row)
+                    rows.append(np.frombuffer(fh.read(row), dtype=dtype))
+            out.append(np.asarray(np.stack(rows), dtype=np.float32).reshape(len(mine), *shape[1:]))
         start += c
     q = np.concatenate(out)
     q = q[np.isfinite(q).all(axis=1)]  # a NaN query is what sends an HNSW search into a loop
     if not len(q):
-        raise XMError(f"{Path(files[0]).parent}: every sampled embedding is NaN or infinite")
+        raise XMError(f"{str(files[0]).rsplit('/', 1)[0]}: every sampled embedding is NaN or infinite")
     return np.ascontiguousarray(q)
 
 

@@ -63,6 +63,12 @@ class Memory(ABC):
         return self.id
 
     @property
+    def hidden_ids(self) -> np.ndarray:
+        """The ids (of `items_id`'s items, sorted) this view leaves out of every search: none for
+        a memory that is not a view (`memories/filtered.py` hides the test images' near-duplicates)."""
+        return np.zeros(0, np.int64)
+
+    @property
     @abstractmethod
     def roles(self) -> dict[str, Any]:
         """X-MoRe's roles: {"coarse": spec, "fine": spec, "inference": [spec, ...]}."""

@@ -49,6 +49,10 @@ class FilteredMemory(Memory):
         return self.inner.items_id
 
     @property
+    def hidden_ids(self) -> np.ndarray:
+        return np.union1d(self.inner.hidden_ids, self.hidden)  # a view of a view hides both sets
+
+    @property
     def roles(self) -> dict[str, Any]:
         return self.inner.roles
 

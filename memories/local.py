@@ -18,7 +18,7 @@ from xm.indexes.manifest import read_manifest, sample_files, verify_files
 from xm.indexes.open_files import OpenFiles
 from xm.indexes.records import EncoderEntry, IndexEntry, Manifest
 from xm.indexes.shards import ShardedIndex, top_k
-from xm.indexes.store import CaptionStore
+from xm.indexes.store import CaptionStore, open_store
 from xm.memories.base import Memory
 
 # Checksumming every file at load is cheap for small indexes but a full read of a large
@@ -234,8 +234,7 @@ class LocalMemory(Memory):
 
     @cached_property
     def store(self) -> CaptionStore:
-        return CaptionStore(self.layout.store_parts(self.parts), self.part_rows, self.layout.caption_hash,
-                            opened=self.opened)
+        return open_store(self.layout, self.manifest, self.opened)
 
     @property
     def caption_hashes(self) -> np.ndarray:
@@ -250,10 +249,9 @@ class LocalMemory(Memory):
             return self.store.captions(ids)
 
     def columns(self) -> list[str]:
-        """The columns of the caption store (every part has the same)."""
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(self.store.files[0]).schema_arrow.names if self.store.files else ["caption", "url"]
+        """The columns of the caption store (its first file's; every file has the same)."""
+        with self._lock:
+            return self.store.columns()
 
     def describe(self) -> dict[str, Any]:
         encoders = {s: {"dim": e.dim, "probe": e.probe, "embedded": e.embedded, "norms": e.norms}

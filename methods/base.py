@@ -323,6 +323,14 @@ class Method:
         decided, so they cannot reach `evidence` or `decide`."""
         return {}
 
+    def decontamination(self) -> dict[str, Any]:
+        """Whether state this method was trained or built with beforehand (RECO's checkpoint,
+        CODER's text-set file) kept the run's hidden near-duplicates of the test images out
+        (`xm benchmark --decontaminate`): a JSON-ready dict the benchmark records with the
+        method's result, with `line` (said once) and `warning` (set where it did not, so the
+        figure may be optimistic). Default: nothing built beforehand, nothing to say."""
+        return {}
+
     # --- caching -----------------------------------------------------------------------
     def evidence_key(self) -> str:
         """A digest of everything `evidence` depends on besides the query images."""

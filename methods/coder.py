@@ -66,10 +66,55 @@ def load_textset(method: Method, encoder: Any) -> TextSet:
         if o["descriptions"] or o["sources"]:
             raise XMError(f"{method.name}: give either texts_file ({o['texts_file']}) or descriptions/sources, not both "
                           f"(`xm texts` already built the set from its sources)")
-        return read_textset(o["texts_file"]).for_classes(ctx.classnames, o["texts_file"], ctx.dataset)
+        ts = read_textset(o["texts_file"]).for_classes(ctx.classnames, o["texts_file"], ctx.dataset)
+        return without_hidden_captions(ts, ctx.memory, str(o["texts_file"]))
     # the authors' templates differ between their zero-shot and few-shot runs (pets, DTD)
     task = "few-shot" if method.few_shot else "zero-shot"
-    return build_textset(ctx.classnames, encoder, text_options(o, ctx.dataset, task), ctx.memory, where=method.name)
+    ts = build_textset(ctx.classnames, encoder, text_options(o, ctx.dataset, task), ctx.memory, where=method.name)
+    if ts.of_source("memory") and ctx.memory is not None and len(ctx.memory.hidden_ids):
+        # mined here through the run's memory, whose searches never return a hidden item
+        ts.meta["decontamination"] = {"line": f"memory captions mined through this run's memory, its "
+                                              f"{len(ctx.memory.hidden_ids)} hidden near-duplicates never searched"}
+    return ts
+
+
+def without_hidden_captions(ts: TextSet, memory: Any, path: str) -> TextSet:
+    """A text set read from a file, with the memory captions of items the run's memory hides
+    (near-duplicates of the test images, `xm benchmark --decontaminate`) taken out: `xm texts`
+    mined them before the run, through the whole memory. The set's `meta["decontamination"]`
+    says what was done; captions mined from another index cannot be checked, and say so."""
+    mined = ts.of_source("memory")
+    hidden = memory.hidden_ids if memory is not None else np.zeros(0, np.int64)
+    if not mined or not len(hidden):
+        return ts
+    built_on = str((ts.meta.get("memory") or {}).get("index_id") or "")
+    if not built_on or not built_on.startswith(memory.items_id):  # a view's id begins with its index's
+        ts.meta["decontamination"] = {
+            "line": f"{path}: {len(mined)} memory caption(s) mined from index {built_on or '(unrecorded)'}, not this run's "
+                    f"({memory.items_id}): they cannot be checked against the {len(hidden)} hidden near-duplicates",
+            "warning": f"CODER's figure may be optimistic: rebuild {path} with `xm texts --index {memory.root}`, or let "
+                       f"the benchmark mine the captions (--opt sources=...,memory instead of texts_file)"}
+        return ts
+    out = TextSet(list(ts.classes), {c: [] for c in ts.classes}, dict(ts.meta), list(ts.dropped))
+    dropped = 0
+    hidden_set = set(int(i) for i in hidden)
+    for c in ts.classes:
+        for t in ts.texts[c]:
+            if t.source == "memory" and int(t.extra.get("id", -1)) in hidden_set:
+                dropped += 1
+                out.dropped.append({"class": c, "source": "memory", "kind": t.kind, "id": int(t.extra["id"]),
+                                    "caption": t.text, "reason": "a near-duplicate of a test image (decontamination)"})
+                continue
+            out.add(c, t)
+    out.meta["decontamination"] = {"dropped": dropped, "line": f"{path}: {dropped} of its {len(mined)} memory caption(s) "
+                                                                f"came from hidden near-duplicates of the test images, dropped"}
+    out.check(path)
+    return out
+
+
+def textset_decontamination(ts: TextSet) -> dict[str, Any]:
+    """`Method.decontamination` for CODER: what `load_textset` did about the run's hidden items."""
+    return dict(ts.meta.get("decontamination") or {})
 
 
 class CoderTexts:
@@ -228,6 +273,9 @@ class CODER(Method):
     def extra_key(self) -> dict[str, Any]:
         return {"texts": self.textset.digest()}
 
+    def decontamination(self) -> dict[str, Any]:
+        return textset_decontamination(self.textset)
+
     def evidence(self, queries: Queries) -> dict[str, np.ndarray]:
         f = queries.features(self.encoder)
         scores = self.coded.scores(self.coded.vectors(f))
@@ -306,6 +354,9 @@ class CODERAdapter(CacheAdapter):
 
     def extra_key(self) -> dict[str, Any]:
         return {"texts": self.textset.digest(), **super().extra_key()}
+
+    def decontamination(self) -> dict[str, Any]:
+        return textset_decontamination(self.textset)
 
     def keys(self, features: np.ndarray) -> np.ndarray:
         v = self.coded.vectors(features)

@@ -242,6 +242,36 @@ class Reco(Method):
     def extra_key(self) -> dict[str, Any]:
         return {"encoder": self.spec, "checkpoint": self.meta.get("weights_sha256")}
 
+    def decontamination(self) -> dict[str, Any]:
+        """Whether the checkpoint's training kept this run's hidden near-duplicates of the test
+        images out of its neighbour tables and pairs (`xm train reco --decontaminate-against`):
+        the run's hidden ids against the ids the checkpoint records. Not refused when it did
+        not (checkpoints trained before decontamination existed keep working): warned, recorded."""
+        if self.model is None:
+            return {}  # the mean fusion trained nothing
+        record = self.meta.get("decontamination") or {}
+        trained_out = set(int(i) for i in record.get("memory_ids") or [])
+        against = sorted({str(d.get("dataset")) for d in record.get("datasets") or [] if d.get("of") != "training pairs"})
+        run = [int(i) for i in self.ctx.memory.hidden_ids]
+        missed = [i for i in run if i not in trained_out]
+        dataset = self.ctx.dataset
+        out: dict[str, Any] = {"checkpoint_against": against, "checkpoint_hidden": len(trained_out), "run_hidden": len(run),
+                               "run_hidden_in_training": len(missed),
+                               "dataset_named": dataset is not None and dataset in against}
+        said = f"decontaminated against {', '.join(against)}" if against else "not decontaminated"
+        if not run:
+            out["line"] = (f"RECO checkpoint {said}; this run hides no near-duplicates of its test images, so there "
+                           f"was nothing to keep out of training")
+        elif not missed:
+            out["line"] = (f"RECO checkpoint {said}: all {len(run)} near-duplicates this run hides were out of its "
+                           f"neighbour tables and training pairs")
+        else:
+            out["line"] = (f"RECO checkpoint {said}: {len(missed)} of the {len(run)} near-duplicates this run hides were "
+                           f"in its neighbour tables or training pairs")
+            out["warning"] = (f"RECO's figure may be optimistic: retrain with `xm train reco --index {self.ctx.memory.root} "
+                              f"--decontaminate-against {dataset or 'DATASET'}`")
+        return out
+
 
 register(Reco, {
     "reco-image": ({"mode": "image"}, "RECO refining the image only (v̄ · t)"),

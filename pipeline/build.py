@@ -23,9 +23,22 @@ import numpy as np
 
 from xm.encoders import availability_problems
 from xm.errors import XMError
+from xm.indexes import object_store
 from xm.indexes.layout import FILE_MODE, Layout, write_json
 from xm.indexes.manifest import write_manifest
-from xm.indexes.records import BuildStats, EncoderEntry, IndexEntry, Manifest, PartEntry, Roles, ShardEntry, SourceEntry
+from xm.indexes.records import (
+    STORE_SHARDS,
+    BuildStats,
+    EncoderEntry,
+    IndexEntry,
+    Manifest,
+    PartEntry,
+    Roles,
+    ShardEntry,
+    SourceEntry,
+    StoreEntry,
+)
+from xm.indexes.store import SHARD_ROWS, shard_ranges
 from xm.pipeline import compress, index_training, staging
 from xm.pipeline.config import STAGES, BuildConfig
 from xm.pipeline.download import download
@@ -35,7 +48,18 @@ from xm.pipeline.multi_device import describe_spread, embed_on_devices, spread
 from xm.pipeline.pins import pin_params
 from xm.pipeline.runners.base import Runner
 from xm.pipeline.sources.base import OPENAI_LOGIT_SCALE, Source
-from xm.pipeline.tasks import create_hash_file, embed_task, hasher_for, load_plan_encoders, store_task
+from xm.pipeline.task_mirror import embed_reads
+from xm.pipeline.tasks import (
+    create_hash_file,
+    embed_task,
+    hasher_for,
+    load_plan_encoders,
+    part_hashes_dir,
+    read_part_hashes,
+    shard_name,
+    store_task,
+    write_hash_rows,
+)
 
 
 @dataclass
@@ -110,6 +134,8 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
                            device=cfg.target.describe() if runner.in_process else
                            "each task: the GPU Spark gives it (spark.task.resource.gpu.amount), else its CPU")
     encoders_needed = "embed" in cfg.stages or "manifest" in cfg.stages
+    # where the parts are: here, or only in the bucket when the tasks write there themselves
+    files_at = staging.StoredFiles(layout, cfg.bucket)
 
     def timed(stage: str, fn: Callable[[], Any]) -> Any:
         if stage not in cfg.stages:
@@ -118,6 +144,7 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         t0 = time.perf_counter()
         result = fn()
         push()  # --out on object storage: this stage's files are there before the next stage starts
+        files_at.refresh()
         summary.stage_seconds[stage] = round(time.perf_counter() - t0, 3)
         return result
 
@@ -155,7 +182,8 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
                 embed_part(part, encoders, plan, layout, cfg.batch_size, on_rows=images, on_captions=captions,
                            num_workers=cfg.workers())
         else:
-            jobs = [{"config": cfg.to_dict(), "part": p.name} for p in todo]
+            jobs = [{"config": cfg.to_dict(), "part": p.name,
+                     "reads": embed_reads(layout, p.name, source.task_inputs(cfg, layout, p.name))} for p in todo]
             runner.map(embed_task, jobs, "xm embed", on_done=progress(f"embed ({len(jobs)} parts as {runner.tasks})", len(jobs)))
 
     timed("embed", embed)
@@ -199,52 +227,91 @@ def _run_stages(cfg: BuildConfig, layout: Layout, progress: Progress, runner: Ru
         compress.run_stage(layout, codecs, [(m["part"], m["rows"]) for m in done], progress, runner)))
 
     def store() -> None:
-        if _store_stage(layout, coarse_slug, done, runner, progress):
+        if _store_stage(layout, coarse_slug, done, runner, progress, files_at):
             summary.skipped.append("store: current")
 
     timed("store", store)
 
     def manifest() -> None:
-        written = _write_manifest(cfg, layout, kind, done, encoders, plan, summary, codecs, hasher_for(runner))
+        written = _write_manifest(cfg, layout, kind, done, encoders, plan, summary, codecs, hasher_for(runner), files_at)
         summary.manifest_id = written.id
         compress.drop_superseded(layout, written)  # float16 parts of compressed roles: only once no manifest lists them
+        _drop_superseded_rows(layout, written)
 
     timed("manifest", manifest)
     write_json(layout.work / "last_build.json", summary.__dict__)
     return summary
 
 
-def _store_stage(layout: Layout, slug: str, done: list[dict[str, Any]], runner: Runner, progress: Progress) -> bool:
-    """Write the caption store of the embedded parts `done` (one task per part) and its hash file;
-    True if it was current already."""
-    record = {"parts": [[m["part"], m["rows"]] for m in done]}
-    if _store_is_current(layout, record):
+def _store_stage(layout: Layout, slug: str, done: list[dict[str, Any]], runner: Runner, progress: Progress,
+                 files_at: staging.StoredFiles | None = None, shard_rows: int = SHARD_ROWS) -> bool:
+    """Write the caption store of the embedded parts `done` (one task per shard of `shard_rows`
+    ids, each reading the rows of the parts it spans) and its hash file; True if it was current
+    already."""
+    files_at = files_at or staging.StoredFiles(layout, None)
+    record = {"parts": [[m["part"], m["rows"]] for m in done], "shard_rows": shard_rows}
+    if _store_is_current(layout, record, files_at):
         return True
     firsts = np.concatenate([[0], np.cumsum([m["rows"] for m in done])]).astype(int)
+    count = int(firsts[-1])
     # every task writes its rows of the hash file in place (no driver collect); renamed when all are in
     building = layout.caption_hash.with_name(f".{layout.caption_hash.name}.building")
-    create_hash_file(building, int(firsts[-1]))
-    jobs = [{"out": str(layout.root), "slug": slug, "part": m["part"], "first": int(first), "hashes": str(building)}
-            for m, first in zip(done, firsts)]
+    create_hash_file(building, count)
+    spans = [[m["part"], int(first), int(m["rows"])] for m, first in zip(done, firsts)]
+    jobs: list[dict[str, Any]] = []
+    ranges = shard_ranges(count, shard_rows)
+    for i, (start, stop) in enumerate(ranges):
+        spanned = [sp for sp in spans if sp[1] < stop and sp[1] + sp[2] > start]
+        # tasks writing to the bucket have no shared file: each leaves its shard's hashes there (hashes: None)
+        jobs.append({"out": str(layout.root), "slug": slug, "shard": i, "first": start, "stop": stop,
+                     "hashes": None if files_at.bucket else str(building), "parts": spanned,
+                     "reads": [layout.rel(f) for name, _, _ in spanned
+                               for f in (layout.part_rows(name), layout.metadata_file(slug, name))]})
     rows = runner.map(store_task, jobs, "xm store", on_done=progress("store", len(jobs)))
-    if sum(rows) != int(firsts[-1]):
-        raise XMError(f"{layout.rel(layout.store)}: the store tasks wrote {sum(rows)} rows, {int(firsts[-1])} are embedded")
+    if sum(rows) != count:
+        raise XMError(f"{layout.rel(layout.store)}: the store tasks wrote {sum(rows)} rows, {count} are embedded")
+    if files_at.bucket is not None:  # streamed into place here (8 bytes an item), never a Spark result
+        for i, (start, _) in enumerate(ranges):
+            write_hash_rows(building, start, read_part_hashes(files_at.bucket, layout, shard_name(i)))
     os.chmod(building, FILE_MODE)
     os.replace(building, layout.caption_hash)
     write_json(_store_record(layout), record)
+    if files_at.bucket is not None:
+        object_store.remove(files_at.bucket, layout.rel(part_hashes_dir(layout)), "--out")
     return False
+
+
+def _drop_superseded_rows(layout: Layout, written: Manifest) -> None:
+    """Once a manifest lists the store shards, the rows' copies a build begun before them left
+    (the Parquet store parts, the first encoder's metadata/ parts) go: captions and URLs are kept
+    once in the memory. metadata/ parts move to `_work/rows/`, the store stage's input, rather
+    than go, so a later store rewrite still finds every part's rows."""
+    if written.store is None:
+        return
+    for part in written.parts:
+        layout.store_part(part.name).unlink(missing_ok=True)
+        for entry in written.encoders.values():
+            legacy = layout.metadata_file(entry.slug, part.name)
+            if legacy.is_file():
+                rows = layout.part_rows(part.name)
+                rows.parent.mkdir(parents=True, exist_ok=True)
+                if rows.is_file():
+                    legacy.unlink()
+                else:
+                    os.replace(legacy, rows)
 
 
 def _store_record(layout: Layout) -> Path:
     return layout.work / "done" / "store.json"
 
 
-def _store_is_current(layout: Layout, record: dict[str, Any]) -> bool:
+def _store_is_current(layout: Layout, record: dict[str, Any], files_at: staging.StoredFiles) -> bool:
     """The store was written for exactly these parts and every file of it is still there."""
     path = _store_record(layout)
     if not path.is_file() or json.loads(path.read_text()) != record or not layout.caption_hash.is_file():
         return False
-    return all(layout.store_part(name).is_file() for name, _ in record["parts"])
+    count = sum(rows for _, rows in record["parts"])
+    return all(files_at.exists(layout.store_shard(i)) for i in range(len(shard_ranges(count, record["shard_rows"]))))
 
 
 def _preflight(cfg: BuildConfig, source: Source, plan: dict[str, tuple[str, ...]]) -> None:
@@ -295,18 +362,19 @@ def index_entry(layout: Layout, spec: str, modality: str, count: int) -> tuple[I
 
 def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict], encoders: dict,
                     plan: dict[str, tuple[str, ...]], summary: BuildSummary, codecs: dict[str, dict[str, str]],
-                    hasher: Callable[[list[Path]], list[str]] | None = None) -> Manifest:
+                    hasher: Callable[[list[Path]], list[str]] | None = None,
+                    files_at: staging.StoredFiles | None = None) -> Manifest:
+    files_at = files_at or staging.StoredFiles(layout, None)
     files = []
     enc_entries = {}
-    first = next(iter(plan))
     for spec, parts in plan.items():
         slug = slug_of(spec)
         embedded: list[str] = [m for m in ("image", "text") if m in parts]
         # precomputed caption arrays are unit-norm already and bring no norms
-        norms = ["text"] if "text" in parts and all(layout.norm_file(slug, "text", m["part"]).is_file() for m in done) else []
+        norms = ["text"] if "text" in parts and all(files_at.exists(layout.norm_file(slug, "text", m["part"])) for m in done) else []
         enc_entry = (encoder_entry(encoders[spec], embedded, norms) if spec in encoders else
                      unloaded_encoder_entry(layout, spec, embedded, norms, [m["part"] for m in done],
-                                            OPENAI_LOGIT_SCALE))
+                                            OPENAI_LOGIT_SCALE, files_at))
         coded = compress.finished_codecs(layout, spec, slug, codecs.get(spec, {}), [m["part"] for m in done])
         # which source array is which; codes + codec instead of float16 parts (pipeline/compress.py)
         enc_entries[spec] = replace(enc_entry, precomputed=cfg.kind.precomputed(cfg, spec, embedded),
@@ -314,24 +382,24 @@ def _write_manifest(cfg: BuildConfig, layout: Layout, kind: str, done: list[dict
         for modality in embedded:
             files += compress.embedding_files(layout, slug, modality, [m["part"] for m in done], coded.get(modality))
         files += [layout.norm_file(slug, "text", m["part"]) for m in done] if norms else []
-    files += [layout.metadata_file(slug_of(first), m["part"]) for m in done]
     indexes = []
     for spec, modality in _indexed(plan):
         entry, shard_files = index_entry(layout, spec, modality, summary.count)
         indexes.append(entry)
         files += shard_files
-    files += [layout.store_part(m["part"]) for m in done] + [layout.caption_hash]
+    files += [layout.store_shard(i) for i in range(len(shard_ranges(summary.count, SHARD_ROWS)))] + [layout.caption_hash]
     for f in files:
-        if not f.is_file():
+        if not files_at.exists(f):
             raise XMError(f"{f}: missing; run the stage that writes it (see --stages)")
     manifest = Manifest(
         count=summary.count,
-        source=SourceEntry(kind=kind, source=cfg.source, limit=cfg.limit, parts=cfg.parts, shard_size=cfg.shard_size),
+        source=SourceEntry(kind=kind, source=cfg.source_given or cfg.source, limit=cfg.limit, parts=cfg.parts, shard_size=cfg.shard_size),
         roles=Roles(coarse=cfg.coarse, fine=cfg.fine, inference=list(cfg.inference)),
         encoders=enc_entries,
         parts=[PartEntry(name=m["part"], rows=m["rows"]) for m in done],
         indexes=indexes,
         stats=BuildStats(failures=summary.failures, selected=summary.selected,
                          empty_captions=sum(m.get("empty_captions", 0) for m in done)),
+        store=StoreEntry(format=STORE_SHARDS, shard_rows=SHARD_ROWS),
     )
-    return write_manifest(layout, manifest, files, hasher=hasher, keep_if_same=True)
+    return write_manifest(layout, manifest, files, hasher=hasher, keep_if_same=True, stat=files_at.stat)

@@ -91,6 +91,12 @@ class BuildConfig:
     # where an --out or an input on object storage (s3://, gs://, hdfs://) is mirrored
     # (pipeline/staging.py); default $XM_HOME/cache; on a cluster, a folder every executor sees
     stage_dir: str | None = None
+    # set by staging, never by a user: --out's URL when the Spark tasks write their parts there
+    # themselves (pipeline/task_mirror.py; cfg.out is then the driver's own staging folder)
+    bucket: str | None = None
+    # set by staging, never by a user: the --source as given (an s3:// URL, say) when `source` now
+    # names its local copy; the manifest records this one, so it stays true on another machine
+    source_given: str | None = None
     # the general form: ARCH:PRETRAINED=image,text,index-image,index-text (repeatable), on top of the roles
     encoders: list[str] = field(default_factory=list)
     # compressed caption embeddings (pipeline/compress.py): SPEC=CODEC, a FAISS codec string (SQ8, PQ64, ...)

@@ -100,7 +100,8 @@ def embed_part(
     on_captions: Callable[[int], None] = lambda n: None,
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Embed one part as `plan` says (the first encoder also writes the metadata); return its
+    """Embed one part as `plan` says (and write its rows, `Layout.part_rows`: the store stage's
+    input); return its
     marker (rows kept, failures by reason). What the part brings precomputed is copied, the
     rest computed with `encoders` (which need not hold an encoder with nothing to compute),
     on the device each encoder is on. `num_workers` processes decode and preprocess
@@ -191,7 +192,7 @@ def embed_part(
                         checkpoint.texts_written(spec)
             if spec in images:
                 _save_npy(layout.emb_file(slug_of(spec), "image", part.name), images[spec])
-        with atomic_path(layout.metadata_file(slug_of(first), part.name)) as tmp:
+        with atomic_path(layout.part_rows(part.name)) as tmp:
             pq.write_table(_metadata_table(kept), tmp)
     write_json(layout.done_marker("embed", part.name), marker)
     if checkpoint is not None:
@@ -266,16 +267,19 @@ def read_array(ref: ArrayRef, rows: int, dim: int | None, spec: str) -> np.ndarr
 
 
 def unloaded_encoder_entry(layout: Layout, spec: str, embedded: list[str], norms: list[str], parts: list[str],
-                           logit_scale: float) -> EncoderEntry:
+                           logit_scale: float, files_at: Any = None) -> EncoderEntry:
     """The manifest's record of an encoder that was never loaded (every embedding of it came from
     the source): the same keys as a loaded one's, dim from the stored arrays, no weights probe
-    (`probe: null`: not verifiable) and no precision (it never ran)."""
+    (`probe: null`: not verifiable) and no precision (it never ran). `files_at` (`staging.StoredFiles`):
+    where the parts are, when only the bucket holds them."""
+    from xm.indexes.tuning import npy_shape
+
     slug = slug_of(spec)
     dim = None
     for modality in embedded if parts else []:
         f = layout.emb_file(slug, modality, parts[0])
-        if f.is_file():
-            dim = int(np.load(f, mmap_mode="r").shape[1])
+        if files_at.exists(f) if files_at is not None else f.is_file():
+            dim = npy_shape(files_at.readable(f) if files_at is not None else f)[1]
             break
         record = read_record(layout, slug, modality)  # compressed: its float16 parts are gone
         if record is not None:

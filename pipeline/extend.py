@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from xm.encoders import load_encoder
 from xm.errors import XMError
@@ -23,6 +22,7 @@ from xm.indexes import object_store
 from xm.indexes.layout import Layout, write_json
 from xm.indexes.manifest import read_manifest, write_manifest
 from xm.indexes.records import Manifest
+from xm.indexes.store import open_store
 from xm.pipeline import staging
 from xm.pipeline.build import encoder_entry, index_entry
 from xm.pipeline.compress import embedding_files
@@ -40,18 +40,20 @@ class AddSummary:
     manifest_id: str | None = None
 
 
-def _image_rows(cfg: BuildConfig, layout: Layout, manifest: Manifest, part: str) -> list[Any]:
-    """The part's samples from the recorded source, in the stored rows' order."""
+def _image_rows(cfg: BuildConfig, layout: Layout, manifest: Manifest, part: str, keys: list[str]) -> list[Any]:
+    """The part's samples from the recorded source, in the stored rows' order (`keys`: the
+    part's image paths, as the caption store has them)."""
     src = manifest.source
-    build = BuildConfig(source=src.source, out=layout.root, source_kind=src.kind, limit=src.limit, parts=src.parts,
+    source = src.source
+    if object_store.is_remote(source):  # the manifest names the source as given: its local copy, fetched again if gone
+        source = object_store.fetch_input(source, staging.base(cfg), "--source (recorded in the manifest)")
+    build = BuildConfig(source=source, out=layout.root, source_kind=src.kind, limit=src.limit, parts=src.parts,
                         shard_size=src.shard_size)  # None: the part sizes the build pinned under _work/
     if not build.kind.has_images:
         raise XMError(f"{layout.root}: built from precomputed embeddings; there are no images to embed under another encoder")
     parts = {p.name: p for p in build.kind.parts(build, layout)}
     if part not in parts:
         raise XMError(f"{src.source}: part {part} of {layout.root} is no longer in the source; images cannot be re-read")
-    first = next(iter(manifest.encoders.values())).slug
-    keys = pq.read_table(layout.metadata_file(first, part), columns=["image_path"]).column("image_path").to_pylist()
     by_key = {s.key: s for s in parts[part].samples() if s.key in set(keys)}
     missing = [k for k in keys if k not in by_key]
     if missing:
@@ -84,6 +86,11 @@ def add_encoder(out: str, flag: str, cfg: BuildConfig | None = None,
     slug = enc.spec.slug
     part_names = [p.name for p in manifest.parts]
     rows = {p.name: p.rows for p in manifest.parts}
+    firsts = dict(zip(part_names, np.cumsum([0] + [p.rows for p in manifest.parts]).tolist()))
+    store = open_store(layout, manifest)  # the rows' one owner: captions, image paths
+
+    def column(part: str, name: str) -> list[Any]:
+        return store.table(firsts[part], firsts[part] + rows[part], [name]).column(name).to_pylist()
     for modality in ("text", "image"):
         if modality not in parts:
             continue
@@ -97,14 +104,14 @@ def add_encoder(out: str, flag: str, cfg: BuildConfig | None = None,
                 tick(rows[part])
                 continue
             if modality == "text":
-                captions = pq.read_table(layout.store_part(part), columns=["caption"]).column("caption").to_pylist()
+                captions = column(part, "caption")
                 write_text_embeddings(layout, enc, part, [c or "" for c in captions])
             else:
                 from collections import Counter
 
                 failures: Counter = Counter()
                 chunks = []
-                for _, pixels in _pixel_batches(_image_rows(cfg, layout, manifest, part), {spec: enc.preprocess}, cfg.batch_size, failures):
+                for _, pixels in _pixel_batches(_image_rows(cfg, layout, manifest, part, column(part, "image_path")), {spec: enc.preprocess}, cfg.batch_size, failures):
                     chunks.append(enc.encode_pixels(pixels[spec]))
                 if failures:
                     raise XMError(f"{manifest.source.source}: {sum(failures.values())} image(s) of part {part} no longer decode")

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from xm.errors import XMError
+from xm.indexes import object_store
 from xm.indexes.layout import Layout, write_json
 from xm.indexes.shards import ShardInfo, ivf_id_span, write_shards
 from xm.indexes.tuning import sample_queries, stacked_view, tune_ivf
@@ -144,11 +145,17 @@ def _on_spark(cfg: BuildConfig, layout: Layout, slug: str, modality: str, emb_di
     shutil.rmtree(work, ignore_errors=True)  # a killed build's small indices
     work.mkdir(parents=True, exist_ok=True)
     index_path, infos_path = tmp / "full.index", tmp / "infos.json"
-    reader = EmbeddingReader(str(emb_dir), file_format="npy")
+    # tasks writing to the bucket (cfg.bucket): autofaiss's executors read the embeddings, the
+    # trained index and each other's small indices there and write the kept indices there (fsspec);
+    # the driver then fetches only the kept indices, the shards
+    there = (lambda path: f"{cfg.bucket}/{layout.rel(path)}") if cfg.bucket else str  # noqa: E731
+    if cfg.bucket:
+        object_store.remove(cfg.bucket, layout.rel(work), "--out")
+    reader = EmbeddingReader(index_training.embeddings_at(cfg, layout, slug, modality), file_format="npy")
     # autofaiss's own optimizer writes each kept index (and its infos); the placeholder
     # index_param skips its tuner, as on one machine
-    optimizer = get_optimize_index_fn(embedding_reader=reader, index_key=record["key"], index_path=str(index_path),
-                                      index_infos_path=str(infos_path), use_gpu=False, save_on_disk=True,
+    optimizer = get_optimize_index_fn(embedding_reader=reader, index_key=record["key"], index_path=there(index_path),
+                                      index_infos_path=there(infos_path), use_gpu=False, save_on_disk=True,
                                       max_index_query_time_ms=cfg.max_query_time_ms,
                                       min_nearest_neighbors_to_retrieve=cfg.k, make_direct_map=False,
                                       index_param=PLACEHOLDER_PARAM)
@@ -160,11 +167,16 @@ def _on_spark(cfg: BuildConfig, layout: Layout, slug: str, modality: str, emb_di
     adding = cast_bytes_to_memory_string(cast_memory_to_bytes(cfg.current_memory)
                                          - metadata.estimated_index_size_in_bytes() / keep)
     _, metrics = add_embeddings_to_index_distributed(
-        trained_index_or_path=str(trained), embedding_reader=reader, memory_available_for_adding=adding,
+        trained_index_or_path=there(trained), embedding_reader=reader, memory_available_for_adding=adding,
         nb_cores=cores_per_task(),
         # its default is an HDFS path; executors must see this folder
-        temporary_indices_folder=str(work.resolve()), nb_indices_to_keep=keep, index_optimizer=optimizer)
+        temporary_indices_folder=there(work) if cfg.bucket else str(work.resolve()),
+        nb_indices_to_keep=keep, index_optimizer=optimizer)
     shutil.rmtree(work, ignore_errors=True)
+    if cfg.bucket:  # the kept indices, here; nothing of the build's temporary work stays in the bucket
+        object_store.get_folder(cfg.bucket, layout.rel(tmp), tmp, "--out")
+        object_store.remove(cfg.bucket, layout.rel(tmp), "--out")
+        object_store.remove(cfg.bucket, layout.rel(work), "--out")
     # nb_indices_to_keep == 1: "full.index"; more: "full.index0", "full.index1", ... (zero-padded)
     written = sorted(p for p in tmp.glob("full.index*") if p.is_file())
     if not written:
@@ -219,7 +231,9 @@ def build_modality_index(cfg: BuildConfig, layout: Layout, slug: str, modality: 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".build-*"):  # left by a build killed mid-way
         shutil.rmtree(stale, ignore_errors=True)
-    files = sorted(emb_dir.glob("*.npy"))
+    files: list[str | Path] = (
+        [f"{cfg.bucket}/{rel}" for rel in sorted(object_store.stats(cfg.bucket, "--out", layout.rel(emb_dir))) if rel.endswith(".npy")]
+        if cfg.bucket else sorted(emb_dir.glob("*.npy")))
     if not files:
         raise XMError(f"{layout.rel(emb_dir)}: no embedding parts to index")
     queries = sample_queries(files, TUNE_QUERIES)

@@ -29,6 +29,13 @@ def trained_dir(layout: Layout, slug: str, modality: str) -> Path:
     return layout.work / "autofaiss-trained" / f"{slug}-{modality}"
 
 
+def embeddings_at(cfg: BuildConfig, layout: Layout, slug: str, modality: str) -> str:
+    """Where executors read an index's embeddings (autofaiss's embedding reader takes fsspec URLs):
+    the bucket, when the tasks write there themselves (`cfg.bucket`), else the --out folder."""
+    folder = layout.emb_dir(slug, modality)
+    return f"{cfg.bucket}/{layout.rel(folder)}" if cfg.bucket else str(folder)
+
+
 def faiss_gpu() -> bool:
     """The place a GPU faiss build plugs in: True where faiss was built with GPU support and sees
     a GPU (the `gpu` extra), so autofaiss trains the index's clustering there."""
@@ -37,7 +44,7 @@ def faiss_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and int(getattr(faiss, "get_num_gpus", lambda: 0)()) > 0
 
 
-def choose_key(cfg: BuildConfig, emb_dir: Path, index_key: str | None) -> tuple[str, int, int]:
+def choose_key(cfg: BuildConfig, emb_dir: str, index_key: str | None) -> tuple[str, int, int]:
     """(index key, count, dim) as autofaiss's build_index chooses them; one line if the memory
     the key needs to build exceeds --current-memory."""
     from autofaiss.external.build import estimate_memory_required_for_index_creation
@@ -45,7 +52,7 @@ def choose_key(cfg: BuildConfig, emb_dir: Path, index_key: str | None) -> tuple[
     from autofaiss.utils.cast import cast_bytes_to_memory_string, cast_memory_to_bytes
     from embedding_reader import EmbeddingReader
 
-    reader = EmbeddingReader(str(emb_dir), file_format="npy")
+    reader = EmbeddingReader(emb_dir, file_format="npy")
     count, dim = int(reader.count), int(reader.dimension)
     needed, key_used = estimate_memory_required_for_index_creation(count, dim, index_key, cfg.max_index_memory, False, cfg.shards)
     if needed > cast_memory_to_bytes(cfg.current_memory):
@@ -107,7 +114,7 @@ def train_all(cfg: BuildConfig, layout: Layout, todo: Sequence[tuple[str, str, s
     jobs: list[dict[str, Any]] = []
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for slug, modality, index_key in todo:
-        emb_dir = layout.emb_dir(slug, modality)
+        emb_dir = embeddings_at(cfg, layout, slug, modality)
         key, count, dim = choose_key(cfg, emb_dir, index_key)
         record = _record(key, count, dim, cfg.current_memory)
         if kept(layout, slug, modality, record) is not None:  # trained by an earlier (lost) driver's build
@@ -115,8 +122,9 @@ def train_all(cfg: BuildConfig, layout: Layout, todo: Sequence[tuple[str, str, s
             if on_done is not None:
                 on_done(1)
             continue
-        jobs.append({"out": str(layout.root), "slug": slug, "modality": modality, "emb_dir": str(emb_dir),
-                     "distributor": cfg.distributor, "record": record})
+        jobs.append({"out": str(layout.root), "slug": slug, "modality": modality, "emb_dir": emb_dir,
+                     "distributor": cfg.distributor, "record": record,
+                     "reads": [layout.rel(trained_dir(layout, slug, modality)) + "/"]})  # a task writing to the bucket pulls it
     results = run(train_task, jobs, f"xm index training ({len(jobs)} at once)", on_done) if jobs else []
     out.update({(j["slug"], j["modality"]): r for j, r in zip(jobs, results)})
     return out

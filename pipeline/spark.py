@@ -126,20 +126,33 @@ def active_session() -> Any:
 
 # ---------------------------------------------------------------- preflight
 
-def _probe_executor(token_file: str, token: str, _: Any) -> dict[str, Any]:
-    """On an executor: who it is, whether it sees the driver's --out, its package versions."""
-    try:
-        seen = Path(token_file).read_text() == token
-    except OSError:
-        seen = False
+def _probe_executor(token_file: str, token: str, bucket: str | None, _: Any) -> dict[str, Any]:
+    """On an executor: who it is, whether it sees the driver's --out (or reaches `bucket`, where
+    the tasks write themselves), its package versions."""
+    problem = None
+    if bucket is not None:
+        from xm.indexes import object_store
+
+        try:  # with the executor's own environment, as its tasks will
+            object_store.check_writable(bucket, "--out")
+        except XMError as exc:
+            problem = str(exc)
+    else:
+        try:
+            seen = Path(token_file).read_text() == token
+        except OSError:
+            seen = False
+        problem = None if seen else "not seen"
     versions = package_versions()
-    return {"host": socket.gethostname(), "sees_out": seen, "versions": {k: versions.get(k) for k in CHECKED_PACKAGES}}
+    return {"host": socket.gethostname(), "sees_out": problem is None, "problem": problem,
+            "versions": {k: versions.get(k) for k in CHECKED_PACKAGES}}
 
 
-def preflight(spark: Any, out: Path) -> int:
+def preflight(spark: Any, out: Path, bucket: str | None = None) -> int:
     """A short job of one task per task slot (Spark spreads them over the executors it has, but
-    does not promise to reach each): each must see `out` at the same path and run the driver's
-    xm, faiss, autofaiss and img2dataset; otherwise one line. Returns the task slots."""
+    does not promise to reach each): each must see `out` at the same path (or, where the tasks
+    write to object storage themselves, reach `bucket` with its own environment) and run the
+    driver's xm, faiss, autofaiss and img2dataset; otherwise one line. Returns the task slots."""
     folder = out / "_work" / "spark-preflight"
     folder.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
@@ -147,12 +160,15 @@ def preflight(spark: Any, out: Path) -> int:
     token_file.write_text(token)
     slots = max(1, int(spark.sparkContext.defaultParallelism))
     try:
-        probes = run_tasks(spark, functools.partial(_probe_executor, str(token_file), token), list(range(max(2, slots))),
+        probes = run_tasks(spark, functools.partial(_probe_executor, str(token_file), token, bucket), list(range(max(2, slots))),
                            "xm preflight")
     finally:
         token_file.unlink(missing_ok=True)
     mine = package_versions()
     for p in probes:
+        if not p["sees_out"] and bucket is not None:
+            raise XMError(f"executor on {p['host']}: {p['problem']} (executors build the filesystem from their own "
+                          "environment: pass it with --spark-conf spark.executorEnv.NAME=VALUE)")
         if not p["sees_out"]:
             raise XMError(f"--out {out}: not visible from the executor on {p['host']} at the same path; put --out on "
                           "storage every executor mounts there (NFS, a shared volume)")

@@ -10,6 +10,7 @@ either finds the marker and returns it, or redoes the part into identical files.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +22,9 @@ import pyarrow.parquet as pq
 import xm.encoders
 from xm.encoders.device import Device
 from xm.errors import XMError
-from xm.indexes.layout import Layout, sha256_file
-from xm.indexes.store import write_store_part
+from xm.indexes.layout import Layout, atomic_path, sha256_file
+from xm.indexes.store import write_store_shard
+from xm.pipeline import faults
 from xm.pipeline.config import BuildConfig
 from xm.pipeline.embed import embed_part, read_marker
 from xm.pipeline.runners.base import Runner
@@ -41,31 +43,7 @@ def load_plan_encoders(cfg: BuildConfig, plan: dict[str, tuple[str, ...]], quiet
 
 # ---------------------------------------------------------------- fault injection
 
-def kill_point(stage: str, part: str) -> Callable[[int], None]:
-    """Tests: XM_KILL_TASK_ONCE=FILE, where FILE holds '<stage> <part>', kills the process that
-    runs that part mid-way (after some of its files are in place, before its marker), once:
-    the file is removed first, so the retried task completes."""
-    token = os.environ.get("XM_KILL_TASK_ONCE")
-    if not token or not os.path.isfile(token):
-        return lambda n: None
-    try:
-        wanted = Path(token).read_text().split()
-    except OSError:
-        return lambda n: None
-    if wanted != [stage, part]:
-        return lambda n: None
-    seen = [0]
-
-    def tick(n: int) -> None:
-        seen[0] += 1
-        if seen[0] == 2:  # the second caption batch: the first encoder's caption file is written
-            try:
-                os.unlink(token)
-            except FileNotFoundError:
-                return  # another attempt took the kill already
-            os._exit(137)
-
-    return tick
+kill_point = faults.kill_point  # where a test kills a task part-way (pipeline/faults.py)
 
 
 # ---------------------------------------------------------------- embed
@@ -102,15 +80,53 @@ def embed_task(job: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- store
 
 def store_task(job: dict[str, Any]) -> int:
-    """Write one caption-store part and its rows of the caption-hash file being built (job:
-    {"out", "slug", "part", "first", "hashes": that file}); return its row count. Nothing but the
+    """Write one caption-store shard and its rows of the caption-hash file being built (job:
+    {"out", "slug", "shard", "first", "stop", "parts": [[name, first id, rows], ...] of the parts
+    overlapping ids first..stop-1, "hashes": that file}); return its row count. Nothing but the
     count goes back to the driver: the hashes of 400M items are 3.2 GB, past Spark's default
     1 GB result limit (spark.driver.maxResultSize)."""
     layout = Layout(job["out"])
-    meta = pq.read_table(layout.metadata_file(job["slug"], job["part"]))
-    hashes = write_store_part(meta, int(job["first"]), layout.store_part(job["part"]))
-    write_hash_rows(Path(job["hashes"]), int(job["first"]), hashes)
+    first, stop = int(job["first"]), int(job["stop"])
+    pieces = []
+    for name, part_first, rows in job["parts"]:
+        if not rows:
+            continue
+        source = layout.part_rows(name)
+        if not source.is_file():  # a build folder begun before the store shards: the first encoder's metadata/
+            source = layout.metadata_file(job["slug"], name)
+        table = pq.read_table(source)
+        if table.num_rows != rows:
+            raise XMError(f"{source}: {table.num_rows} rows, its embed marker says {rows}")
+        lo = max(first, part_first) - part_first
+        pieces.append(table.slice(lo, min(stop, part_first + rows) - part_first - lo))
+    hashes = write_store_shard(pieces, first, layout.store_shard(int(job["shard"])))
+    if job["hashes"] is None:  # no file shared with the driver (tasks writing to object storage): beside the shard
+        with atomic_path(part_hashes_file(layout, shard_name(int(job["shard"])))) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(hashes, dtype="<i8"))
+    else:
+        write_hash_rows(Path(job["hashes"]), first, hashes)
     return len(hashes)
+
+
+def part_hashes_dir(layout: Layout) -> Path:
+    """Where store tasks that share no file with the driver leave their parts' caption hashes."""
+    return layout.work / "store-hashes"
+
+
+def shard_name(shard: int) -> str:
+    """The name a store shard's hashes are left under in the bucket (`part_hashes_file`)."""
+    return f"shard-{shard}"
+
+
+def part_hashes_file(layout: Layout, part: str) -> Path:
+    return part_hashes_dir(layout) / f"{part}.npy"
+
+
+def read_part_hashes(bucket: str, layout: Layout, part: str) -> np.ndarray:
+    """On the driver: a part's caption hashes as its store task left them in the bucket."""
+    from xm.indexes import object_store
+
+    return np.load(io.BytesIO(object_store.read_bytes(bucket, layout.rel(part_hashes_file(layout, part)), "--out")))
 
 
 def create_hash_file(path: Path, count: int) -> None:
@@ -137,8 +153,10 @@ def write_hash_rows(path: Path, first: int, hashes: np.ndarray) -> None:
 # ---------------------------------------------------------------- manifest checksums
 
 def hash_task(paths: list[str]) -> list[str]:
-    """sha256 of each file."""
-    return [sha256_file(Path(p)) for p in paths]
+    """sha256 of each file (a path, or a URL where the tasks wrote the files to object storage)."""
+    from xm.indexes import object_store
+
+    return [object_store.sha256_of(p) if object_store.is_remote(p) else sha256_file(Path(p)) for p in paths]
 
 
 def hasher_for(runner: Runner, chunks: int = 64) -> Callable[[list[Path]], list[str]]:
@@ -148,11 +166,11 @@ def hasher_for(runner: Runner, chunks: int = 64) -> Callable[[list[Path]], list[
         if not paths:
             return []
         n = max(1, min(chunks, len(paths) // 8))  # a task per few files at least: tasks cost ~0.1 s each
-        groups = [[str(p) for p in paths[i::n]] for i in range(n)]
+        groups = [[runner.readable(p) for p in paths[i::n]] for i in range(n)]
         results = runner.map(hash_task, groups, "xm manifest checksums")
         out: dict[str, str] = {}
         for group, digests in zip(groups, results):
             out.update(zip(group, digests))
-        return [out[str(p)] for p in paths]
+        return [out[runner.readable(p)] for p in paths]
 
     return hashes

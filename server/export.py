@@ -119,18 +119,19 @@ def export_clip_back(index: str | Path, out: str | Path, name: str | None = None
         stale.unlink()
     expect = 0
     columns: list[str] = []
-    for part, f in zip(memory.parts, memory.store.files):
-        table = pq.read_table(f)
+    # clip-retrieval's metadata/ parts are written from the caption store, the one owner of the rows
+    for part, rows in zip(memory.parts, memory.part_rows):
+        table = memory.store.table(expect, expect + rows)
         ids = table.column("id").to_numpy()
-        if len(ids) and (ids[0] != expect or not np.array_equal(ids, np.arange(expect, expect + len(ids)))):
-            raise XMError(f"{f}: ids are not {expect}..{expect + len(ids) - 1} in order")
-        expect += len(ids)
+        if not np.array_equal(ids, np.arange(expect, expect + rows)):
+            raise XMError(f"{memory.root / 'store'}: ids of part {part} are not {expect}..{expect + rows - 1} in order")
+        expect += rows
         table = table.drop_columns(["id"])  # image_path stays relative to the source, as `xm serve` gives it
         columns = table.column_names
         with atomic_path(meta_dir / f"metadata_{part}.parquet") as tmp:
             pq.write_table(table, tmp)
     if expect != memory.count:
-        raise XMError(f"{memory.root}: the caption store holds {expect} rows, the manifest says {memory.count}")
+        raise XMError(f"{memory.root}: the parts hold {expect} rows, the manifest says {memory.count}")
     indices = {name: {"indice_folder": str(out.resolve()), "clip_model": model, "columns_to_return": columns,
                       "enable_mclip_option": False, "use_jit": False, "provide_safety_model": False,
                       "provide_violence_detector": False, "provide_aesthetic_embeddings": False}}

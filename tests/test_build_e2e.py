@@ -67,8 +67,10 @@ def test_download_embed_index_store(tmp_path, image_server) -> None:
     assert len(memory.embeddings(TINY, "image")) == expected
     assert memory.index("image").ntotal == expected and len(memory.index("image").shards) == 2
     assert len(memory.store) == expected and len(memory.caption_hashes) == expected
-    meta = pd.concat(pd.read_parquet(f) for f in sorted((tmp_path / "idx/embeddings").glob("*/metadata/*.parquet")))
-    assert len(meta) == expected and meta["url"].is_unique
+    meta = memory.store.table(0, memory.count).to_pandas()
+    assert len(meta) == expected and meta["url"].is_unique and meta["id"].tolist() == list(range(expected))
+    # captions and URLs are stored once: in the store's shards, no metadata/ part in the memory
+    assert not list((tmp_path / "idx/embeddings").glob("*/metadata")) and not list((tmp_path / "idx/store").glob("*.parquet"))
 
     # a memory image finds itself first, with its own caption and the source's extra column
     coarse = load_encoder(TINY)

@@ -183,3 +183,134 @@ def test_the_benchmark_reports_and_applies_it(planted_index, tmp_path) -> None:
     assert not report["enabled"] and "no more items" in report["why"]
     with pytest.raises(XMError, match="decontaminate-threshold"):
         Decontamination(threshold=1.5)
+
+
+# ------------------------------------------------- RECO's training tables and CODER's text sets
+
+def _train(index, out, hidden=None, neighbours="exact"):
+    from xm.training.reco import TrainConfig, train_reco
+
+    return train_reco(TrainConfig(index=index, out=out, k=4, epochs=1, batch_size=16, dup_threshold=1.01,
+                                  neighbours=neighbours, hidden=hidden))
+
+
+@pytest.mark.parametrize("neighbours", ["exact", "index"])
+def test_reco_training_hides_the_test_near_duplicates(planted_index, tmp_path, neighbours) -> None:
+    """`--decontaminate-against`: the benchmark's finder, every planted copy out of both tables
+    (no row holds one, their own rows empty) and out of the training pairs, nothing else."""
+    import json
+
+    from xm.evaluation.decontaminate import hidden_for_training
+
+    root, data, memory, planted = planted_index
+    ds = load_dataset("imagefolder", data)
+    hidden = hidden_for_training(memory, None, [ds], Decontamination(enabled=True), "fp32", root / "cache")
+    assert set(hidden.memory.tolist()) == planted == set(hidden.pairs.tolist())
+    assert hidden.datasets[0]["dataset"] == "imagefolder" and hidden.datasets[0]["hidden"] == len(planted)
+    summary = _train(root / "idx", tmp_path / "clean", hidden, neighbours)
+    _train(root / "idx", tmp_path / "plain", None, neighbours)
+    assert summary.pairs_hidden == summary.memory_hidden == len(planted) and summary.neighbours == neighbours
+    ids = sorted(planted)
+    for m in ("image", "text"):
+        clean, full = np.load(tmp_path / "clean" / f"neighbours-{m}.npy"), np.load(tmp_path / "plain" / f"neighbours-{m}.npy")
+        assert np.isin(full, ids).any()  # without it, the copies are neighbours
+        assert not np.isin(clean, ids).any() and (clean[ids] == -1).all()
+        keep = np.setdiff1d(np.arange(memory.count), ids)
+        for r in keep:  # every other row: the same ranking with the copies taken out
+            expect = [i for i in full[r] if i not in planted]
+            assert clean[r][: len(expect)].tolist() == expect
+    meta = json.loads((tmp_path / "clean" / "reco.json").read_text())
+    assert meta["pairs_trained"] == memory.count - len(planted)
+    assert meta["decontamination"]["memory_ids"] == ids and meta["decontamination"]["datasets"][0]["dataset"] == "imagefolder"
+    assert meta["neighbours"]["search"] == neighbours
+    assert meta["train_key"]["hidden"] == hidden.digest()
+
+
+def test_benchmark_says_whether_recos_checkpoint_was_decontaminated(planted_index, tmp_path) -> None:
+    from xm.evaluation.decontaminate import hidden_for_training
+
+    root, data, memory, planted = planted_index
+    ds = load_dataset("imagefolder", data)
+    hidden = hidden_for_training(memory, None, [ds], Decontamination(enabled=True), "fp32", root / "cache")
+    _train(root / "idx", tmp_path / "clean", hidden)
+    _train(root / "idx", tmp_path / "plain")
+
+    def run(checkpoint: str, setting: Decontamination | None = None) -> dict:
+        cfg = BenchmarkConfig(dataset="imagefolder", data_dir=data, index=root / "idx", model=TINY, methods=["reco"], protocol="xm",
+                              seeds=[0], options={"checkpoint": checkpoint, "k": 4}, decontaminate=setting or Decontamination(),
+                              cache_dir=tmp_path / "c")
+        return run_benchmark(cfg, ds, memory)["methods"]["reco"]["decontamination"]
+
+    clean, plain = run(str(tmp_path / "clean")), run(str(tmp_path / "plain"))
+    assert clean["run_hidden"] == 8 and clean["run_hidden_in_training"] == 0 and "warning" not in clean
+    assert clean["checkpoint_against"] == ["imagefolder"] and clean["dataset_named"]
+    assert "all 8 near-duplicates" in clean["line"]
+    assert plain["run_hidden_in_training"] == 8 and "optimistic" in plain["warning"] and "not decontaminated" in plain["line"]
+    off = run(str(tmp_path / "plain"), Decontamination(enabled=False))
+    assert off["run_hidden"] == 0 and "warning" not in off
+
+
+def test_cli_train_reco_decontaminate_against(planted_index, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from xm.cli.app import _register, app
+
+    _register()
+    root, data, memory, planted = planted_index
+    args = ["train", "reco", "--index", str(root / "idx"), "--out", str(tmp_path / "ck"), "--k", "3", "--epochs", "1",
+            "--dup-threshold", "1.01", "--device", "cpu", "--cache-dir", str(root / "cache")]
+    r = CliRunner().invoke(app, args + ["--decontaminate-against", f"imagefolder={data}", "--neighbours", "exact"])
+    assert r.exit_code == 0, r.output
+    assert "8 memory item(s) out of the tables, 8 training pair(s) left out" in r.output
+    assert "exact kNN on the device" in r.output
+    bad = CliRunner().invoke(app, args + ["--neighbours", "flat"])
+    assert isinstance(bad.exception, XMError) and str(bad.exception) == "--neighbours 'flat': choose from auto, exact, index"
+    missing = CliRunner().invoke(app, args + ["--decontaminate-against", f"imagefolder={tmp_path / 'nowhere'}"])
+    assert isinstance(missing.exception, XMError) and "no such data folder" in str(missing.exception)
+
+
+def test_coder_memory_captions_of_hidden_items_are_dropped(planted_index, tmp_path) -> None:
+    """CODER's `memory` texts: mined in the run through the filtered memory, hidden items are
+    never searched; a text set `xm texts` mined before, through the whole memory, loses them."""
+    from xm.encoders import load_encoder
+    from xm.texts import TextOptions, build_textset
+
+    root, data, memory, planted = planted_index
+    ds = load_dataset("imagefolder", data)
+    filtered, report = decontaminate(memory, Decontamination(), ds.items, "fp32", root / "cache")
+    opts = TextOptions(sources="names,memory", memory_k=48, memory_search=48, max_similarity=1.0)
+    before = build_textset(CLASSES, load_encoder(TINY), opts, memory)
+    mined = {int(t.extra["id"]) for t in before.of_source("memory")}
+    assert planted & mined  # mined through the whole memory, copies' captions are among them
+    before.write(tmp_path / "texts.json")
+    ctx = Context(filtered, TINY, CLASSES, ["a photo of a {}."])
+    from_file = create("coder", ctx, texts_file=str(tmp_path / "texts.json"))
+    kept = {int(t.extra["id"]) for t in from_file.textset.of_source("memory")}
+    assert kept == mined - planted  # every hidden one dropped, nothing else
+    said = from_file.decontamination()
+    assert said["dropped"] == len(planted & mined) and "warning" not in said
+    in_run = create("coder", ctx, sources="names,memory", memory_k=48, memory_search=48, max_similarity=1.0)
+    assert not planted & {int(t.extra["id"]) for t in in_run.textset.of_source("memory")}
+    assert "never searched" in in_run.decontamination()["line"]
+    # a set mined from another index cannot be checked: said, and warned
+    other = before.to_json()
+    other["memory"]["index_id"] = "another-index"
+    (tmp_path / "other.json").write_text(__import__("json").dumps(other))
+    warned = create("coder", ctx, texts_file=str(tmp_path / "other.json")).decontamination()
+    assert "cannot be checked" in warned["line"] and "optimistic" in warned["warning"]
+
+
+def test_checkpoints_trained_before_these_options_stay_valid(planted_index, tmp_path) -> None:
+    """A checkpoint whose key predates `--neighbours` and decontamination (index tables, nothing
+    hidden) is still the finished run of the same settings; exact tables are other settings."""
+    import json
+
+    root, data, memory, planted = planted_index
+    _train(root / "idx", tmp_path / "old", None, "index")
+    meta_file = tmp_path / "old" / "reco.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["train_key"]["neighbours"], meta["train_key"]["hidden"]
+    meta_file.write_text(json.dumps(meta))
+    assert _train(root / "idx", tmp_path / "old", None, "auto").already_done  # auto on the CPU: the index
+    with pytest.raises(XMError, match=r"neighbours='index' \(now 'exact'\)"):
+        _train(root / "idx", tmp_path / "old", None, "exact")

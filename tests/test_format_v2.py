@@ -15,6 +15,7 @@ from conftest import TINY, TINY_ROLES, TINY_WIDE, make_image, write_caption_fold
 from xm.classify import Classifier
 from xm.errors import XMError
 from xm.indexes.layout import sha256_file
+from xm.indexes.manifest import read_manifest
 from xm.memories import open_index
 from xm.pipeline import BuildConfig, build_index
 from xm.pipeline.extend import add_encoder
@@ -48,11 +49,36 @@ def test_manifest_declares_what_each_encoder_holds(built) -> None:
     np.testing.assert_allclose(m.norms(TINY_WIDE, "text")[[0, 3]], norms, rtol=1e-5)
 
 
+def _old_store(index: Path, target: Path, m: dict) -> None:
+    """The rows the way memories before the store shards kept them: a Parquet store part and the
+    first encoder's metadata/ part per part (captions twice), no store/rows-*.arrow."""
+    import pyarrow.parquet as pq
+
+    from xm.indexes.layout import Layout
+    from xm.indexes.store import open_store, write_store_part
+
+    store, layout = open_store(Layout(index), read_manifest(index)), Layout(target)
+    slug = next(iter(m["encoders"].values()))["slug"]
+    first = 0
+    for part in m["parts"]:
+        rows = store.table(first, first + part["rows"]).drop_columns(["id"])
+        write_store_part(rows, first, layout.store_part(part["name"]))
+        layout.metadata_file(slug, part["name"]).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(rows, layout.metadata_file(slug, part["name"]))
+        m["files"] |= {layout.rel(f): {} for f in (layout.store_part(part["name"]), layout.metadata_file(slug, part["name"]))}
+        first += part["rows"]
+    for shard in (target / "store").glob("rows-*.arrow"):
+        shard.unlink()
+        del m["files"][f"store/{shard.name}"]
+
+
 def _as_v1(index: Path, target: Path) -> Path:
-    """Rewrite a built index the way format 1 laid it out: index/<modality>/, roles only, no norms."""
+    """Rewrite a built index the way format 1 laid it out: index/<modality>/, roles only, no norms,
+    the rows in Parquet store parts and metadata/ parts."""
     shutil.copytree(index, target)
     m = json.loads((target / "manifest.json").read_text())
     coarse = m["roles"]["coarse"]
+    _old_store(index, target, m)
     files = {}
     for e in m["indexes"]:
         (target / "index" / e["modality"]).parent.mkdir(exist_ok=True)
@@ -82,6 +108,7 @@ def test_v1_index_opens_and_is_upgraded_by_add_encoder(built, tmp_path) -> None:
     old = _as_v1(built, tmp_path / "v1")
     m = open_index(old, verify=True)
     assert m.format_read == "xm-index/1" and m.has_index(TINY, "image") and not m.has_norms(TINY_WIDE, "text")
+    assert m.manifest.store is None and m.rows(range(m.count)) == open_index(built).rows(range(m.count))
     image = make_image(3)
     # xm's protocol (cosine re-ranking) needs nothing v1 lacks
     r = Classifier(old, LABELS, model=TINY, protocol_name="xm", options={"k_coarse": 4, "k_fine": 2}).classify_images([image])[0]

@@ -147,3 +147,28 @@ def test_two_gpus_share_the_parts(job, tmp_path) -> None:
 
 def test_this_file_runs_where_cuda_is(tmp_path: Path) -> None:
     assert Device.parse("auto").kind == "cuda"  # auto picks the GPU
+
+
+def test_exact_neighbour_tables_on_cuda(tmp_path) -> None:
+    """RECO's neighbour tables by exact kNN on the GPU (`--neighbours auto` there) equal the CPU's
+    exact tables, over a memory of several device blocks, the rule and hidden items applied."""
+    from test_reco_exact import SPEC, ArrayMemory
+    from xm.training.neighbours_option import Neighbours
+    from xm.training.reco import Hidden, NeighbourRule, build_tables
+
+    cuda = Device.parse("cuda")
+    assert Neighbours.parse("auto").resolve(cuda) == "exact"
+    rng = np.random.default_rng(5)
+    n, d = 70_000, 24  # two blocks of 65,536 rows on CUDA, five of 16,384 on the CPU
+    image = rng.standard_normal((n, d))
+    image[n - 50:] = image[:50] + 0.02 * rng.standard_normal((50, d))  # re-posted images
+    memory = ArrayMemory(image, image + 1.5 * rng.standard_normal((n, d)), rng.integers(0, 400, n))
+    pairs = ArrayMemory(image[:600], (image + 1.5 * rng.standard_normal((n, d)))[:600], name="pairs")
+    hidden = Hidden(np.arange(100, 60_000, 997), np.array([3, 7]))
+    for rule in (NeighbourRule(0.95), NeighbourRule(0.95, exclude_same_caption=True)):
+        on_gpu = build_tables(memory, pairs, SPEC, 10, rule, tmp_path / "g", search="exact", device=cuda, hidden=hidden)
+        on_cpu = build_tables(memory, pairs, SPEC, 10, rule, tmp_path / "c", search="exact", device=CPU, hidden=hidden)
+        for m in ("image", "text"):
+            np.testing.assert_array_equal(on_gpu[m], on_cpu[m])
+            assert (on_gpu[m][[3, 7]] == -1).all() and not np.isin(on_gpu[m], hidden.memory).any()
+        assert json.loads((tmp_path / "g" / "neighbours.json").read_text())["device"] == "cuda:0"

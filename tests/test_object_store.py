@@ -100,7 +100,13 @@ def test_build_to_s3_equals_local_build_and_opens_from_s3(s3, tmp_path, monkeypa
     assert "store: current" in again.skipped and again.manifest_id == remote.manifest_id
     fs.invalidate_cache()
     assert {p: fs.info(p)["ETag"] for p in fs.find(f"{BUCKET}/mem") if not p.endswith("last_build.json")} == before
-    # --add-encoder on the memory in the bucket: extended there, and a new open sees it
+    # the manifest names the source as given, not this machine's copy of it
+    assert open_memory(f"s3://{BUCKET}/mem").manifest.source.source == f"s3://{BUCKET}/pairs"
+    # --add-encoder on the memory in the bucket: extended there, and a new open sees it; the images are
+    # re-read from the recorded source, fetched again (this machine's copies are gone)
+    import shutil
+
+    shutil.rmtree(tmp_path / "home" / "cache")
     added = add_encoder(f"s3://{BUCKET}/mem", f"{TINY_WIDE}=image")
     assert added.out == f"s3://{BUCKET}/mem" and not (tmp_path / "s3:").exists()
     assert "image" in open_memory(f"s3://{BUCKET}/mem").manifest.encoders[TINY_WIDE].embedded
@@ -126,3 +132,148 @@ def test_bad_s3_locations_are_one_line_exit_2(s3, tmp_path) -> None:
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "home").exists()
     with pytest.raises(XMError, match="--index s3://no-such-bucket/m: not found"):
         open_memory("s3://no-such-bucket/m")
+
+
+# ---------------------------------------------------------------- tasks writing to the bucket
+
+_KILLED_PUSH = """
+import sys
+from pathlib import Path
+from xm.indexes import object_store
+from xm.pipeline.faults import kill_point
+object_store.push(Path(sys.argv[1]), sys.argv[2], "--out", on_file=kill_point("push", "00001"))
+"""
+
+
+def test_a_task_killed_mid_push_leaves_no_visible_part(s3, tmp_path) -> None:
+    """A task's push: every object whole, data before the marker; killed after two files, the
+    bucket holds whole objects of a part no marker lists, and no temporary key."""
+    import fsspec
+
+    folder = tmp_path / "task"
+    rng = np.random.default_rng(0)
+    files = {"embeddings/e/img_emb/img_emb_00001.npy": rng.bytes(300_000), "embeddings/e/metadata/metadata_00001.parquet": rng.bytes(5_000),
+             "embeddings/e/text_emb/text_emb_00001.npy": rng.bytes(200_000), "_work/done/embed/00001.json": b'{"part": "00001"}'}
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    token = tmp_path / "kill"
+    token.write_text("push 00001")
+    url = f"s3://{BUCKET}/killed-push"
+    run = subprocess.run([sys.executable, "-c", _KILLED_PUSH, str(folder), url], capture_output=True, text=True,
+                         env={**os.environ, **s3, "XM_KILL_TASK_ONCE": str(token)})
+    assert run.returncode == 137 and not token.exists(), run.stderr[-2000:]
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    there = {p.split("killed-push/", 1)[1]: fs.cat_file(p) for p in fs.find(f"{BUCKET}/killed-push")}
+    assert len(there) == 2 and "_work/done/embed/00001.json" not in there  # the marker comes after every file
+    assert all(files[rel] == data for rel, data in there.items())  # whole objects, never a part-written one
+    # the retried task completes the part, marker last
+    assert object_store_push(folder, url) == 4
+    assert {p.split("killed-push/", 1)[1] for p in fs.find(f"{BUCKET}/killed-push")} == set(files)
+
+
+def object_store_push(folder: Path, url: str) -> int:
+    from xm.indexes import object_store
+
+    return object_store.push(folder, url, "--out")
+
+
+def test_whole_file_writes_where_a_file_is_visible_while_written(tmp_path) -> None:
+    """Off object storage (HDFS, a mounted folder) a file is written under a temporary name and renamed."""
+    import fsspec
+
+    from xm.indexes import object_store
+
+    fs = fsspec.filesystem("file")
+    src = tmp_path / "a.npy"
+    src.write_bytes(b"x" * 1000)
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest/a.npy").write_bytes(b"old")
+    seen: list[str] = []
+    real_put = fs.put_file
+
+    def spying_put(lpath, rpath, **kw):
+        seen.append(rpath)
+        return real_put(lpath, rpath, **kw)
+
+    fs.put_file = spying_put
+    object_store.put_whole(fs, str(src), str(tmp_path / "dest/a.npy"), "hdfs")
+    assert len(seen) == 1 and seen[0].endswith(".tmp") and "/dest/." in seen[0]
+    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == ["a.npy"]
+    assert (tmp_path / "dest/a.npy").read_bytes() == b"x" * 1000
+
+
+@pytest.mark.slow
+def test_spark_tasks_write_to_the_bucket_with_no_shared_folder(s3, tmp_path, monkeypatch) -> None:
+    """No disk shared by the driver and the executors: each Spark task works in a private folder
+    (its own TMPDIR here) and writes its part to the bucket itself; the driver's staging folder
+    never receives a part file; one task killed after pushing two files of its part is retried;
+    the memory in the bucket equals the local build."""
+    pytest.importorskip("pyspark")
+    import fsspec
+
+    from xm.pipeline.task_mirror import PART_FILES
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XM_HOME", str(tmp_path / "home"))
+    src = write_caption_folder(tmp_path / "pairs", 6)
+    local = build_index(BuildConfig(source=str(src), out=tmp_path / "local", shard_size=2, **TINY_ROLES))
+    executors, stage = tmp_path / "executors", tmp_path / "driver-stage"
+    executors.mkdir()
+    token = tmp_path / "kill"
+    token.write_text("push 00001")
+    # executors get the filesystem's settings from their environment, as img2dataset's and autofaiss's do
+    env = [f"spark.executorEnv.{k}={v}" for k, v in {**s3, "TMPDIR": str(executors), "XM_KILL_TASK_ONCE": str(token)}.items()]
+    url = f"s3://{BUCKET}/spark-mem"
+    cfg = BuildConfig(source=str(src), out=Path(url), shard_size=2, stage_dir=str(stage), distributor="pyspark",
+                      spark_master="local[2,3]", spark_conf=env, **TINY_ROLES)
+    remote = build_index(cfg)
+    assert cfg.bucket == url and remote.out == url and remote.count == local.count == 6
+    assert not token.exists(), "no task was killed"
+    here = [p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()]
+    folder = next(p for p in (stage / "object-store/stage").iterdir() if p.is_dir())
+    held = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    assert held and not [p for p in held if p.startswith(PART_FILES)], held
+    assert "_work/done/embed/00001.json" in held and any(p.startswith("index/") and p.endswith(".index") for p in held), held
+    # every task's private folder is removed but the killed attempt's (os._exit runs no cleanup; a
+    # container's scratch goes with it), which holds that part, done there, its push cut short
+    left = [p for p in executors.glob("xm-task-*") if p.is_dir()]
+    assert len(left) == 1 and (left[0] / "_work/done/embed/00001.json").is_file(), left
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    stored = {p.split(f"{BUCKET}/spark-mem/", 1)[1] for p in fs.find(f"{BUCKET}/spark-mem")}
+    for part in ("00000", "00001", "00002"):
+        assert {f"_work/rows/rows_{part}.parquet", f"_work/done/embed/{part}.json"} <= stored
+    assert any(p.startswith("store/rows-") and p.endswith(".arrow") for p in stored), stored  # the store shard, written by its task
+    assert not [p for p in stored if p.endswith(".tmp") or p.startswith(("_work/store-hashes/", "_work/autofaiss/"))
+                or "/.build-" in p], stored
+    assert _content(open_index(tmp_path / "local")) == _content(open_memory(url))
+    assert here  # the driver's folder was used (state only)
+    # a new driver (its own empty staging folder, as after a lost one) resumes from what the bucket
+    # holds: nothing redone, not one object rewritten
+    before = {p: fs.info(p)["ETag"] for p in fs.find(f"{BUCKET}/spark-mem") if not p.endswith("last_build.json")}
+    again = build_index(BuildConfig(source=str(src), out=Path(url), shard_size=2, stage_dir=str(tmp_path / "new-driver"),
+                                    distributor="pyspark", spark_master="local[2]", spark_conf=env[:-1], **TINY_ROLES))
+    assert "embed: 3 part(s) already done" in again.skipped and "store: current" in again.skipped, again.skipped
+    assert again.manifest_id == remote.manifest_id
+    fs.invalidate_cache()
+    assert {p: fs.info(p)["ETag"] for p in fs.find(f"{BUCKET}/spark-mem") if not p.endswith("last_build.json")} == before
+
+
+def test_preflight_names_an_executor_that_cannot_reach_the_bucket(s3, tmp_path, monkeypatch) -> None:
+    """Tasks that write to the bucket need no shared --out, but every executor must reach the
+    bucket with its own environment: the real probe, run here, against a good and a bad bucket."""
+    from xm.pipeline import spark as spark_mod
+
+    class Context:
+        defaultParallelism = 2
+
+    class Session:
+        sparkContext = Context()
+
+    def here(spark, fn, jobs, description, on_done=None):
+        return [fn(job) for job in jobs]
+
+    monkeypatch.setattr(spark_mod, "run_tasks", here)
+    assert spark_mod.preflight(Session(), tmp_path / "driver", f"s3://{BUCKET}/reachable") == 2
+    with pytest.raises(XMError, match=r"^executor on .*: --out s3://no-such-bucket/m: not found .*spark\.executorEnv"):
+        spark_mod.preflight(Session(), tmp_path / "driver", "s3://no-such-bucket/m")

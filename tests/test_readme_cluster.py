@@ -69,6 +69,12 @@ def test_readme_cluster_example_runs_as_written(s3, tmp_path) -> None:  # noqa: 
     assert run.returncode == 0, run.stderr[-3000:]
     out = swapped[swapped.index("--out") + 1]
     assert out.startswith("s3://") and not (tmp_path / "s3:").exists()
+    # the executors wrote the parts to the bucket themselves: the driver's staging folder holds none
+    from xm.pipeline.task_mirror import PART_FILES
+
+    staged = [p.relative_to(folder).as_posix() for folder in (shared / "xm-stage").glob("object-store/stage/*/")
+              for p in folder.rglob("*") if p.is_file()]
+    assert "manifest.json" in staged and not [p for p in staged if p.startswith(PART_FILES)], staged
     # the same parts built on this machine, to a folder
     local = build_index(BuildConfig(source="laion400m-embeddings", embeddings_root=roots[0], parts=[0, 1],
                                     out=tmp_path / "local", **{**TINY_ROLES, "inference": [TINY]}))

@@ -57,7 +57,7 @@ def _content(root: Path) -> dict:
     memory = open_index(root)
     coarse = load_encoder(TINY)
     queries = coarse.encode_images([make_image(i) for i in QUERIES])
-    out = {"count": memory.count, "captions": memory.store.captions(range(memory.count)),
+    out = {"count": memory.count, "captions": memory.store.captions(range(memory.count)), "rows": memory.rows(range(memory.count)),
            "hashes": np.asarray(memory.caption_hashes).tolist()}
     for spec, entry in memory.manifest.encoders.items():
         for modality in entry.embedded:

@@ -19,6 +19,7 @@ pytest.importorskip("pyspark")
 
 from xm.errors import XMError  # noqa: E402
 from xm.indexes.layout import Layout, caption_hash, part_name  # noqa: E402
+from xm.indexes.store import ShardStore  # noqa: E402
 from xm.pipeline import spark  # noqa: E402
 from xm.pipeline.build import _store_stage  # noqa: E402
 from xm.pipeline.runners.local import LocalRunner  # noqa: E402
@@ -52,7 +53,8 @@ def _metadata(root: Path) -> list[dict]:
     for p in range(PARTS):
         # repeated captions too: the hash file keeps one row per item, duplicates included
         captions = [f"caption {p}-{i % 700}" for i in range(ROWS)]
-        target = layout.metadata_file("enc", part_name(p))
+        # the embed stage's rows; two parts where a build begun before the store shards has them
+        target = layout.part_rows(part_name(p)) if p % 2 else layout.metadata_file("enc", part_name(p))
         target.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"caption": captions, "url": [f"http://x/{p}/{i}" for i in range(ROWS)]}).to_parquet(target)
         done.append({"part": part_name(p), "rows": ROWS})
@@ -64,13 +66,17 @@ def test_store_under_a_tiny_result_limit_equals_the_local_store(session, tmp_pat
     here, there = Layout(tmp_path / "local"), Layout(tmp_path / "spark")
     done = _metadata(here.root)
     _metadata(there.root)
-    _store_stage(here, "enc", done, LocalRunner(), lambda label, total: lambda n: None)
-    _store_stage(there, "enc", done, SparkRunner(s, "test"), lambda label, total: lambda n: None)
+    # shards of 1,000 ids: six tasks, most spanning two parts, each writing its hashes in place
+    _store_stage(here, "enc", done, LocalRunner(), lambda label, total: lambda n: None, shard_rows=1000)
+    _store_stage(there, "enc", done, SparkRunner(s, "test"), lambda label, total: lambda n: None, shard_rows=1000)
     expected = [caption_hash(f"caption {p}-{i % 700}") for p in range(PARTS) for i in range(ROWS)]
     assert np.load(here.caption_hash).tolist() == expected
     assert np.load(there.caption_hash).tolist() == expected
-    for p in range(PARTS):
-        assert here.store_part(part_name(p)).read_bytes() == there.store_part(part_name(p)).read_bytes()
+    for i in range(PARTS * ROWS // 1000):
+        assert here.store_shard(i).read_bytes() == there.store_shard(i).read_bytes()
+    table = ShardStore([there.store_shard(i) for i in range(6)], PARTS * ROWS, 1000).table(0, PARTS * ROWS)
+    assert table.column("id").to_pylist() == list(range(PARTS * ROWS))
+    assert table.column("caption").to_pylist() == [f"caption {p}-{i % 700}" for p in range(PARTS) for i in range(ROWS)]
     assert not list(there.store.glob(".*"))  # no temporary file left
 
 

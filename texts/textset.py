@@ -71,6 +71,10 @@ class TextSet:
     def of(self, classname: str, kinds: Sequence[str] = KINDS) -> list[Text]:
         return [t for t in self.texts[classname] if t.kind in kinds]
 
+    def of_source(self, source: str) -> list[Text]:
+        """Every text of every class that `source` gave ("memory": mined memory captions)."""
+        return [t for c in self.classes for t in self.texts[c] if t.source == source]
+
     def count(self, kinds: Sequence[str] = VECTOR_KINDS) -> int:
         return sum(len(self.of(c, kinds)) for c in self.classes)
 

@@ -41,10 +41,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from xm.encoders.device import Device, out_of_memory
+from xm.encoders.device import CPU, Device, is_out_of_memory, out_of_memory
 from xm.errors import XMError
 from xm.indexes.records import EncoderEntry
+from xm.memories.filtered import FilteredMemory
 from xm.methods.reco_model import FORMAT, META, WEIGHTS, RecoModel, build_model, default_dir
+from xm.training.exact_knn import DeviceBlocks, exact_knn
+from xm.training.neighbours_option import Neighbours
 
 OPTIM = "reco-optim.safetensors"
 TABLES_META = "neighbours.json"
@@ -112,10 +115,51 @@ class NeighbourRule:
     exclude_same_caption: bool = False
 
 
-def tables_key(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule) -> dict[str, Any]:
-    return {"format": FORMAT, "rule_version": RULE_VERSION, "memory": memory.id, "pairs": pairs.id,
-            "encoder": str(spec), "k": int(k), "pairs_count": int(pairs.count), "memory_count": int(memory.count),
-            **asdict(rule)}
+def tables_key(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule, search: str = "index",
+               hidden: Hidden | None = None) -> dict[str, Any]:
+    """What the tables depend on. `search` and `hidden` are absent from the key when they have
+    their former meaning (the index search, nothing hidden), so tables computed before they
+    existed are kept."""
+    key = {"format": FORMAT, "rule_version": RULE_VERSION, "memory": memory.id, "pairs": pairs.id,
+           "encoder": str(spec), "k": int(k), "pairs_count": int(pairs.count), "memory_count": int(memory.count),
+           **asdict(rule)}
+    if search != "index":
+        key["search"] = search
+    if hidden is not None and hidden.any:
+        key["hidden"] = hidden.digest()
+    return key
+
+
+@dataclass(frozen=True, eq=False)
+class Hidden:
+    """Items a training run may neither retrieve nor train on: near-duplicates of test images
+    (`xm train reco --decontaminate-against DATASET`), found by the benchmark's own code
+    (`xm.evaluation.decontaminate.against_datasets`) at the edge that parses the option.
+
+    `memory`: memory ids no table may hold; `pairs`: training pairs left out (their table rows
+    stay -1 and no step reads them; the same ids when the pairs are the memory's own);
+    `datasets`: per dataset what was searched and how many were found (recorded as it is)."""
+
+    memory: np.ndarray
+    pairs: np.ndarray
+    datasets: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def any(self) -> bool:
+        return bool(len(self.memory) or len(self.pairs))
+
+    def digest(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(np.asarray(self.memory, np.int64).tobytes())
+        h.update(b"|" + np.asarray(self.pairs, np.int64).tobytes())
+        return h.hexdigest()[:20]
+
+    def record(self) -> dict[str, Any]:
+        """What the checkpoint says of it (`reco.json`'s `decontamination`): the datasets, the
+        counts and the memory ids themselves, which `xm benchmark` compares with the ids its run hides."""
+        return {"datasets": list(self.datasets), "hidden_memory": int(len(self.memory)), "hidden_pairs": int(len(self.pairs)),
+                "digest": self.digest(), "memory_ids": np.asarray(self.memory, np.int64).tolist()}
 
 
 def check_dup_threshold(memory: Any, spec: str, rule: NeighbourRule, seed: int = 0, samples: int = 4000) -> float:
@@ -166,8 +210,9 @@ def _first_k(ids: np.ndarray, k: int) -> np.ndarray:
 
 def neighbours_for(memory: Any, pairs: Any, spec: str, modality: str, rows: np.ndarray, k: int,
                    rule: NeighbourRule, max_fetch: int = 4096) -> np.ndarray:
-    """Table rows for training pairs `rows`: the first k allowed neighbours by `modality` search."""
-    same_index = pairs.id == memory.id
+    """Table rows for training pairs `rows`: the first k allowed neighbours by `modality` search
+    of the memory's index (a memory hiding items, `FilteredMemory`, never returns them)."""
+    same_index = pairs.items_id == memory.items_id
     queries = pairs.embeddings(spec, modality).gather(rows)
     pair_img = queries if modality == "image" else pairs.embeddings(spec, "image").gather(rows)
     mem_img = memory.embeddings(spec, "image")
@@ -191,9 +236,106 @@ def neighbours_for(memory: Any, pairs: Any, spec: str, modality: str, rows: np.n
     return out
 
 
+@dataclass
+class ExactMemory:
+    """The memory as the exact search of one table reads it, on the device, made once per table
+    (not per chunk of pairs): its `modality` embeddings in blocks, its image embeddings for the
+    text table's near-duplicate check, the hidden items as a mask and the caption hashes."""
+
+    blocks: DeviceBlocks
+    image_blocks: DeviceBlocks | None = None
+    hidden: torch.Tensor | None = None  # bool (count,): never returned
+    hashes: torch.Tensor | None = None  # int64 (count,): with exclude_same_caption
+
+    @classmethod
+    def of(cls, memory: Any, spec: str, modality: str, rule: NeighbourRule, device: Device,
+           hidden: np.ndarray | None, image_blocks: DeviceBlocks | None = None) -> ExactMemory:
+        where = device.torch
+        blocks = DeviceBlocks(memory.embeddings(spec, modality), memory.count, device)
+        if modality == "image":
+            image_blocks = blocks
+        elif rule.dup_threshold <= 1 and image_blocks is None:
+            image_blocks = DeviceBlocks(memory.embeddings(spec, "image"), memory.count, device)
+        mask = None
+        if hidden is not None and len(hidden):
+            m = np.zeros(memory.count, bool)
+            m[hidden] = True
+            mask = torch.from_numpy(m).to(where)
+        hashes = None
+        if rule.exclude_same_caption:
+            hashes = torch.from_numpy(np.asarray(memory.caption_hashes[np.arange(memory.count)], np.int64)).to(where)
+        return cls(blocks, image_blocks if rule.dup_threshold <= 1 else None, mask, hashes)
+
+
+def exact_neighbours_for(memory: Any, pairs: Any, spec: str, modality: str, rows: np.ndarray, k: int,
+                         rule: NeighbourRule, exact: ExactMemory) -> np.ndarray:
+    """Table rows for training pairs `rows`: the first k allowed neighbours by an exact search of
+    every stored `modality` embedding on the device (`training/exact_knn.py`). The rule and the
+    hidden items are applied inside the search, so no row comes out short while the memory has
+    k allowed items; ties are ordered by id."""
+    where = exact.blocks.device.torch
+    same_index = pairs.items_id == memory.items_id
+    queries = pairs.embeddings(spec, modality).gather(rows)
+    check_dups = rule.dup_threshold <= 1
+    pair_img = None
+    if check_dups and modality == "text":
+        pair_img = torch.from_numpy(pairs.embeddings(spec, "image").gather(rows)).to(where)
+    own = torch.from_numpy(np.asarray(rows, np.int64)).to(where)[:, None]
+    pair_hash = None
+    if exact.hashes is not None:
+        pair_hash = torch.from_numpy(np.asarray(pairs.caption_hashes[rows], np.int64)).to(where)[:, None]
+
+    def exclude(lo: int, hi: int, sims: torch.Tensor) -> torch.Tensor | None:
+        bad: torch.Tensor | None = None
+
+        def add(b: torch.Tensor) -> None:
+            nonlocal bad
+            bad = b if bad is None else bad | b
+
+        if same_index and bool(((own >= lo) & (own < hi)).any()):
+            add(own == torch.arange(lo, hi, device=where)[None, :])
+        if check_dups:
+            if modality == "image":
+                add(sims >= rule.dup_threshold)  # the query is the pair's image: sims are the image cosines
+            else:
+                assert exact.image_blocks is not None and pair_img is not None
+                add((pair_img @ exact.image_blocks.block(lo).T) >= rule.dup_threshold)
+        if exact.hashes is not None and pair_hash is not None:
+            add(exact.hashes[lo:hi][None, :] == pair_hash)
+        if exact.hidden is not None:
+            add(exact.hidden[lo:hi][None, :].expand(len(sims), -1))
+        return bad
+
+    _, ids = exact_knn(queries, exact.blocks, k, exclude)
+    return ids
+
+
+def _exact_in_halves(memory: Any, pairs: Any, spec: str, modality: str, rows: np.ndarray, k: int, rule: NeighbourRule,
+                     exact: ExactMemory) -> np.ndarray:
+    """`exact_neighbours_for`, its rows split in halves while the device runs out of memory
+    (the similarities of a chunk of pairs against a block take chunk x block floats): the same
+    answer, in smaller steps; one line where a single pair does not fit."""
+    try:
+        return exact_neighbours_for(memory, pairs, spec, modality, rows, k, rule, exact)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or len(rows) == 1:
+            if is_out_of_memory(exc):
+                raise XMError(f"{exact.blocks.device.torch}: out of memory searching one pair against a block of "
+                              f"{exact.blocks.rows} memory rows; use --neighbours index or another --device") from exc
+            raise
+    half = len(rows) // 2
+    return np.concatenate([_exact_in_halves(memory, pairs, spec, modality, part, k, rule, exact)
+                           for part in (rows[:half], rows[half:])])
+
+
 def build_tables(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule, folder: Path,
-                 progress: Progress = _no_progress, chunk: int = 2048) -> dict[str, np.ndarray]:
+                 progress: Progress = _no_progress, chunk: int = 2048, search: str = "index",
+                 device: Device | None = None, hidden: Hidden | None = None) -> dict[str, np.ndarray]:
     """Both neighbour tables, computed once into `folder` and resumed where they stopped.
+
+    `search`: `index` (the memory's kNN index, approximate where it is) or `exact` (every stored
+    embedding, on `device`; `training/exact_knn.py`). `hidden`: memory items no row may hold
+    and training pairs whose rows stay -1 (decontamination).
 
     Rows are done in chunks; after each, the partial table is flushed and `neighbours.json`
     records the rows done (written atomically), so a killed run recomputes at most one
@@ -201,8 +343,16 @@ def build_tables(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule
     """
     from xm.indexes.layout import write_json
 
+    if search not in ("index", "exact"):
+        raise ValueError(f"search {search!r}: index or exact")
     folder.mkdir(parents=True, exist_ok=True)
-    key = tables_key(memory, pairs, spec, k, rule)
+    device = device or CPU
+    key = tables_key(memory, pairs, spec, k, rule, search, hidden)
+    hide_memory = hidden.memory if hidden is not None and len(hidden.memory) else None
+    hide_pairs = np.zeros(pairs.count, bool)
+    if hidden is not None and len(hidden.pairs):
+        hide_pairs[hidden.pairs] = True
+    searched = FilteredMemory(memory, hide_memory) if hide_memory is not None and search == "index" else memory
     meta_file = folder / TABLES_META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
     if meta is None or meta.get("key") != key:
@@ -210,10 +360,13 @@ def build_tables(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule
             for f in (folder / f"neighbours-{m}.npy", folder / f"neighbours-{m}.partial.npy"):
                 f.unlink(missing_ok=True)
         meta = {"key": key, "rows_done": {m: 0 for m in MODALITIES}, "complete": {m: False for m in MODALITIES},
-                "seconds": {m: 0.0 for m in MODALITIES}}
+                "seconds": {m: 0.0 for m in MODALITIES}, "search": search,
+                "device": str(device) if search == "exact" else "cpu (the memory's index)",
+                "hidden": hidden.record() if hidden is not None and hidden.any else None}
         write_json(meta_file, meta)
     n = pairs.count
     tables: dict[str, np.ndarray] = {}
+    image_blocks = None
     for m in MODALITIES:
         final, partial = folder / f"neighbours-{m}.npy", folder / f"neighbours-{m}.partial.npy"
         tick = progress(f"neighbours {m}->{m}", n)
@@ -228,16 +381,30 @@ def build_tables(memory: Any, pairs: Any, spec: str, k: int, rule: NeighbourRule
             table = np.lib.format.open_memmap(partial, mode="w+", dtype=np.int64, shape=(n, k))
             table[:] = -1
         tick(start)
+        exact = None
+        if search == "exact" and start < n:
+            exact = ExactMemory.of(memory, spec, m, rule, device, hide_memory, image_blocks)
+            image_blocks = exact.image_blocks  # the text table's check reads the image blocks kept on the device
         for lo in range(start, n, chunk):
             t0 = time.perf_counter()
             hi = min(n, lo + chunk)
-            table[lo:hi] = neighbours_for(memory, pairs, spec, m, np.arange(lo, hi), k, rule)
+            rows = np.arange(lo, hi)
+            rows = rows[~hide_pairs[rows]]  # a hidden pair's row stays -1: nothing is searched for it
+            out = np.full((hi - lo, k), -1, np.int64)
+            if len(rows):
+                if exact is not None:
+                    found = _exact_in_halves(memory, pairs, spec, m, rows, k, rule, exact)
+                else:
+                    found = neighbours_for(searched, pairs, spec, m, rows, k, rule)
+                out[rows - lo] = found
+            table[lo:hi] = out
             table.flush()
             meta["rows_done"][m] = hi
             meta["seconds"][m] = float(meta["seconds"][m]) + time.perf_counter() - t0
             write_json(meta_file, meta)
             tick(hi - lo)
         del table
+        exact = None
         os.replace(partial, final)
         meta["complete"][m] = True
         write_json(meta_file, meta)
@@ -313,6 +480,9 @@ class TrainConfig:
     mlp_ratio: float = 1.0  # 1.0 gives the paper's 3.16M parameters at d = 512
     restart: bool = False  # discard a checkpoint trained with other settings (tables are kept when they fit)
     device: Device | str | None = None  # where the model trains (None: auto), parsed by train_reco; not in the key
+    # how the neighbour tables are searched (`training/exact_knn.py`): auto is exact on an accelerator
+    neighbours: Neighbours | str = "auto"
+    hidden: Hidden | None = None  # decontamination: items neither retrieved nor trained on (`Hidden`)
 
 
 @dataclass
@@ -335,6 +505,9 @@ class TrainSummary:
     batch_size: int = 0  # the batch the run used (derived from the pairs unless --batch-size was given)
     batch_derived: bool = False
     device: str = "cpu"  # where it trained (`Device.describe`), and under which autocast
+    neighbours: str = "index"  # how the tables were searched: exact (on the device) or index
+    pairs_hidden: int = 0  # training pairs left out as near-duplicates of test images
+    memory_hidden: int = 0  # memory items no table holds, for the same reason
 
 
 # The default batch: the paper's 4096 where the pairs allow it, else small enough that an epoch
@@ -359,8 +532,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _require(index: Any, spec: str, what: str) -> EncoderEntry:
-    """The index's entry for encoder `spec`, refused unless it holds what RECO needs as `what`."""
+def _require(index: Any, spec: str, what: str, search: str = "index") -> EncoderEntry:
+    """The index's entry for encoder `spec`, refused unless it holds what RECO needs as `what`
+    (an exact search of the tables reads the embeddings, not the kNN indexes)."""
     entry: EncoderEntry | None = index.encoder_entry(spec)
     if entry is None:
         raise XMError(f"{index.root}: no encoder {spec} in this index ({what}); it has {', '.join(index.manifest.encoders)}")
@@ -368,7 +542,7 @@ def _require(index: Any, spec: str, what: str) -> EncoderEntry:
         if not index.has_embeddings(spec, m):
             raise XMError(f"{index.root}: RECO {what} needs {spec} {m} embeddings; add them with "
                           f"`xm build-index --out {index.root} --add-encoder {spec}={m}`")
-    if what == "memory":
+    if what == "memory" and search == "index":
         for m in MODALITIES:
             if not index.has_index(spec, m):
                 raise XMError(f"{index.root}: RECO needs a {m} kNN index for {spec}; add it with "
@@ -381,10 +555,20 @@ def lr_at(step: int, total: int, lr: float) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
 
 
-def train_key(cfg: TrainConfig, memory: Any, pairs: Any, spec: str, batch: int, dim: int, heads: int) -> dict[str, Any]:
+def train_key(cfg: TrainConfig, memory: Any, pairs: Any, spec: str, batch: int, dim: int, heads: int,
+              search: str = "index") -> dict[str, Any]:
     return {"memory": memory.id, "pairs": pairs.id, "encoder": spec, "k": cfg.k, "epochs": cfg.epochs, "batch_size": batch,
             "lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": cfg.seed, "dim": dim, "heads": heads,
-            "mlp_ratio": cfg.mlp_ratio, "dup_threshold": cfg.dup_threshold, "exclude_same_caption": cfg.exclude_same_caption}
+            "mlp_ratio": cfg.mlp_ratio, "dup_threshold": cfg.dup_threshold, "exclude_same_caption": cfg.exclude_same_caption,
+            "neighbours": search, "hidden": cfg.hidden.digest() if cfg.hidden is not None and cfg.hidden.any else None}
+
+
+# what a key written before a field existed meant by its absence
+_KEY_DEFAULTS = {"neighbours": "index", "hidden": None}
+
+
+def _same_key(old: dict[str, Any] | None, key: dict[str, Any]) -> bool:
+    return old is not None and {**_KEY_DEFAULTS, **old} == key
 
 
 def _optimizer(model: RecoModel, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -409,11 +593,12 @@ def train_reco(cfg: TrainConfig, progress: Progress = _no_progress,
     from xm.memories import open_index
 
     device = Device.parse(cfg.device).single("xm train reco")  # the training API's edge
+    search = Neighbours.parse(cfg.neighbours).resolve(device)
     memory = open_index(cfg.index)
     spec = str(cfg.encoder or memory.roles.get("coarse") or "")
     if not spec:
         raise XMError(f"{memory.root}: no coarse encoder in this index; give --encoder")
-    probe = _require(memory, spec, "memory").probe
+    probe = _require(memory, spec, "memory", search).probe
     pairs = open_index(cfg.pairs) if cfg.pairs else memory
     theirs = _require(pairs, spec, "training pairs").probe
     # a null probe (embeddings that came precomputed, the encoder never loaded) cannot be compared
@@ -426,18 +611,28 @@ def train_reco(cfg: TrainConfig, progress: Progress = _no_progress,
         raise XMError(f"{pairs.root}: {pairs.count} training pair(s); contrastive training needs at least 2")
     out = Path(cfg.out) if cfg.out else default_dir(memory, spec)
     rule = NeighbourRule(cfg.dup_threshold, cfg.exclude_same_caption)
+    hidden = cfg.hidden
+    if hidden is not None:
+        for ids, holder in ((hidden.memory, memory), (hidden.pairs, pairs)):
+            if len(ids) and (int(np.min(ids)) < 0 or int(np.max(ids)) >= holder.count):
+                raise XMError(f"{holder.root}: hidden ids must lie in 0..{holder.count - 1}")
+    # the pairs trained on: all but those hidden as near-duplicates of test images
+    train_rows = np.setdiff1d(np.arange(pairs.count), hidden.pairs if hidden is not None else [])
+    n = len(train_rows)
+    if n < 2:
+        raise XMError(f"{pairs.root}: {n} training pair(s) left after decontamination; contrastive training needs at least 2")
     dim = memory.embeddings(spec, "image").dim
     heads = cfg.heads or max(1, dim // 64)
-    batch = min(cfg.batch_size, pairs.count) if cfg.batch_size is not None else default_batch_size(pairs.count)
-    key = train_key(cfg, memory, pairs, spec, batch, dim, heads)
-    n = pairs.count
+    batch = min(cfg.batch_size, n) if cfg.batch_size is not None else default_batch_size(n)
+    key = train_key(cfg, memory, pairs, spec, batch, dim, heads, search)
     steps_per_epoch = math.ceil(n / batch)
     total_steps = steps_per_epoch * cfg.epochs
 
     meta = json.loads((out / META).read_text()) if (out / META).is_file() else None
-    if meta is not None and meta.get("train_key") != key:
+    if meta is not None and not _same_key(meta.get("train_key"), key):
         if not cfg.restart:
             old = meta.get("train_key") or {}
+            old = {**_KEY_DEFAULTS, **old}
             diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in key.items() if old.get(k) != v)
             raise XMError(f"{out / META}: a RECO checkpoint trained with other settings ({diff}); "
                           f"pass --restart to replace it, or --out for another folder")
@@ -448,12 +643,13 @@ def train_reco(cfg: TrainConfig, progress: Progress = _no_progress,
         return TrainSummary(str(out), str(out / WEIGHTS), spec, n, memory.count, int(meta["parameters"]),
                             int(meta["epochs_done"]), int(meta["steps"]), int(meta["epochs_done"]), list(meta["losses"]),
                             meta.get("pairs_per_s"), meta.get("table_seconds", {}), meta.get("short_rows", {}),
-                            peak_rss_mb(), already_done=True, batch_size=batch, batch_derived=cfg.batch_size is None)
+                            peak_rss_mb(), already_done=True, batch_size=batch, batch_derived=cfg.batch_size is None,
+                            neighbours=search, pairs_hidden=pairs.count - n, memory_hidden=len(hidden.memory) if hidden else 0)
 
     check_dup_threshold(memory, spec, rule, cfg.seed)
-    tables = build_tables(memory, pairs, spec, cfg.k, rule, out, progress)
+    tables = build_tables(memory, pairs, spec, cfg.k, rule, out, progress, search=search, device=device, hidden=hidden)
     tmeta = json.loads((out / TABLES_META).read_text())
-    short = {m: int((tables[m] < 0).any(axis=1).sum()) for m in MODALITIES}
+    short = {m: int((tables[m][train_rows] < 0).any(axis=1).sum()) for m in MODALITIES}
 
     torch.manual_seed(cfg.seed)
     model = build_model(dim, heads, cfg.mlp_ratio).to(device.torch)  # initialised on the CPU: the same on every device
@@ -482,7 +678,7 @@ def train_reco(cfg: TrainConfig, progress: Progress = _no_progress,
         return torch.from_numpy(a).to(where, non_blocking=True)
 
     for epoch in range(start_epoch, cfg.epochs):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        order = train_rows[np.random.default_rng([cfg.seed, epoch]).permutation(n)]
         epoch_loss, seen = 0.0, 0
         for b in range(steps_per_epoch):
             t0 = time.perf_counter()
@@ -521,12 +717,17 @@ def train_reco(cfg: TrainConfig, progress: Progress = _no_progress,
                 "pairs_per_s": (rate_pairs / rate_secs) if rate_secs else None,
                 "table_seconds": tmeta.get("seconds", {}), "short_rows": short,
                 "tables": {m: f"neighbours-{m}.npy" for m in MODALITIES},
+                "neighbours": {"search": search, "asked": Neighbours.parse(cfg.neighbours).asked,
+                               "device": tmeta.get("device", "cpu (the memory's index)")},
+                "pairs_trained": n,
+                "decontamination": hidden.record() if hidden is not None and hidden.any else None,
                 "device": str(device), "amp": amp.name}
         save_checkpoint(out, model, optimizer, meta)
     return TrainSummary(str(out), str(out / WEIGHTS), spec, n, memory.count, model.parameter_count(), cfg.epochs, step,
                         start_epoch, losses, (rate_pairs / rate_secs) if rate_secs else None, tmeta.get("seconds", {}),
                         short, peak_rss_mb(), batch_size=batch, batch_derived=cfg.batch_size is None,
-                        device=f"{device.describe()}, autocast {amp.name}")
+                        device=f"{device.describe()}, autocast {amp.name}", neighbours=search,
+                        pairs_hidden=pairs.count - n, memory_hidden=len(hidden.memory) if hidden else 0)
 
 
 class Amp:

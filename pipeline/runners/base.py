@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from xm.indexes.layout import Layout
@@ -26,6 +27,9 @@ class RunnerOptions(Protocol):
 
     @property
     def spark_ui(self) -> bool: ...
+
+    @property
+    def bucket(self) -> str | None: ...
 
 
 class Runner:
@@ -60,6 +64,10 @@ class Runner:
 
     def close(self) -> None:
         """Release what `open` started."""
+
+    def readable(self, path: Path) -> str:
+        """Where this runner's tasks read a file of the build (`path` as the driver names it)."""
+        return str(path)
 
     @classmethod
     def task_threads(cls) -> int:

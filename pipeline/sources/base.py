@@ -110,6 +110,13 @@ class Source:
         """One part by name, as `parts` would give it (a Spark task embeds one part)."""
         return next((p for p in self.parts(cfg, layout) if p.name == name), None)
 
+    def task_inputs(self, cfg: SourceOptions, layout: Layout, name: str) -> list[str] | None:
+        """What the task of part `name` reads under `--out` (paths relative to it; a trailing "/"
+        names a folder), for a task that works in a folder of its own and writes its part to
+        object storage itself (`pipeline/task_mirror.py`); None: not known, so the build's tasks
+        work in the shared staging folder instead."""
+        return None
+
     def select(self, cfg: SourceOptions, layout: Layout) -> int:
         """Write the URL list img2dataset reads; return its row count (`needs_download` only)."""
         raise XMError(f"--source {cfg.source}: has no URLs to select")

@@ -55,6 +55,9 @@ class ImageFolder(Source):
         g = int(name)
         return _listed_part(Path(cfg.source), listing, g) if g < pq.read_metadata(listing).num_row_groups else None
 
+    def task_inputs(self, cfg: SourceOptions, layout: Layout, name: str) -> list[str] | None:
+        return [layout.rel(_listing_file(layout))]  # the pinned listing; the images are read from the folder
+
 
 def _listing_file(layout: Layout) -> Path:
     return layout.work / "select" / "images.parquet"

@@ -41,6 +41,9 @@ class LaionEmbeddings(Source):
             return None
         return self._part(cfg.embeddings_root or laion.EMBEDDINGS_ROOT, layout, i, cfg.coarse)
 
+    def task_inputs(self, cfg: SourceOptions, layout: Layout, name: str) -> list[str] | None:
+        return []  # its task fetches the part's three files from --embeddings-root itself
+
     def _part(self, root: str, layout: Layout, i: int, coarse: str) -> Part:
         """Part i. From a URL root its three files are fetched by whoever reads the part (the
         task that embeds it, on an executor), together and with retries (`laion.fetch_many`),
