@@ -70,7 +70,7 @@ EQUIVALENT: dict[tuple[str, str, int, str, str], str] = {
         "the default only stands in for a missing width: -1 and -2 both differ from every encoder's width, "
         "and the message prints meta.get('dim') itself",
     ("methods/xmore.py", "votes = softmax(self.caption_logits(ids)) if len(ids) else np.zeros((0, len(self.ctx.classnames)))",
-     42, "0", "1"):
+     77, "0", "1"):
         "with no kept id there is no memory row, and the zip over rows, similarities and votes stops at the empty rows",
     ("methods/reco.py", "emb = other.gather(np.where(valid, ids, 0).ravel()).reshape(len(ids), k, -1)", 82, "1", "2"):
         "numpy (1.26, pinned) takes any negative size as the one to infer: reshape(..., -2) is reshape(..., -1)",
