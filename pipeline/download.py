@@ -14,6 +14,7 @@ from xm.indexes.layout import Layout
 from xm.pipeline.config import BuildConfig
 from xm.pipeline.part_size import DOWNLOAD_SHARD_ROWS
 from xm.pipeline.quiet import stdout_to_stderr
+from xm.pipeline.sources.downloaded import download_folder
 
 # Columns img2dataset reads itself, or that the store derives; the rest travel along.
 _OWN = {"url", "caption"}
@@ -26,7 +27,8 @@ def download(cfg: BuildConfig, layout: Layout) -> None:
     if not files:
         raise XMError(f"{layout.selection}: no selection to download; run the select stage (see --stages)")
     columns = pq.read_schema(files[0]).names
-    layout.download.mkdir(parents=True, exist_ok=True)
+    if cfg.bucket is None:  # else img2dataset's executors write the shards to the bucket themselves
+        layout.download.mkdir(parents=True, exist_ok=True)
     logging.getLogger("img2dataset").setLevel(logging.WARNING)
     # img2dataset installs a SIGINT handler that cleans its temporary folder and exits 0:
     # Ctrl-C must stay an interrupt (exit 130), during the download and after it
@@ -49,7 +51,7 @@ def _run(img2dataset_download: Callable[..., Any], cfg: BuildConfig, layout: Lay
         url_col="url",
         caption_col="caption",
         save_additional_columns=[c for c in columns if c not in _OWN] or None,
-        output_folder=str(layout.download),
+        output_folder=download_folder(cfg, layout),  # the bucket's, where the tasks write there themselves
         output_format="webdataset",
         image_size=cfg.image_size,
         resize_mode="keep_ratio",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from xm.indexes.layout import Layout, write_json
 
@@ -53,9 +54,14 @@ class ShardGroups:
         return [f"{j:0{self.digits}d}" for j in range(part * self.per_part, (part + 1) * self.per_part)]
 
 
+def groups_file(layout: Layout) -> Path:
+    """Where the build pins its grouping."""
+    return layout.work / "parts.json"
+
+
 def read_groups(layout: Layout) -> ShardGroups | None:
     """The grouping the build pinned (None before the driver first listed its parts)."""
-    path = layout.work / "parts.json"
+    path = groups_file(layout)
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
@@ -74,5 +80,5 @@ def shard_groups(layout: Layout, shard_size: int | None, shards: int, digits: in
     per_part = 1 if shard_size is not None or legacy else \
         max(1, auto_part_rows(shards * DOWNLOAD_SHARD_ROWS) // DOWNLOAD_SHARD_ROWS)
     groups = ShardGroups(per_part=per_part, digits=digits)
-    write_json(layout.work / "parts.json", {"shards_per_part": groups.per_part, "digits": groups.digits})
+    write_json(groups_file(layout), {"shards_per_part": groups.per_part, "digits": groups.digits})
     return groups

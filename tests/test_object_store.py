@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +257,102 @@ def test_spark_tasks_write_to_the_bucket_with_no_shared_folder(s3, tmp_path, mon
     assert again.manifest_id == remote.manifest_id
     fs.invalidate_cache()
     assert {p: fs.info(p)["ETag"] for p in fs.find(f"{BUCKET}/spark-mem") if not p.endswith("last_build.json")} == before
+
+
+def test_downloaded_parts_in_the_bucket_are_sized_from_their_sidecars_alone(s3, tmp_path) -> None:
+    """The driver's view of img2dataset's shards in the bucket: the same parts, sizes and failures
+    as of the same files in a folder, from the sidecars alone (the tars here are not tars: reading
+    one would fail); a shard with no sidecar leaves its part's size unknown. An embed task asks
+    for just its part's shards and sidecars, and the pinned grouping."""
+    import json
+
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from xm.indexes.layout import Layout, write_json
+    from xm.pipeline.part_size import ShardGroups, groups_file
+    from xm.pipeline.sources.img2dataset_output import bucket_parts, download_failures, img2dataset_parts
+    from xm.pipeline.sources.table import UrlTable
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    local = tmp_path / "download"
+    local.mkdir()
+    statuses = [["success", "success"], ["success", "failed_to_download"], ["success"], ["success", "success"], ["success"]]
+    files = {"00005.tar": b"not a tar"}  # its sidecars never written (a shard cut short)
+    for i, status in enumerate(statuses):
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"status": status}), sink)
+        files.update({f"{i:05d}.tar": b"not a tar", f"{i:05d}.parquet": sink.getvalue().to_pybytes(),
+                      f"{i:05d}_stats.json": json.dumps({"status_dict": {s: status.count(s) for s in set(status)}}).encode()})
+    for name, data in files.items():
+        fs.pipe(f"{BUCKET}/sidecars/{name}", data)
+        (local / name).write_bytes(data)
+    url = f"s3://{BUCKET}/sidecars"
+
+    def pairs(per_part: int) -> Callable[[int, int], ShardGroups]:
+        return lambda shards, digits: ShardGroups(per_part=per_part, digits=digits)
+
+    for per_part, want in ((2, [("00000", 3), ("00001", 3), ("00002", None)]),
+                           (1, [("00000", 2), ("00001", 1), ("00002", 1), ("00003", 2), ("00004", 1), ("00005", None)])):
+        parts = bucket_parts(url, pairs(per_part))
+        assert [(p.name, p.size) for p in parts] == want
+        assert [(p.name, p.size) for p in img2dataset_parts(local, pairs(per_part))] == want
+    assert download_failures(url) == download_failures(local) == {"failed_to_download": 1}
+    assert bucket_parts(f"s3://{BUCKET}/nothing-here") == [] and download_failures(f"s3://{BUCKET}/nothing-here") == {}
+    layout = Layout(tmp_path / "build")
+    write_json(groups_file(layout), {"shards_per_part": 3, "digits": 5})
+    assert UrlTable().task_inputs(None, layout, "00001") == [  # type: ignore[arg-type]
+        "_work/parts.json", *(f"_work/download/{s}{ext}" for s in ("00003", "00004", "00005") for ext in (".tar", ".parquet"))]
+
+
+@pytest.mark.slow
+def test_spark_download_goes_to_the_bucket_with_no_shared_folder(s3, image_server, tmp_path, monkeypatch) -> None:
+    """A URL table on Spark to `s3://`: img2dataset's executors write the shards to the bucket,
+    the driver lists them and reads their sidecars there (sizes, failures), each embed task pulls
+    its own shards into its private folder; the driver's staging folder never holds a shard or
+    a part file, and the memory equals the local build (its download failure counted alike)."""
+    pytest.importorskip("pyspark")
+    import fsspec
+    import pandas as pd
+
+    from conftest import jpeg_bytes
+    from xm.pipeline.task_mirror import PART_FILES
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XM_HOME", str(tmp_path / "home"))
+    base, routes = image_server
+    rows = []
+    for i in range(6):
+        routes[f"/img/{i}.jpg"] = jpeg_bytes(make_image(i))
+        rows.append((f"{base}/img/{i}.jpg", f"caption number {i}"))
+    rows.insert(3, (f"{base}/missing.jpg", "a dead link"))
+    table = tmp_path / "pairs.parquet"
+    pd.DataFrame(rows, columns=["url", "caption"]).to_parquet(table)
+    options = dict(processes=1, threads=4, shard_size=2, timeout=5, **TINY_ROLES)
+    local = build_index(BuildConfig(source=str(table), out=tmp_path / "local", **options))
+    executors, stage = tmp_path / "executors", tmp_path / "driver-stage"
+    executors.mkdir()
+    env = [f"spark.executorEnv.{k}={v}" for k, v in {**s3, "TMPDIR": str(executors)}.items()]
+    url = f"s3://{BUCKET}/spark-download"
+    cfg = BuildConfig(source=str(table), out=Path(url), stage_dir=str(stage), distributor="pyspark",
+                      spark_master="local[2]", spark_conf=env, **options)
+    remote = build_index(cfg)
+    assert cfg.bucket == url and remote.count == local.count == 6
+    assert remote.failures == local.failures and sum(remote.failures.values()) == 1, (remote.failures, local.failures)
+    here = [p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()]
+    assert not [p for p in here if p.endswith((".tar", "_stats.json")) or "/_work/download/" in p], here
+    folder = next(p for p in (stage / "object-store/stage").iterdir() if p.is_dir())
+    held = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    assert "_work/done/embed/00001.json" in held and not [p for p in held if p.startswith(PART_FILES)], held
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    stored = {p.split(f"{BUCKET}/spark-download/", 1)[1] for p in fs.find(f"{BUCKET}/spark-download")}
+    for shard in ("00000", "00001", "00002", "00003"):  # 7 rows, 2 a shard: img2dataset's, written to the bucket
+        assert {f"_work/download/{shard}.tar", f"_work/download/{shard}.parquet", f"_work/download/{shard}_stats.json",
+                f"_work/done/embed/{shard}.json"} <= stored, stored
+    assert not [p for p in stored if p.startswith("_work/download/_tmp")], stored
+    assert not [p for p in executors.glob("xm-task-*")], "a task's private folder was left"
+    assert _content(open_index(tmp_path / "local")) == _content(open_memory(url))
 
 
 def test_preflight_names_an_executor_that_cannot_reach_the_bucket(s3, tmp_path, monkeypatch) -> None:

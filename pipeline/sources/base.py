@@ -78,6 +78,9 @@ class SourceOptions(Protocol):
     nsfw_filter: bool
     allow_file_urls: bool
     shard_size: int | None  # None: parts sized for the memory (pipeline/part_size.py)
+    # --out's URL where the Spark tasks write the build there themselves (`Source.task_inputs`):
+    # what they wrote (img2dataset's download) is listed and read there; None: --out is here
+    bucket: str | None
 
 
 Plan = dict[str, tuple[str, ...]]  # encoder spec -> what it contributes (BuildConfig.plan)

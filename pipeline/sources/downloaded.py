@@ -1,6 +1,12 @@
 """What the sources img2dataset downloads for have in common (`laion400m`, `table`): the select
 stage writes their URL list (`_work/select/urls`), the download stage fetches it into
-`_work/download`, and the parts are its shards."""
+`_work/download`, and the parts are its shards.
+
+Where the Spark tasks write the build to object storage themselves (`cfg.bucket`,
+`pipeline/task_mirror.py`), `_work/download` is the bucket's: img2dataset's executors write the
+shards there through fsspec, the driver lists them and reads only their small sidecars
+(`.parquet` for the parts' sizes, `_stats.json` for the failures), and each embed task pulls
+its own part's shards (`task_inputs`)."""
 
 from __future__ import annotations
 
@@ -15,10 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xm.indexes.layout import Layout, write_json
-from xm.pipeline.part_size import DOWNLOAD_SHARD_ROWS, read_groups, shard_groups
+from xm.pipeline.part_size import DOWNLOAD_SHARD_ROWS, ShardGroups, groups_file, read_groups, shard_groups
 from xm.pipeline.pins import pin_params
 from xm.pipeline.sources.base import Part, Source, SourceOptions
-from xm.pipeline.sources.img2dataset_output import download_failures, img2dataset_parts, shard_part
+from xm.pipeline.sources.img2dataset_output import bucket_parts, download_failures, img2dataset_parts, shard_part
 
 SELECT_FILE_ROWS = 1_000_000  # about what img2dataset's driver holds at once, per file
 
@@ -61,8 +67,12 @@ class DownloadedSource(Source):
         # could not write must not change which shards the others are grouped with
         selected = sum(pq.read_metadata(f).num_rows for f in layout.selection_files())
         shard_rows = cfg.shard_size or DOWNLOAD_SHARD_ROWS
-        return img2dataset_parts(layout.download, lambda shards, digits: shard_groups(
-            layout, cfg.shard_size, max(shards, math.ceil(selected / shard_rows)), digits))
+        def grouping(shards: int, digits: int) -> ShardGroups:
+            return shard_groups(layout, cfg.shard_size, max(shards, math.ceil(selected / shard_rows)), digits)
+
+        if cfg.bucket is not None:
+            return bucket_parts(download_folder(cfg, layout), grouping)
+        return img2dataset_parts(layout.download, grouping)
 
     def part_named(self, cfg: SourceOptions, layout: Layout, name: str) -> Part | None:
         groups = read_groups(layout)
@@ -70,11 +80,25 @@ class DownloadedSource(Source):
         # once the driver pinned the grouping, the shards' names are the whole answer
         return direct if direct is not None or groups is not None else super().part_named(cfg, layout, name)
 
+    def task_inputs(self, cfg: SourceOptions, layout: Layout, name: str) -> list[str] | None:
+        """The pinned grouping and the part's shards with their sidecars (a shard img2dataset
+        could not write is simply not there); asked once the driver listed the parts."""
+        groups = read_groups(layout)
+        shards = groups.shard_names(int(name)) if groups is not None and groups.per_part > 1 and name.isdigit() else [name]
+        folder = layout.rel(layout.download)
+        return [layout.rel(groups_file(layout)), *(f"{folder}/{s}{ext}" for s in shards for ext in (".tar", ".parquet"))]
+
     def failures(self, cfg: SourceOptions, layout: Layout) -> dict[str, int]:
-        counts = download_failures(layout.download)
+        counts = download_failures(layout.download if cfg.bucket is None else download_folder(cfg, layout))
         for reason, n in _screened(layout).items():
             counts[reason] = counts.get(reason, 0) + n
         return counts
+
+
+def download_folder(cfg: SourceOptions, layout: Layout) -> str:
+    """Where img2dataset writes the build's shards: its download folder, or that folder in the
+    bucket where the tasks write the build there themselves (`cfg.bucket`)."""
+    return f"{cfg.bucket}/{layout.rel(layout.download)}" if cfg.bucket else str(layout.download)
 
 
 def _screened_file(layout: Layout) -> Path:

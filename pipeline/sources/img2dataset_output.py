@@ -3,27 +3,31 @@ also how the downloaded sources (`downloaded.py`) read their own download folder
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xm.encoders.images import IMAGE_SUFFIXES
 from xm.errors import XMError
+from xm.indexes import object_store
 from xm.indexes.layout import Layout, part_name
 from xm.pipeline.part_size import ShardGroups, read_groups, shard_groups
 from xm.pipeline.sources.base import Part, Sample, Source, SourceOptions
 
 
-def _tar_samples(path: Path) -> Iterator[Sample]:
-    """Samples of a webdataset tar, grouped by key (img2dataset writes key.jpg/.txt/.json)."""
+def _tar_samples(path: Path | str) -> Iterator[Sample]:
+    """Samples of a webdataset tar, grouped by key (img2dataset writes key.jpg/.txt/.json); a
+    str: the tar's URL on object storage, streamed."""
     groups: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
+    with _open_tar(path) as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -56,18 +60,36 @@ def _files_dir_samples(path: Path) -> Iterator[Sample]:
         yield _sample_from_files(key, groups[key])
 
 
+@contextlib.contextmanager
+def _open_tar(path: Path | str) -> Iterator[tarfile.TarFile]:
+    if isinstance(path, Path):
+        with tarfile.open(path) as tar:
+            yield tar
+        return
+    import fsspec  # a tar in the bucket: only a build whose tasks write there reads one this way
+
+    with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        yield tar
+
+
+def _runs(stems: list[str], grouping: Callable[[int, int], ShardGroups] | None) -> list[tuple[str, list[str]]]:
+    """(part name, its shards' names) of the shards `stems` (sorted): one shard a part, or runs
+    of `grouping(shards, digits).per_part` consecutive shards (`pipeline/part_size.py`)."""
+    groups = grouping(len(stems), len(stems[0])) if grouping is not None and all(s.isdigit() for s in stems) else None
+    if groups is None or groups.per_part == 1:
+        return [(s, [s]) for s in stems]
+    runs: dict[int, list[str]] = {}
+    for s in stems:
+        runs.setdefault(int(s) // groups.per_part, []).append(s)
+    return [(part_name(i), run) for i, run in sorted(runs.items())]
+
+
 def img2dataset_parts(folder: Path, grouping: Callable[[int, int], ShardGroups] | None = None) -> list[Part]:
     """The folder's parts: its shards, or runs of `grouping(shards, digits).per_part` consecutive
     shards (`pipeline/part_size.py`)."""
     tars = sorted(folder.glob("*.tar"))
     if tars:
-        groups = grouping(len(tars), len(tars[0].stem)) if grouping is not None and all(t.stem.isdigit() for t in tars) else None
-        if groups is None or groups.per_part == 1:
-            return [_tar_part(t) for t in tars]
-        runs: dict[int, list[Path]] = {}
-        for t in tars:
-            runs.setdefault(int(t.stem) // groups.per_part, []).append(t)
-        return [_run_part(part_name(i), run) for i, run in sorted(runs.items())]
+        return [_run_part(name, [folder / f"{s}.tar" for s in run]) for name, run in _runs([t.stem for t in tars], grouping)]
     dirs = sorted(d for d in folder.iterdir() if d.is_dir() and d.name.isdigit())
     if not dirs:
         for fmt, pattern in (("tfrecord", "*.tfrecord"), ("parquet", "*.parquet")):
@@ -95,7 +117,7 @@ def _run_part(name: str, tars: list[Path]) -> Part:
     return Part(name=name, samples=functools.partial(_run_samples, tars), size=sum(known) if len(known) == len(sizes) else None)
 
 
-def _run_samples(tars: list[Path]) -> Iterator[Sample]:
+def _run_samples(tars: list[Path] | list[str]) -> Iterator[Sample]:
     for t in tars:
         yield from _tar_samples(t)
 
@@ -107,10 +129,9 @@ def _tar_part(tar: Path) -> Part:
 def _shard_successes(sidecar: Path) -> int | None:
     """Samples img2dataset wrote into a shard, from its parquet sidecar (None if unknown)."""
     try:
-        status = pq.read_table(sidecar, columns=["status"]).column("status").to_pylist()
-    except (OSError, KeyError, pa.ArrowInvalid):
+        return _successes(sidecar.read_bytes())
+    except OSError:
         return None
-    return sum(1 for s in status if s == "success")
 
 
 def limit_parts(parts: list[Part], limit: int | None) -> list[Part]:
@@ -138,11 +159,63 @@ def _first(samples: Callable[[], Iterator[Sample]], n: int) -> Iterator[Sample]:
     return itertools.islice(samples(), n)
 
 
-def download_failures(folder: Path) -> dict[str, int]:
-    """Failures by reason, from img2dataset's per-shard stats."""
+def bucket_parts(url: str, grouping: Callable[[int, int], ShardGroups] | None = None) -> list[Part]:
+    """The parts of img2dataset's output at `url` on object storage (the download of a build whose
+    tasks write to the bucket), as `img2dataset_parts` gives a folder's: the shards are listed
+    and only their parquet sidecars are read (for the parts' sizes), all at once, never a tar."""
+    fs, path = object_store.filesystem(url, "--out")
+    stems = sorted(Path(p).stem for p in _glob(fs, url, f"{path}/*.tar"))
+    sidecars = _cat(fs, url, [f"{path}/{s}.parquet" for s in stems])
+    sizes = {s: _successes(sidecars.get(f"{path}/{s}.parquet")) for s in stems}
+    parts = []
+    for name, run in _runs(stems, grouping) if stems else []:
+        known = [sizes[s] for s in run if sizes[s] is not None]
+        parts.append(Part(name=name, samples=functools.partial(_run_samples, [f"{url}/{s}.tar" for s in run]),
+                          size=sum(n for n in known if n is not None) if len(known) == len(run) else None))
+    return parts
+
+
+def _glob(fs: Any, url: str, pattern: str) -> list[str]:
+    try:
+        return list(fs.glob(pattern, refresh=True))
+    except Exception as exc:  # botocore, aiohttp and fsspec raise many types
+        raise XMError(f"--out {url}: cannot list img2dataset's shards ({str(exc).splitlines()[0][:200]})") from exc
+
+
+def _cat(fs: Any, url: str, paths: list[str]) -> dict[str, bytes]:
+    """The small files `paths` (those that exist), fetched concurrently."""
+    if not paths:
+        return {}
+    try:
+        found = fs.cat(paths, on_error="return")
+    except Exception as exc:
+        raise XMError(f"--out {url}: cannot read img2dataset's sidecar files ({str(exc).splitlines()[0][:200]})") from exc
+    return {p: v for p, v in found.items() if isinstance(v, bytes)}
+
+
+def _successes(sidecar: bytes | None) -> int | None:
+    """Samples img2dataset wrote into a shard, from its parquet sidecar's bytes (None: no
+    sidecar, or unreadable)."""
+    if sidecar is None:
+        return None
+    try:
+        status = pq.read_table(pa.BufferReader(sidecar), columns=["status"]).column("status").to_pylist()
+    except (OSError, KeyError, pa.ArrowInvalid):
+        return None
+    return sum(1 for s in status if s == "success")
+
+
+def download_failures(folder: Path | str) -> dict[str, int]:
+    """Failures by reason, from img2dataset's per-shard stats (a str: their folder's URL on
+    object storage, the stats fetched all at once)."""
+    if isinstance(folder, Path):
+        found = [p.read_bytes() for p in sorted(folder.glob("*_stats.json"))]
+    else:
+        fs, path = object_store.filesystem(folder, "--out")
+        found = list(_cat(fs, folder, sorted(_glob(fs, folder, f"{path}/*_stats.json"))).values())
     counts: dict[str, int] = {}
-    for stats in sorted(folder.glob("*_stats.json")):
-        data = json.loads(stats.read_text())
+    for raw in found:
+        data = json.loads(raw)
         for reason, n in (data.get("status_dict") or {}).items():
             if reason != "success":
                 counts[reason] = counts.get(reason, 0) + int(n)
