@@ -12,8 +12,10 @@ pyspark`) and a source whose tasks say what they read (`Source.task_inputs`), th
 use it: each works in a folder of its own and writes its part to the URL itself
 (`pipeline/task_mirror.py`), and the driver's staging folder holds only the build's state
 (markers, pins, the kNN shards, the caption hashes), never a part file (`cfg.bucket` is set).
-Otherwise (the local runner; a source that does not say) the staging folder is where the tasks
-work, and on a multi-node cluster it must be one every executor sees.
+Otherwise (the local runner; a source that does not say; an input the tasks would read copied
+from object storage to the driver's disk) the staging folder is where the tasks work, and on a
+multi-node cluster it must be one every executor sees. A downloaded source (a URL table,
+`laion400m`) takes the bucket path whatever its inputs: img2dataset writes its shards there.
 """
 
 from __future__ import annotations
@@ -61,13 +63,20 @@ def stage(cfg: BuildConfig) -> tuple[str | None, Callable[[], int]]:
         return None, lambda: 0
     object_store.check_writable(out, "--out")  # a bad bucket or no credentials: one line, nothing made here
     folder = object_store.cache_folder(out, base_dir, "stage")
-    if not on_driver_only and tasks_write_parts(cfg):
+    if not (on_driver_only and not _read_on_driver(cfg)) and tasks_write_parts(cfg):
         cfg.bucket = out
         object_store.pull(out, folder, "--out", skip=PART_FILES)
     else:
         object_store.pull(out, folder, "--out")
     cfg.out = folder
     return out, lambda: object_store.push(folder, out, "--out")
+
+
+def _read_on_driver(cfg: BuildConfig) -> bool:
+    """Whether the source's inputs are read by the driver alone: a downloaded source's (a URL
+    table, LAION's metadata) by the select stage, its tasks reading only img2dataset's shards."""
+    source = sources.find(str(cfg.source))
+    return source is not None and source.needs_download
 
 
 def tasks_write_parts(cfg: BuildConfig) -> bool:

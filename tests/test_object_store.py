@@ -308,7 +308,7 @@ def test_downloaded_parts_in_the_bucket_are_sized_from_their_sidecars_alone(s3, 
 
 @pytest.mark.slow
 def test_spark_download_goes_to_the_bucket_with_no_shared_folder(s3, image_server, tmp_path, monkeypatch) -> None:
-    """A URL table on Spark to `s3://`: img2dataset's executors write the shards to the bucket,
+    """A URL table (itself in the bucket) on Spark to `s3://`: img2dataset's executors write the shards to the bucket,
     the driver lists them and reads their sidecars there (sizes, failures), each embed task pulls
     its own shards into its private folder; the driver's staging folder never holds a shard or
     a part file, and the memory equals the local build (its download failure counted alike)."""
@@ -335,7 +335,9 @@ def test_spark_download_goes_to_the_bucket_with_no_shared_folder(s3, image_serve
     executors.mkdir()
     env = [f"spark.executorEnv.{k}={v}" for k, v in {**s3, "TMPDIR": str(executors)}.items()]
     url = f"s3://{BUCKET}/spark-download"
-    cfg = BuildConfig(source=str(table), out=Path(url), stage_dir=str(stage), distributor="pyspark",
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.put_file(str(table), f"{BUCKET}/inputs/pairs.parquet")  # copied to the driver: only the select stage reads it
+    cfg = BuildConfig(source=f"s3://{BUCKET}/inputs/pairs.parquet", out=Path(url), stage_dir=str(stage), distributor="pyspark",
                       spark_master="local[2]", spark_conf=env, **options)
     remote = build_index(cfg)
     assert cfg.bucket == url and remote.count == local.count == 6
@@ -345,7 +347,6 @@ def test_spark_download_goes_to_the_bucket_with_no_shared_folder(s3, image_serve
     folder = next(p for p in (stage / "object-store/stage").iterdir() if p.is_dir())
     held = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     assert "_work/done/embed/00001.json" in held and not [p for p in held if p.startswith(PART_FILES)], held
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
     stored = {p.split(f"{BUCKET}/spark-download/", 1)[1] for p in fs.find(f"{BUCKET}/spark-download")}
     for shard in ("00000", "00001", "00002", "00003"):  # 7 rows, 2 a shard: img2dataset's, written to the bucket
         assert {f"_work/download/{shard}.tar", f"_work/download/{shard}.parquet", f"_work/download/{shard}_stats.json",
