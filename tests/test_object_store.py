@@ -354,6 +354,17 @@ def test_spark_download_goes_to_the_bucket_with_no_shared_folder(s3, image_serve
     assert not [p for p in stored if p.startswith("_work/download/_tmp")], stored
     assert not [p for p in executors.glob("xm-task-*")], "a task's private folder was left"
     assert _content(open_index(tmp_path / "local")) == _content(open_memory(url))
+    # img2dataset's output folder as the source (the local build's download, a folder the executors
+    # see, as an image folder): its tasks write to the bucket too, the same memory
+    again = f"s3://{BUCKET}/spark-img2dataset"
+    cfg = BuildConfig(source=str(tmp_path / "local/_work/download"), out=Path(again), stage_dir=str(stage),
+                      distributor="pyspark", spark_master="local[2]", spark_conf=env, **options)
+    folder_build = build_index(cfg)
+    assert cfg.bucket == again and folder_build.failures == local.failures and folder_build.count == 6
+    for folder in (stage / "object-store/stage").iterdir():  # both builds' driver folders: state only
+        held = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+        assert not [p for p in held if p.startswith(PART_FILES)], held
+    assert _content(open_index(tmp_path / "local")) == _content(open_memory(again))
 
 
 def test_preflight_names_an_executor_that_cannot_reach_the_bucket(s3, tmp_path, monkeypatch) -> None:

@@ -19,7 +19,7 @@ from xm.encoders.images import IMAGE_SUFFIXES
 from xm.errors import XMError
 from xm.indexes import object_store
 from xm.indexes.layout import Layout, part_name
-from xm.pipeline.part_size import ShardGroups, read_groups, shard_groups
+from xm.pipeline.part_size import ShardGroups, groups_file, read_groups, shard_groups
 from xm.pipeline.sources.base import Part, Sample, Source, SourceOptions
 
 
@@ -244,6 +244,10 @@ class Img2datasetOutput(Source):
         direct = shard_part(Path(cfg.source), name, groups)
         # once the driver pinned the grouping, the shards' names are the whole answer
         return direct if direct is not None or groups is not None else super().part_named(cfg, layout, name)
+
+    def task_inputs(self, cfg: SourceOptions, layout: Layout, name: str) -> list[str] | None:
+        # the pinned grouping; the shards are read from the source folder (executors see it, as an image folder)
+        return [layout.rel(groups_file(layout))]
 
     def failures(self, cfg: SourceOptions, layout: Layout) -> dict[str, int]:
         return download_failures(Path(cfg.source))
