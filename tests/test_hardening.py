@@ -4,6 +4,7 @@ tell apart, bad options and folders, damaged ids, Ctrl-C. One line, a non-zero e
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import struct
@@ -118,7 +119,10 @@ def test_ctrl_c_during_a_folder_build_exits_130_and_resumes(tmp_path) -> None:
     out = tmp_path / "idx"
     args = [sys.executable, "-m", "xm.cli", "build-index", "--source", str(src), "--out", str(out), "--coarse", TINY,
             "--fine", TINY, "--inference", TINY, "--shard-size", "50", "--batch-size", "8"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # paused at the index stage once the parts are embedded: on a quiet machine the rest of the build
+    # takes about a second, and a Ctrl-C sent after its last step found nothing left to stop
+    paused = {**os.environ, "XM_PAUSE_AT": "index", "XM_PAUSE_SECONDS": "60"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=paused)
     deadline = time.time() + 120
     while not list((out / "_work" / "done" / "embed").glob("*.json")) and time.time() < deadline:
         time.sleep(0.05)  # interrupt once a part is embedded
